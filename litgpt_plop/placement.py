@@ -70,6 +70,14 @@ def model_kinds(config: Config, include_head: bool = False) -> tuple[str, ...]:
     return kinds + ((HEAD_KIND,) if include_head else ())
 
 
+def kinds_from_flags(config: Config, **flags: bool) -> list[str]:
+    """The kinds LitGPT's ``lora_*`` flags switch on for this model (``lora_mlp`` means every MLP linear)."""
+    unknown = set(flags) - set(LORA_FLAGS)
+    if unknown:
+        raise PlacementError(f"Unknown LoRA flags {sorted(unknown)}; LitGPT's are {list(LORA_FLAGS)}")
+    return [k for k in model_kinds(config, include_head=True) if flags.get(KIND_TO_FLAG[k], False)]
+
+
 def site_shape(config: Config, kind: str) -> tuple[int, int]:
     """(d_out, d_in) of the weight a site of this kind adapts; for q/k/v, the row slice of the fused qkv."""
     q_size = config.n_head * config.head_size
@@ -210,7 +218,7 @@ class Placement:
             lora_mlp=lora_mlp,
             lora_head=lora_head,
         )
-        kinds = [k for k in model_kinds(config, include_head=True) if flags[KIND_TO_FLAG[k]]]
+        kinds = kinds_from_flags(config, **flags)
         return cls.from_kinds(
             config, kinds, rank=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, method="flags", **kwargs
         )

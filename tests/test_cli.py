@@ -1,0 +1,203 @@
+"""`litgpt-plop`: passthrough to LitGPT, `plan`, `finetune --plugin ...`, the configs, and bad input."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from jsonargparse import CLI, capture_parser
+from litgpt import Config
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.model import GPT
+from litgpt.utils import save_config
+
+from litgpt_plop.args import CalibrationArgs, PlopArgs
+from litgpt_plop.data import ReasoningGym
+from litgpt_plop.finetune import setup as finetune
+from litgpt_plop.placement import Placement
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, smollm2_checkpoint) -> Path:
+    """A tiny random LLaMA-style model saved as a LitGPT checkpoint directory, with SmolLM2's tokenizer."""
+    checkpoint_dir = tmp_path_factory.mktemp("checkpoints") / "tiny-llama"
+    checkpoint_dir.mkdir()
+    config = Config(
+        name="tiny-llama",
+        block_size=256,
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_query_groups=2,
+        head_size=8,
+        intermediate_size=64,
+        vocab_size=49152,
+        padded_vocab_size=49152,
+        bias=False,
+        parallel_residual=False,
+        norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP",
+        rotary_percentage=1.0,
+    )
+    torch.manual_seed(0)
+    torch.save(GPT(config).state_dict(), checkpoint_dir / "lit_model.pth")
+    save_config(config, checkpoint_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(smollm2_checkpoint / name, checkpoint_dir / name)
+    return checkpoint_dir
+
+
+def tiny_run(checkpoint_dir: Path, out_dir: Path, **kwargs) -> None:
+    options = dict(
+        checkpoint_dir=checkpoint_dir,
+        out_dir=out_dir,
+        precision="32-true",
+        data=ReasoningGym(train_size=32, val_size=8, prompt_style="alpaca"),
+        train=TrainArgs(
+            save_interval=2,
+            log_interval=1,
+            global_batch_size=4,
+            micro_batch_size=4,
+            lr_warmup_steps=1,
+            epochs=1,
+            max_steps=3,
+            max_seq_length=96,
+        ),
+        eval=EvalArgs(interval=100, max_iters=2, max_new_tokens=4, initial_validation=False),
+        seed=7,
+    )
+    options.update(kwargs)
+    finetune(**options)
+
+
+def logged_metric(out_dir: Path, name: str) -> list[float]:
+    (metrics,) = out_dir.glob("logs/csv/*/metrics.csv")
+    with open(metrics) as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+def run_litgpt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "litgpt", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_finetune_plop_end_to_end(tiny_checkpoint, tmp_path):
+    out_dir = tmp_path / "plop"
+    tiny_run(
+        tiny_checkpoint,
+        out_dir,
+        plugin="plop",
+        calibration=CalibrationArgs(num_samples=16, batch_size=8),
+        plop=PlopArgs(num_kinds=2),
+    )
+    final = out_dir / "final"
+    for name in ("lit_model.pth.lora", "lit_model.pth", "hyperparameters.yaml", "placement.json", "report.md", "scores.png"):
+        assert (final / name).is_file(), name
+    for name in ("placement.json", "report.md", "scores.png"):
+        assert (out_dir / name).is_file(), name
+
+    placement = json.loads((final / "placement.json").read_text())
+    assert placement["method"] == "plop"
+    assert len({s["kind"] for s in placement["sites"]}) == 2
+    assert logged_metric(out_dir, "trainable_params") == [placement["trainable_params"]]
+    hparams = yaml.safe_load((final / "hyperparameters.yaml").read_text())
+    for flag, value in placement["flags"].items():
+        assert hparams[flag] == value, flag
+
+    # a periodic checkpoint, saved from inside LitGPT's loop, is a stock LoRA checkpoint too
+    step_dir = out_dir / "step-000002"
+    assert (step_dir / "placement.json").is_file()
+    merged = run_litgpt("merge_lora", str(step_dir))
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    generated = run_litgpt("generate", str(final), "--prompt", "What is 1+1?", "--max_new_tokens", "4")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert "What is 1+1?" in generated.stdout
+
+
+def lora_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    state_dict = torch.load(path, weights_only=True)
+    return {k: tuple(v.shape) for k, v in state_dict.get("model", state_dict).items()}
+
+
+def test_plugin_none_trains_what_litgpt_finetune_lora_trains(tiny_checkpoint, tmp_path):
+    from litgpt.finetune.lora import setup as litgpt_finetune_lora
+
+    tiny_run(tiny_checkpoint, tmp_path / "none", plugin="none", lora_mlp=True)
+    stock = dict(
+        checkpoint_dir=tiny_checkpoint,
+        out_dir=tmp_path / "stock",
+        precision="32-true",
+        lora_mlp=True,
+        data=ReasoningGym(train_size=32, val_size=8, prompt_style="alpaca"),
+        train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1,
+                        epochs=1, max_steps=3, max_seq_length=96),
+        eval=EvalArgs(interval=100, max_iters=2, max_new_tokens=4, initial_validation=False),
+        seed=7,
+    )  # fmt: skip
+    litgpt_finetune_lora(**stock)
+    ours = lora_shapes(tmp_path / "none" / "final" / "lit_model.pth.lora")
+    theirs = lora_shapes(tmp_path / "stock" / "final" / "lit_model.pth.lora")
+    assert ours == theirs
+    placement = Placement.load(tmp_path / "none" / "final" / "placement.json")
+    assert placement.kinds == ["query", "value", "mlp_fc_1", "mlp_fc_2", "mlp_proj"]
+    # same flags, same seed, same data, same loop: the same training, step for step
+    assert logged_metric(tmp_path / "none", "loss") == pytest.approx(logged_metric(tmp_path / "stock", "loss"), rel=1e-5)
+
+
+def test_passthrough_subcommand_behaves_like_litgpt(tiny_checkpoint):
+    args = ["generate", str(tiny_checkpoint), "--prompt", "Hello", "--max_new_tokens", "5"]
+    ours = subprocess.run([sys.executable, "-m", "litgpt_plop", *args], capture_output=True, text=True, timeout=300)
+    theirs = run_litgpt(*args)
+    assert ours.returncode == theirs.returncode == 0, ours.stderr[-2000:]
+    # the generated text (seeded) is identical; timing lines differ
+    assert ours.stdout.splitlines()[0] == theirs.stdout.splitlines()[0]
+    assert ours.stdout.startswith("Hello")
+
+
+@pytest.mark.parametrize("config_file", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses(config_file):
+    parser = capture_parser(lambda: CLI(finetune, args=["--config", str(config_file)]))
+    cfg = parser.parse_args(["--config", str(config_file)])
+    assert cfg.plugin in ("plop", "cka", "plop+cka")
+    assert parser.instantiate_classes(cfg).data is not None
+
+
+def test_configs_exist():
+    names = {c.name for c in CONFIGS}
+    assert "demo-cpu.yaml" in names and len(names) >= 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(plugin="plopp"), ValueError, r"Unknown plugin 'plopp'; choose one of \[.*'plop'.*'none'\]"),
+        (dict(plugin="none", plop=PlopArgs(num_kinds=2)), ValueError, "--plugin is 'none'"),
+        (dict(calibration=CalibrationArgs(file=Path("/nonexistent/prompts.txt"))), FileNotFoundError, "does not exist"),
+        (dict(quantize="bnb.int8-training"), ValueError, "needs a CUDA GPU. On CPU, 4-bit works"),
+    ],
+)
+def test_bad_input(tiny_checkpoint, tmp_path, kwargs, error, match):
+    if kwargs.get("quantize") and torch.cuda.is_available():
+        pytest.skip("a CUDA machine can run it")
+    with pytest.raises(error, match=match):
+        tiny_run(tiny_checkpoint, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_empty_calibration_file(tiny_checkpoint, tmp_path):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="is empty"):
+        tiny_run(tiny_checkpoint, tmp_path / "out", calibration=CalibrationArgs(file=empty))
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="is not a LitGPT checkpoint directory"):
+        finetune(checkpoint_dir=tmp_path, out_dir=tmp_path / "out")
