@@ -1,0 +1,420 @@
+"""Put LoRA adapters exactly where a ``Placement`` says, on a LitGPT model, in place.
+
+LitGPT builds adapters from global flags (every block the same, one rank). ``apply_placement`` starts from
+either a plain ``litgpt.model.GPT`` or a ``litgpt.lora.GPT`` built with any flags, and leaves a model that *is* a
+``litgpt.lora.GPT``: the same classes, the same state-dict keys (``...attn.qkv.linear.weight``, ``...lora_A``),
+LitGPT's own ``LoRALinear`` / ``LoRAQKVLinear`` modules, and ``lora_*`` parameters only where the placement
+puts an adapter, each with its own rank. Sites without an adapter hold a rank-0 wrapper, as LitGPT does for
+disabled flags, so nothing there is trainable.
+
+How a plain ``litgpt.model.GPT`` becomes a ``litgpt.lora.GPT``: the LoRA classes (``GPT``, ``Block``,
+``CausalSelfAttention`` and the MLPs) are subclasses that only add a constructor and
+``_load_from_state_dict`` key mappings, no state of their own. So we swap ``__class__`` on the existing module
+objects and wrap the existing linears (their weight tensors are never copied or re-created). The alternative,
+building a fresh ``litgpt.lora.GPT`` and moving tensors over, would need twice the memory at the peak and would
+break every outside reference to the model and its modules; replacing attributes only would leave a model that
+is not a ``litgpt.lora.GPT`` (no ``isinstance``, no loading of base checkpoints through LitGPT's mappings).
+
+Adapter tensors live on the base weight's device. Their dtype is the base weight's dtype when that is a float
+dtype (LitGPT's own rule: the whole model in one precision) and otherwise, for bitsandbytes 4-bit weights, the
+dtype of the token embedding, which is the dtype the activations (the adapter's input) have.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, NamedTuple
+
+import litgpt.lora
+import litgpt.model
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from litgpt.lora import LoRALayer, LoRALinear, LoRAQKVLinear
+
+from litgpt_plop.modules import KIND_TO_PATH, base_linear, find_gpt, site_module
+from litgpt_plop.placement import (
+    HEAD_KIND,
+    HEAD_LAYER,
+    QKV_KINDS,
+    Placement,
+    PlacementError,
+    Site,
+    model_kinds,
+    site_shape,
+)
+
+# A plain LitGPT class -> the ``litgpt.lora`` subclass a LoRA model is built from.
+_TO_LORA_CLASS: dict[type, type] = {
+    litgpt.model.GPT: litgpt.lora.GPT,
+    litgpt.model.Block: litgpt.lora.Block,
+    litgpt.model.CausalSelfAttention: litgpt.lora.CausalSelfAttention,
+    litgpt.model.LLaMAMLP: litgpt.lora.LLaMAMLP,
+    litgpt.model.GemmaMLP: litgpt.lora.GemmaMLP,
+    litgpt.model.GptNeoxMLP: litgpt.lora.GptNeoxMLP,
+}
+_LORA_CLASSES = tuple(_TO_LORA_CLASS.values())
+
+
+class SiteAdapter(NamedTuple):
+    """The adapter at one site: update ``scaling * B @ A``. ``A`` and ``B`` are detached views of the
+    parameters' storage: writing into them (under ``torch.no_grad``) changes the model."""
+
+    A: torch.Tensor  # (rank, d_in)
+    B: torch.Tensor  # (d_out, rank)
+    scaling: float
+
+
+class LoRAQKVMixedRankLinear(LoRAQKVLinear):
+    """A fused qkv whose query, key and value adapters have different ranks.
+
+    ``LoRAQKVLinear`` has one ``r`` for all three parts; WeightLoRA+ grows some parts and not others. Here every
+    enabled part has its own ``lora_A_<part>`` (rank x d_in) and ``lora_B_<part>`` (part size x rank) and its own
+    scaling ``lora_alpha / rank``, so the trainable parameter count is exactly the placement's. Used only when
+    the enabled parts of one qkv have different ranks; every other qkv is LitGPT's ``LoRAQKVLinear``.
+    Saving in stock LitGPT layout (``litgpt_plop.export``) zero-pads every part to the largest rank.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        head_size: int,
+        n_head: int,
+        n_query_groups: int,
+        ranks: tuple[int, int, int],
+        lora_alpha: int = 1,
+        lora_dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        LoRALayer.__init__(self, r=max(ranks), lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        self.linear = torch.nn.Linear(in_features, out_features, **kwargs)
+        self.head_size = head_size
+        self.n_head = n_head
+        self.n_query_groups = n_query_groups
+        self.ranks = tuple(int(r) for r in ranks)
+        self.enable_lora = [r > 0 for r in self.ranks]
+        self.part_sizes = (head_size * n_head, head_size * n_query_groups, head_size * n_query_groups)
+        self.qkv_shapes = [s for s, r in zip(self.part_sizes, self.ranks) if r > 0]
+        for part, rank, size in zip(QKV_KINDS, self.ranks, self.part_sizes):
+            if rank > 0:
+                setattr(self, f"lora_A_{part}", nn.Parameter(torch.empty(rank, in_features)))
+                setattr(self, f"lora_B_{part}", nn.Parameter(torch.empty(size, rank)))
+        self.reset_parameters()
+
+    def part_scaling(self, part: str) -> float:
+        return self.lora_alpha / self.ranks[QKV_KINDS.index(part)]
+
+    def reset_parameters(self) -> None:
+        """A like ``nn.Linear`` (kaiming uniform, as LitGPT), B zero: the update starts at exactly zero."""
+        for part, rank in zip(QKV_KINDS, self.ranks):
+            if rank > 0:
+                nn.init.kaiming_uniform_(getattr(self, f"lora_A_{part}"), a=math.sqrt(5))
+                nn.init.zeros_(getattr(self, f"lora_B_{part}"))
+
+    def get_lora_AB(self) -> torch.Tensor:
+        """The full (out_features x in_features) update, zero for the parts without an adapter."""
+        rows = []
+        for part, rank, size in zip(QKV_KINDS, self.ranks, self.part_sizes):
+            if rank > 0:
+                A, B = getattr(self, f"lora_A_{part}").data, getattr(self, f"lora_B_{part}").data
+                rows.append((B @ A) * self.part_scaling(part))
+            else:
+                rows.append(torch.zeros(size, self.linear.in_features, device=self.linear.weight.device))
+        dtype = next(r.dtype for r, rank in zip(rows, self.ranks) if rank > 0)
+        return torch.cat([r.to(dtype) for r in rows], dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pretrained = self.linear(x)
+        if self.r == 0 or self.merged:
+            return pretrained
+        x = self.lora_dropout(x)  # one dropout mask for all parts, as LoRAQKVLinear
+        updates = []
+        for part, rank, size in zip(QKV_KINDS, self.ranks, self.part_sizes):
+            if rank > 0:
+                after_A = F.linear(x, getattr(self, f"lora_A_{part}"))
+                updates.append(F.linear(after_A, getattr(self, f"lora_B_{part}")) * self.part_scaling(part))
+            else:
+                updates.append(x.new_zeros(*x.shape[:-1], size))
+        return pretrained + torch.cat(updates, dim=-1)
+
+
+# ---- reading what is on a model ---------------------------------------------------------------------------
+
+
+def _part_sizes(config: litgpt.Config) -> dict[str, int]:
+    q, kv = config.n_head * config.head_size, config.n_query_groups * config.head_size
+    return {"query": q, "key": kv, "value": kv}
+
+
+def _qkv_adapters(module: nn.Module) -> dict[str, SiteAdapter]:
+    """The query/key/value adapters on a fused qkv module, keyed by part (absent parts left out).
+
+    LitGPT's ``LoRAQKVLinear`` stores all enabled parts in one ``lora_A`` of shape (r * n_enabled, d_in) and one
+    ``lora_B`` of shape (sum of enabled part sizes, r). Its grouped ``conv1d`` gives part i the i-th chunk of r
+    rows of A and the i-th block of rows of B (split by part size), in query, key, value order.
+    """
+    if isinstance(module, LoRAQKVMixedRankLinear):
+        return {
+            part: SiteAdapter(
+                getattr(module, f"lora_A_{part}").data,
+                getattr(module, f"lora_B_{part}").data,
+                module.part_scaling(part),
+            )
+            for part, rank in zip(QKV_KINDS, module.ranks)
+            if rank > 0
+        }
+    if isinstance(module, LoRAQKVLinear) and module.r > 0 and hasattr(module, "lora_A"):
+        enabled = [part for part, on in zip(QKV_KINDS, module.enable_lora) if on]
+        sizes = {"query": module.head_size * module.n_head, "key": module.head_size * module.n_query_groups}
+        sizes["value"] = sizes["key"]
+        A_chunks = module.lora_A.data.split(module.r, dim=0)
+        B_blocks = module.lora_B.data.split([sizes[p] for p in enabled], dim=0)
+        return {part: SiteAdapter(A, B, module.scaling) for part, A, B in zip(enabled, A_chunks, B_blocks)}
+    return {}
+
+
+def site_adapter(model: nn.Module, layer: int, kind: str) -> SiteAdapter | None:
+    """The adapter at (layer, kind) of ``model``, or None when the site has none."""
+    gpt = _gpt(model)
+    module = site_module(gpt, layer, kind)
+    if kind in QKV_KINDS:
+        return _qkv_adapters(module).get(kind)
+    if isinstance(module, LoRALinear) and module.r > 0 and hasattr(module, "lora_A"):
+        return SiteAdapter(module.lora_A.data, module.lora_B.data, module.scaling)
+    return None
+
+
+def current_placement(model: nn.Module, lora_alpha: int | None = None) -> Placement:
+    """The placement that is on ``model`` now: one site per adapter, with its rank.
+
+    ``lora_alpha`` defaults to the adapters' own (they must agree), else the config's, else 16.
+    """
+    gpt = _gpt(model)
+    config = gpt.config
+    sites, alphas = [], set()
+    locations = [(layer, kind) for layer in range(config.n_layer) for kind in model_kinds(config)]
+    for layer, kind in locations + [(HEAD_LAYER, HEAD_KIND)]:
+        adapter = site_adapter(gpt, layer, kind)
+        if adapter is not None:
+            sites.append(Site(layer, kind, adapter.A.shape[0]))
+            alphas.add(site_module(gpt, layer, kind).lora_alpha)
+    if lora_alpha is None:
+        if len(alphas) > 1:
+            raise PlacementError(
+                f"The model's adapters use different lora_alpha values {sorted(alphas)}; pass lora_alpha"
+            )
+        lora_alpha = alphas.pop() if alphas else getattr(config, "lora_alpha", 16)
+    return Placement(
+        sites=sites,
+        lora_alpha=lora_alpha,
+        lora_dropout=getattr(config, "lora_dropout", 0.0),
+        method="current",
+        model=config.name,
+        n_layer=config.n_layer,
+        n_embd=config.n_embd,
+    )
+
+
+# ---- applying a placement ---------------------------------------------------------------------------------
+
+
+def lora_config(config: litgpt.Config, flags: dict[str, Any]) -> litgpt.lora.Config:
+    """A ``litgpt.lora.Config`` with ``config``'s fields and the given ``lora_*`` values (a copy: ``config`` is
+    not changed, and ``__post_init__`` is not run again)."""
+    new = copy.copy(config)
+    if not isinstance(new, litgpt.lora.Config):
+        new.__class__ = litgpt.lora.Config
+    for name, value in flags.items():
+        setattr(new, name, value)
+    return new
+
+
+def apply_placement(model: nn.Module, placement: Placement) -> litgpt.lora.GPT:
+    """Make ``model`` carry exactly the adapters of ``placement``, in place, and return its LitGPT ``GPT``.
+
+    ``model`` is (or contains) a ``litgpt.model.GPT`` or a ``litgpt.lora.GPT`` with any flags; its base linears
+    may be ``nn.Linear`` or bitsandbytes ``Linear4bit``. Adapters the placement leaves out are deleted; new or
+    resized ones start as LitGPT's (A kaiming-uniform, B zero, scaling ``lora_alpha / rank``); an adapter that
+    already has the asked rank and scaling is kept with its values, so applying the model's own placement
+    changes nothing. Afterwards only ``lora_*`` parameters require grad and ``model.config`` is a
+    ``litgpt.lora.Config`` with ``placement.flags()`` (the union of the sites' flags, ``lora_r`` = the largest rank).
+
+    Raises ``PlacementError`` before anything is modified if the placement does not fit the model or the model
+    is of a family this project does not adapt (mixture of experts, latent attention, unknown module types).
+    """
+    gpt = _gpt(model)
+    placement.validate(gpt.config)  # also refuses unsupported families (check_supported)
+    _check_structure(gpt)
+    # ---- from here on nothing can fail for a reason the checks above did not rule out ----
+
+    old_config = gpt.config
+    new_config = lora_config(old_config, placement.flags())
+    for module in model.modules():  # every module of the model shares the one config object
+        if getattr(module, "config", None) is old_config:
+            module.config = new_config
+    for module in gpt.modules():
+        if not isinstance(module, _LORA_CLASSES) and type(module) in _TO_LORA_CLASS:
+            module.__class__ = _TO_LORA_CLASS[type(module)]
+
+    ranks = {(s.layer, s.kind): s.rank for s in placement.sites}
+    alpha, dropout = placement.lora_alpha, placement.lora_dropout
+    activation_dtype = gpt.transformer.wte.weight.dtype
+    kinds = model_kinds(new_config)
+    for layer, block in enumerate(gpt.transformer.h):
+        qkv_ranks = tuple(ranks.get((layer, part), 0) for part in QKV_KINDS)
+        block.attn.qkv = _placed_qkv(block.attn.qkv, qkv_ranks, alpha, dropout, new_config, activation_dtype)
+        for kind in kinds:
+            if kind in QKV_KINDS:
+                continue
+            parent_path, attr = KIND_TO_PATH[kind].rsplit(".", 1)
+            parent = block.get_submodule(parent_path)
+            rank = ranks.get((layer, kind), 0)
+            setattr(parent, attr, _placed_linear(getattr(parent, attr), rank, alpha, dropout, activation_dtype))
+    head_rank = ranks.get((HEAD_LAYER, HEAD_KIND), 0)
+    gpt.lm_head = _placed_linear(gpt.lm_head, head_rank, alpha, dropout, activation_dtype)
+
+    # LitGPT's rule (``mark_only_lora_as_trainable``, bias="none"): a parameter trains iff "lora_" is in its name.
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name
+    return gpt
+
+
+def _gpt(model: nn.Module) -> litgpt.model.GPT:
+    gpt = find_gpt(model)
+    if gpt is None:
+        raise PlacementError(f"No LitGPT GPT model found in {type(model).__name__}")
+    return gpt
+
+
+def _check_structure(gpt: litgpt.model.GPT) -> None:
+    """Every module ``apply_placement`` will change is one it knows, with the config's shapes. Changes nothing."""
+    config = gpt.config
+    for module in [gpt, *gpt.transformer.h, *(b.attn for b in gpt.transformer.h), *(b.mlp for b in gpt.transformer.h)]:
+        if not isinstance(module, _LORA_CLASSES) and type(module) not in _TO_LORA_CLASS:
+            raise PlacementError(
+                f"Cannot adapt module of type {type(module).__module__}.{type(module).__qualname__}: litgpt-plop adapts"
+                f" LitGPT's own {sorted(c.__name__ for c in _TO_LORA_CLASS)} (plain or litgpt.lora)"
+            )
+    locations = [(layer, kind) for layer in range(config.n_layer) for kind in model_kinds(config)]
+    for layer, kind in locations + [(HEAD_LAYER, HEAD_KIND)]:
+        module = site_module(gpt, layer, kind)
+        where = f"{kind!r} at layer {layer}"
+        if kind in QKV_KINDS and isinstance(module, LoRALinear) and not isinstance(module, LoRAQKVLinear):
+            raise PlacementError(
+                f"The fused qkv ({where}) is a {type(module).__name__}, expected LoRAQKVLinear or a linear"
+            )
+        if isinstance(module, LoRALinear) and module.merged:
+            raise PlacementError(f"The adapter at {where} is merged into its base weight; reload the unmerged model")
+        linear = base_linear(module)
+        if not isinstance(linear, nn.Linear):  # bitsandbytes' Linear4bit is an nn.Linear
+            raise PlacementError(f"Cannot adapt {where}: {type(linear).__name__} is not a linear layer")
+        d_out, d_in = site_shape(config, kind)
+        if kind in QKV_KINDS:
+            d_out = sum(_part_sizes(config).values())
+        if (linear.out_features, linear.in_features) != (d_out, d_in):
+            raise PlacementError(
+                f"The linear for {where} has shape {(linear.out_features, linear.in_features)}, but the model's config"
+                f" says {(d_out, d_in)}"
+            )
+
+
+def _adapter_dtype(linear: nn.Module, activation_dtype: torch.dtype) -> torch.dtype:
+    """The base weight's dtype if it is a float dtype, else (4-bit storage) the activations' dtype."""
+    dtype = linear.weight.dtype
+    if dtype.is_floating_point:
+        return dtype
+    return activation_dtype if activation_dtype.is_floating_point else torch.float32
+
+
+def _materialize(module: nn.Module, activation_dtype: torch.dtype) -> nn.Module:
+    """Give a wrapper built on the meta device real adapter tensors next to its base weight, then init them."""
+    linear = module.linear
+    device, dtype = linear.weight.device, _adapter_dtype(linear, activation_dtype)
+    for name, param in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(torch.empty(param.shape, device=device, dtype=dtype)))
+    module.reset_parameters()
+    return module
+
+
+def _set_dropout(module: LoRALayer, dropout: float) -> None:
+    # LoRALayer keeps either an nn.Dropout submodule or a plain function: delete whichever is there first.
+    delattr(module, "lora_dropout")
+    module.lora_dropout = nn.Dropout(p=dropout) if dropout > 0.0 else (lambda x: x)
+
+
+def _unguard_cpu_repack(linear: nn.Module) -> None:
+    """Stop a CPU ``Linear4bit`` from repacking its weight into its inference-only layout (see quantize.py)."""
+    if hasattr(linear, "support_avx512bf16_for_cpu"):
+        linear.support_avx512bf16_for_cpu = False
+
+
+def _placed_linear(
+    module: nn.Module, rank: int, alpha: int, dropout: float, activation_dtype: torch.dtype
+) -> LoRALinear:
+    """A ``LoRALinear`` of ``rank`` (0: none) around ``module``'s base linear (``module`` itself if it fits)."""
+    if isinstance(module, LoRALinear) and module.r == rank and (rank == 0 or module.scaling == alpha / rank):
+        module.lora_alpha = alpha
+        _set_dropout(module, dropout)
+        return module
+    linear = base_linear(module)
+    _unguard_cpu_repack(linear)
+    # Built on the meta device so that LitGPT's constructor allocates nothing; then the existing linear goes in.
+    with torch.device("meta"):
+        new = LoRALinear(
+            linear.in_features, linear.out_features, r=rank, lora_alpha=alpha, lora_dropout=dropout, bias=False
+        )
+    new.linear = linear
+    return _materialize(new, activation_dtype)
+
+
+def _qkv_ranks(module: nn.Module) -> tuple[int, int, int]:
+    adapters = _qkv_adapters(module)
+    return tuple(adapters[p].A.shape[0] if p in adapters else 0 for p in QKV_KINDS)
+
+
+def _placed_qkv(
+    module: nn.Module,
+    ranks: tuple[int, int, int],
+    alpha: int,
+    dropout: float,
+    config: litgpt.Config,
+    activation_dtype: torch.dtype,
+) -> LoRAQKVLinear:
+    """A fused-qkv wrapper with per-part ``ranks`` (0: no adapter on that part) around ``module``'s base linear.
+
+    Equal ranks on the enabled parts give LitGPT's ``LoRAQKVLinear`` (one ``r``, ``enable_lora`` per part); different
+    ranks give ``LoRAQKVMixedRankLinear``. Parts whose rank and scaling stay the same keep their A and B.
+    """
+    old = _qkv_adapters(module)
+    unchanged = all(p not in old or old[p].scaling == alpha / old[p].A.shape[0] for p in QKV_KINDS)
+    if isinstance(module, LoRAQKVLinear) and _qkv_ranks(module) == ranks and unchanged:
+        module.lora_alpha = alpha
+        _set_dropout(module, dropout)
+        return module
+    linear = base_linear(module)
+    _unguard_cpu_repack(linear)
+    enabled = {r for r in ranks if r > 0}
+    common = dict(
+        head_size=config.head_size, n_head=config.n_head, n_query_groups=config.n_query_groups, lora_alpha=alpha,
+        lora_dropout=dropout, bias=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        if len(enabled) <= 1:
+            rank = enabled.pop() if enabled else 0
+            enable_lora = tuple(r > 0 for r in ranks)
+            new = LoRAQKVLinear(linear.in_features, linear.out_features, r=rank, enable_lora=enable_lora, **common)
+        else:
+            new = LoRAQKVMixedRankLinear(linear.in_features, linear.out_features, ranks=ranks, **common)
+    new.linear = linear
+    _materialize(new, activation_dtype)
+    # Keep the parts whose adapter is unchanged (same rank, same scaling).
+    new_adapters = _qkv_adapters(new)
+    with torch.no_grad():
+        for part, adapter in old.items():
+            target = new_adapters.get(part)
+            if target is not None and target.A.shape == adapter.A.shape and target.scaling == adapter.scaling:
+                target.A.copy_(adapter.A)
+                target.B.copy_(adapter.B)
+    return new

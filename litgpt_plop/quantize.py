@@ -1,0 +1,83 @@
+"""4-bit base weights without Lightning's bitsandbytes plugin (which refuses to run on CPU).
+
+``quantize_linears_4bit`` swaps the linears inside the transformer blocks for bitsandbytes ``Linear4bit``
+modules holding the same weights, quantized where the weights are (CPU included). The embedding and the head
+stay as they are, as in QLoRA.
+
+CPU repack hazard (bitsandbytes 0.49/0.50): on a CPU with avx512_bf16, ``Linear4bit.forward`` in eval mode with an
+input that does not require grad repacks the weight into a CPU-only layout (``quant_state.packing_format_for_cpu``)
+and leaves it so; afterwards the layer gives no input gradient (adapters in earlier blocks silently stop
+learning) and ``dequantize_4bit`` returns garbage. The switch bitsandbytes 0.50.2 reads is the instance
+attribute ``support_avx512bf16_for_cpu`` (set in ``Linear4bit.__init__`` from ``has_avx512bf16()``); every
+module made here gets it set to False, and ``apply_placement`` does the same for each 4-bit linear it wraps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from litgpt_plop.modules import find_gpt
+from litgpt_plop.placement import PlacementError
+
+
+def quantize_linears_4bit(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+) -> int:
+    """Replace every ``nn.Linear`` in the model's blocks (not ``lm_head``, not ``wte``) by a ``Linear4bit``.
+
+    Args:
+        model: a LitGPT ``GPT`` (plain or ``litgpt.lora``; a LoRA wrapper's ``.linear`` is replaced, its adapter kept),
+            or a module containing one.
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        compute_dtype: the dtype the 4-bit matmul runs in; default: each weight's own dtype.
+        double_quant: also quantize the quantization constants (QLoRA's double quantization).
+        blocksize: quantization block size.
+
+    Returns:
+        How many linears were quantized.
+    """
+    import bitsandbytes as bnb
+
+    gpt = find_gpt(model)
+    if gpt is None:
+        raise PlacementError(f"No LitGPT GPT model found in {type(model).__name__}")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    count = 0
+    for block in gpt.transformer.h:
+        for name, linear in list(block.named_modules()):
+            if type(linear) is not nn.Linear:  # exactly nn.Linear: skips LoRA wrappers and what is already 4-bit
+                continue
+            weight = linear.weight
+            if not weight.dtype.is_floating_point:
+                raise ValueError(f"Cannot quantize {name}: its weight has dtype {weight.dtype}")
+            with torch.device("meta"):  # the constructor's own random weight is never allocated
+                quantized = bnb.nn.Linear4bit(
+                    linear.in_features,
+                    linear.out_features,
+                    bias=False,
+                    compute_dtype=compute_dtype or weight.dtype,
+                    compress_statistics=double_quant,
+                    quant_type=quant_type,
+                )
+            quantized.weight = bnb.nn.Params4bit(
+                weight.data,
+                requires_grad=False,
+                blocksize=blocksize,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+                module=quantized,
+            )
+            # Params4bit quantizes on its first move to a real device (CPU included); it returns itself.
+            quantized.weight = quantized.weight.to(weight.device)
+            quantized.bias = linear.bias
+            quantized.support_avx512bf16_for_cpu = False  # the CPU repack hazard, see the module docstring
+            parent_name, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, attr, quantized)
+            count += 1
+    return count
