@@ -1,0 +1,343 @@
+"""What a calibrated placement chose and why, for people: ``report.md`` + ``scores.png``, and a terminal table.
+
+Reads only the ``Placement`` (its ``method``, ``sites``, ``scores`` and ``calibration``) and the model config,
+so it also works on a placement loaded from ``placement.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from litgpt import Config
+
+from litgpt_plop.placement import HEAD_LAYER, Placement, model_kinds, site_params
+
+_METHOD_NAMES = {
+    "plop": "PLoP",
+    "plop-inverse": "PLoP^-1 (highest NFN, ablation baseline)",
+    "cka": "layer-wise CKA",
+    "plop+cka": "PLoP kinds on CKA layers",
+}
+
+_NFN_MEANING = (
+    "PLoP measures how strongly each pretrained linear map responds to the task's own inputs compared with a"
+    " random input of the same size: the normalised feature norm (NFN). About 1 means \"like a random input\";"
+    " larger means the weights are already aligned with the task. LoRA goes where the NFN is lowest, where the"
+    " pretrained weights are least adapted to the task."
+)
+_CKA_MEANING = (
+    "CKA compares the hidden state entering each block with the one leaving it, over the calibration prompts"
+    " (1 = the block barely changes the representation). Blocks that change it most (lowest CKA) matter most for"
+    " adaptation, so they get LoRA."
+)
+
+
+def _all_params(config: Config, rank: int) -> int:
+    return config.n_layer * sum(site_params(config, kind, rank) for kind in model_kinds(config))
+
+
+def _layers_in_words(layers: list[int], n_layer: int) -> str:
+    if len(layers) == n_layer:
+        return f"all {n_layer} layers"
+    return f"{len(layers)} of {n_layer} layers ({', '.join(str(l) for l in layers)})"
+
+
+def _choice_in_words(placement: Placement, config: Config) -> str:
+    """One sentence: which kinds on which layers."""
+    by_kind: dict[str, list[int]] = {}
+    for site in placement.sites:
+        by_kind.setdefault(site.kind, []).append(site.layer)
+    layer_sets = {tuple(sorted(layers)) for kind, layers in by_kind.items() if layers != [HEAD_LAYER]}
+    kinds = ", ".join(placement.kinds)
+    if len(layer_sets) <= 1:
+        layers = list(next(iter(layer_sets))) if layer_sets else []
+        where = _layers_in_words(layers, config.n_layer) if layers else "the head"
+        return f"LoRA on {kinds} in {where} ({len(placement.sites)} adapters)."
+    parts = [f"{kind} in {len(layers)} of {config.n_layer} layers" for kind, layers in by_kind.items()]
+    return f"LoRA on single sites: {'; '.join(parts)} ({len(placement.sites)} adapters)."
+
+
+def _chosen(placement: Placement) -> set[tuple[int, str]]:
+    return {(s.layer, s.kind) for s in placement.sites}
+
+
+def _params_line(placement: Placement, config: Config) -> str:
+    rank = placement.max_rank
+    params = placement.trainable_params(config)
+    reference = _all_params(config, rank)
+    share = 100.0 * params / reference if reference else 0.0
+    return (
+        f"Trainable parameters: {params:,}, that is {share:.1f}% of putting LoRA on every linear map"
+        f" (`all` at rank {rank}: {reference:,})."
+    )
+
+
+def _why(placement: Placement) -> str:
+    scores = placement.scores
+    plop = scores.get("plop") or {}
+    cka = scores.get("cka") or {}
+    lines = []
+    if placement.method in ("plop", "plop-inverse", "plop+cka"):
+        lines.append(_NFN_MEANING)
+        order = "highest" if placement.method == "plop-inverse" else "lowest"
+        if plop.get("granularity") == "site":
+            lines.append(
+                f"It chose single (layer, kind) sites by their own NFN, {order} first, until the budget of"
+                f" {plop.get('budget_params'):,} parameters was used."
+            )
+        elif plop.get("budget") is not None:
+            lines.append(
+                f"It added kinds {order}-NFN first while they fitted the budget of {plop.get('budget_params'):,} parameters."
+            )
+        else:
+            lines.append(f"It chose the {plop.get('num_kinds')} kinds with the {order} NFN.")
+        if placement.method == "plop-inverse":
+            lines.append("This is PLoP's ablation baseline, expected to do worse than PLoP.")
+    if placement.method in ("cka", "plop+cka"):
+        lines.append(_CKA_MEANING)
+        lines.append(
+            f"It kept the {cka.get('ratio', 0.5):g} fraction of candidate layers with the lowest CKA"
+            f" ({cka.get('pooling', 'last')} pooling, {cka.get('samples', 0)} samples)."
+        )
+        if scores.get("degenerate_layers"):
+            lines.append(
+                f"Layer(s) {scores['degenerate_layers']} were not considered: every calibration sample looks the same"
+                " there (e.g. every prompt ends with the same template token), so their CKA means nothing."
+            )
+    if not lines:
+        lines.append(f"`{placement.method}` is a fixed placement: it was not calibrated and has no scores.")
+    return "\n\n".join(lines)
+
+
+def _markdown(placement: Placement, config: Config) -> str:
+    scores = placement.scores
+    chosen = _chosen(placement)
+    name = _METHOD_NAMES.get(placement.method, placement.method)
+    out = [
+        f"# Where LoRA goes: {name}",
+        "",
+        f"Model `{config.name}` ({config.n_layer} layers, width {config.n_embd}) · method `{placement.method}` ·"
+        f" rank {placement.max_rank} · alpha {placement.lora_alpha}",
+        "",
+        "## The choice",
+        "",
+        _choice_in_words(placement, config),
+        "",
+        _params_line(placement, config),
+        "",
+        "## Why",
+        "",
+        _why(placement),
+        "",
+    ]
+    per_kind = scores.get("per_kind") or {}
+    if per_kind:
+        layers_of = {kind: sum(1 for (l, k) in chosen if k == kind) for kind in per_kind}
+        ranked = sorted(per_kind, key=per_kind.get)
+        out += ["## Scores per kind", "", "| kind | NFN (mean over layers) | rank, lowest first | LoRA |", "|---|---|---|---|"]
+        for kind in per_kind:
+            lora = f"yes ({_coverage(layers_of[kind], _n_sites(scores, kind))})" if layers_of[kind] else "no"
+            out.append(f"| {kind} | {per_kind[kind]:.3f} | {ranked.index(kind) + 1} | {lora} |")
+        out.append("")
+    nfn_layers = scores.get("per_layer") if placement.method != "cka" else {}
+    cka_layers = scores.get("cka_per_layer") if placement.method == "plop+cka" else (scores.get("per_layer") if placement.method == "cka" else {})
+    layer_keys = list(dict.fromkeys([*(nfn_layers or {}), *(cka_layers or {})]))
+    if layer_keys:
+        header = ["layer"] + (["NFN (mean over kinds)"] if nfn_layers else []) + (["CKA"] if cka_layers else []) + ["LoRA"]
+        out += ["## Scores per layer", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        degenerate = set(scores.get("degenerate_layers") or [])
+        placed = {l for (l, k) in chosen}
+        for key in layer_keys:
+            row = [key]
+            if nfn_layers:
+                row.append(f"{nfn_layers[key]:.3f}")
+            if cka_layers:
+                row.append(f"{cka_layers[key]:.4f}" + (" (degenerate)" if int(key) in degenerate else ""))
+            row.append("yes" if int(key) in placed else "no")
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    calibration = placement.calibration
+    if calibration:
+        out += [
+            "## Calibration",
+            "",
+            f"{calibration.get('samples', 0):,} prompts, {calibration.get('tokens', 0):,} tokens, {calibration.get('batches', 0)}"
+            f" batches, {calibration.get('seconds', 0):.1f} s"
+            + (f", on {calibration['world_size']} processes" if calibration.get("world_size", 1) > 1 else "")
+            + (f"; {calibration['truncated']} prompts truncated to {calibration.get('max_seq_length')} tokens" if calibration.get("truncated") else "")
+            + ".",
+            "",
+        ]
+    out += ["![scores](scores.png)", ""]
+    return "\n".join(out)
+
+
+def _coverage(count: int, total: int) -> str:
+    return "all layers" if count == total else f"{count} of {total} layers"
+
+
+def _n_sites(scores: dict[str, Any], kind: str) -> int:
+    return sum(1 for key in scores.get("per_site", {}) if key.split(".", 1)[1] == kind)
+
+
+def _figure_png(placement: Placement, config: Config) -> bytes:
+    """``scores.png``: a layer x kind NFN heatmap with the chosen sites outlined, and/or per-layer CKA bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    scores = placement.scores
+    chosen = _chosen(placement)
+    per_site = scores.get("per_site") or {}
+    cka_layers = scores.get("cka_per_layer") if placement.method == "plop+cka" else (scores.get("per_layer") if placement.method == "cka" else None)
+    kinds = list(scores.get("per_kind") or {})
+    block_kinds = [k for k in kinds if k != "head"]
+    layers = sorted({int(key.split(".", 1)[0]) for key in per_site if not key.startswith("-")} | {int(l) for l in (cka_layers or {})})
+    panels = (1 if block_kinds else 0) + (1 if cka_layers else 0)
+    if panels == 0:
+        return _placement_map_png(placement, config)
+    widths = ([1.0 + 0.75 * len(block_kinds)] if block_kinds else []) + ([3.0] if cka_layers else [])
+    height = max(3.0, 0.3 * len(layers) + 1.8)
+    fig, axes = plt.subplots(1, panels, figsize=(sum(widths) + 1.5, height), gridspec_kw={"width_ratios": widths}, squeeze=False)
+    axes = list(axes[0])
+    fig.suptitle(f"{config.name}: {_METHOD_NAMES.get(placement.method, placement.method)}", fontsize=11)
+
+    if block_kinds:
+        ax = axes.pop(0)
+        import numpy as np
+
+        grid = np.full((len(layers), len(block_kinds)), np.nan)
+        for i, layer in enumerate(layers):
+            for j, kind in enumerate(block_kinds):
+                grid[i, j] = per_site.get(f"{layer}.{kind}", np.nan)
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label="NFN (lower = more in need of LoRA)")
+        for i, layer in enumerate(layers):
+            for j, kind in enumerate(block_kinds):
+                if (layer, kind) in chosen:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+                if len(layers) * len(block_kinds) <= 120 and not np.isnan(grid[i, j]):
+                    shade = image.norm(grid[i, j])  # dark text on the light (yellow) end of viridis
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="black" if shade > 0.6 else "white")
+        ax.set_xticks(range(len(block_kinds)), block_kinds, rotation=45, ha="right")
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+        ax.set_ylabel("layer")
+        ax.set_title("NFN per site (red box = LoRA)", fontsize=10)
+
+    if cka_layers:
+        ax = axes.pop(0)
+        degenerate = set(scores.get("degenerate_layers") or [])
+        placed = {l for (l, k) in chosen}
+        # Bars show 1 - CKA: the similarities of real blocks sit close to 1, their differences would not show.
+        # A degenerate layer's CKA is meaningless (often ~0): drawn as an empty hatched stub, not a long bar.
+        values = [0.0 if l in degenerate else 1.0 - cka_layers[str(l)] for l in layers]
+        longest = max(max(values), 1e-12)
+        colors = ["tab:red" if l in placed else "lightgrey" for l in layers]
+        bars = ax.barh(range(len(layers)), values, color=colors, edgecolor="black", linewidth=0.5)
+        for bar, layer in zip(bars, layers):
+            label = f" {cka_layers[str(layer)]:.3f}"
+            if layer in degenerate:
+                bar.set_width(0.04 * longest)
+                bar.set_hatch("//")
+                bar.set_facecolor("white")
+                label = " degenerate"
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=7)
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+        ax.set_ylim(len(layers) - 0.5, -0.5)  # layer 0 on top, rows aligned with the heatmap
+        ax.set_xlim(0, longest * 1.4)
+        ax.set_xlabel("1 - CKA (longer = block changes more)")
+        ax.set_title("CKA per layer (value at bar end)", fontsize=10)
+        legend = [Patch(facecolor="tab:red", label="LoRA"), Patch(facecolor="lightgrey", label="no LoRA")]
+        if degenerate:
+            legend.append(Patch(facecolor="white", hatch="//", edgecolor="black", label="degenerate (ignored)"))
+        ax.legend(handles=legend, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1 - 0.3 / height), ncol=len(legend))
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _placement_map_png(placement: Placement, config: Config) -> bytes:
+    """For a placement without scores (a fixed preset): which (layer, kind) sites have LoRA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    kinds = list(model_kinds(config))
+    chosen = _chosen(placement)
+    grid = np.array([[1.0 if (layer, kind) in chosen else 0.0 for kind in kinds] for layer in range(config.n_layer)])
+    fig, ax = plt.subplots(figsize=(1.5 + 0.75 * len(kinds), max(3.0, 0.3 * config.n_layer + 1.8)))
+    ax.imshow(grid, aspect="auto", cmap="Reds", vmin=0, vmax=1.25, interpolation="nearest")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    ax.set_yticks(range(config.n_layer), [str(l) for l in range(config.n_layer)])
+    ax.set_ylabel("layer")
+    ax.set_title(f"{config.name}: fixed placement {placement.method!r} (red = LoRA; no scores)", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(placement: Placement, config: Config, out_dir: Path | str) -> tuple[Path, Path]:
+    """Write ``report.md`` (the choice and the scores in words and tables) and ``scores.png`` into ``out_dir``,
+    each atomically (temporary file, then rename). Returns both paths."""
+    out_dir = Path(out_dir)
+    png = _figure_png(placement, config)
+    report_path, png_path = out_dir / "report.md", out_dir / "scores.png"
+    _write_bytes_atomic(png_path, png)
+    _write_bytes_atomic(report_path, _markdown(placement, config).encode("utf-8"))
+    return report_path, png_path
+
+
+def summary_table(placement: Placement, config: Config) -> str:
+    """A few lines for the terminal: the choice, its cost, and the scores it was based on."""
+    scores = placement.scores
+    chosen = _chosen(placement)
+    lines = [
+        f"{_METHOD_NAMES.get(placement.method, placement.method)} placement for {config.name}"
+        f" (rank {placement.max_rank}): {_choice_in_words(placement, config)}",
+        _params_line(placement, config),
+    ]
+    per_kind = scores.get("per_kind") or {}
+    if per_kind:
+        lines += ["", f"{'kind':<12} {'NFN':>7}  LoRA"]
+        for kind, value in sorted(per_kind.items(), key=lambda item: item[1]):
+            count = sum(1 for (l, k) in chosen if k == kind)
+            mark = _coverage(count, _n_sites(scores, kind)) if count else ""
+            lines.append(f"{kind:<12} {value:>7.3f}  {mark}")
+    cka_layers = scores.get("cka_per_layer") if placement.method == "plop+cka" else (scores.get("per_layer") if placement.method == "cka" else None)
+    if cka_layers:
+        degenerate = set(scores.get("degenerate_layers") or [])
+        placed = {l for (l, k) in chosen}
+        lines += ["", f"{'layer':<6} {'CKA':>7}  LoRA"]
+        for key, value in cka_layers.items():
+            note = "yes" if int(key) in placed else ""
+            if int(key) in degenerate:
+                note = "degenerate, ignored"
+            lines.append(f"{key:<6} {value:>7.4f}  {note}")
+    return "\n".join(lines)

@@ -1,0 +1,465 @@
+"""The two scores a calibration pass computes (methods.md sections 1 and 2) and the scorers that compute them.
+
+PLoP, per site (one LoRA-able linear map in one block)::
+
+    NFN(site) = mean over batches of [ mean_t ||W z_t / ||z_t|| || ] / denominator
+
+over the real (non-padding) tokens z_t of each batch. The numerator is the module's own output:
+``||W z|| = ||y - bias||``, so no extra matmul. The fused ``attn.qkv`` is split into its ``[q | k | v]`` row
+slices, each its own site. The denominator is a per-site constant: ``||W||_F / sqrt(d_in)`` (closed form, the
+default) or a seeded Monte-Carlo ``mean_r ||W r||`` over random unit vectors r. (The authors draw fresh r per
+batch; a fixed seeded draw estimates the same expectation, and keeps padded/unpadded batches and every rank
+identical.) Per kind: mean over layers. Per layer: mean over that layer's kinds. LOWER = less aligned with
+the task = gets LoRA.
+
+CKA, per block: X = residual stream entering it, Y = leaving it. ``last`` pooling keeps one vector per prompt
+(its last real token) and computes linear CKA with the biased HSIC; ``tokens`` treats every real token as a
+sample and averages the unbiased HSIC over batches (Nguyen, Raghu, Kornblith 2021) with O(1) state per layer.
+LOWER similarity = the block changes its input more = gets LoRA. A layer whose pooled inputs (or outputs) are
+the same for every sample has a ~zero centred matrix and a meaningless CKA: it is listed in
+``degenerate_layers`` with a warning, and ``litgpt_plop.select`` never selects it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from litgpt import GPT
+
+from litgpt_plop.calibration import Batch, ForwardHook, all_gather_rows, all_reduce_sum
+from litgpt_plop.modules import KIND_TO_PATH, base_linear, site_module
+from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, QKV_KINDS, site_shape
+
+# ---- the math, on plain tensors ---------------------------------------------------------------------------
+
+
+def weight_matrix(linear: nn.Module) -> torch.Tensor:
+    """The dense float32 ``(d_out, d_in)`` weight of an ``nn.Linear`` or a bitsandbytes ``Linear4bit``
+    (dequantized; call it for one module at a time, never for the whole model at once)."""
+    weight = linear.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight.detach().float()
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            "This Linear4bit weight is in bitsandbytes' CPU inference layout (repacked by an eval-mode forward);"
+            " run the calibration pass, which unpacks it, before reading the weight"
+        )
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(weight.data, quant_state).float()
+
+
+def normalized_output_norms(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """``||W z_t|| / ||z_t||`` for each row t, from inputs ``z`` ``(N, d_in)`` and bias-free outputs ``W z``
+    ``(N, d_out)``; rows whose input is exactly zero (no direction) are dropped."""
+    input_norms = inputs.float().norm(dim=-1)
+    keep = input_norms > 0
+    return outputs.float()[keep].norm(dim=-1) / input_norms[keep]
+
+
+def closed_form_denominator(weight: torch.Tensor) -> float:
+    """``||W||_F / sqrt(d_in)``: the expected ``||W r||`` for a random unit vector r (up to Jensen's gap)."""
+    return float(weight.double().norm() / math.sqrt(weight.shape[1]))
+
+
+def monte_carlo_denominator(weight: torch.Tensor, num_samples: int, seed: int) -> float:
+    """``mean_r ||W r||`` over ``num_samples`` random unit Gaussian vectors r, drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    r = torch.randn(num_samples, weight.shape[1], generator=generator, dtype=torch.float64)
+    r = r / r.norm(dim=1, keepdim=True)
+    return float((r.to(weight.device) @ weight.double().T).norm(dim=1).mean())
+
+
+def nfn(linear: nn.Module, inputs: torch.Tensor, denominator: str = "closed_form", mc_samples: int = 4096, seed: int = 0) -> float:
+    """The NFN of one linear on one batch of inputs ``(N, d_in)`` (every row a real token), exactly as the
+    scorer computes it for a site: the mean normalised output norm over the denominator."""
+    with torch.no_grad():
+        outputs = linear(inputs)
+        if linear.bias is not None:
+            outputs = outputs - linear.bias
+        numerator = float(normalized_output_norms(inputs, outputs).double().mean())
+        weight = weight_matrix(linear)
+    if denominator == "closed_form":
+        return numerator / closed_form_denominator(weight)
+    return numerator / monte_carlo_denominator(weight, mc_samples, seed)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA with the biased HSIC between ``x`` ``(n, d1)`` and ``y`` ``(n, d2)`` (rows are samples):
+    centre the columns, then ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``. 0.0 when a centred matrix is zero."""
+    x = x.double() - x.double().mean(dim=0)
+    y = y.double() - y.double().mean(dim=0)
+    # Gram form (n x n), the same numbers as the feature form, cheaper for n << d.
+    k = x @ x.T
+    l = y @ y.T
+    denominator = k.norm() * l.norm()
+    if denominator == 0:
+        return 0.0
+    return float((k * l).sum() / denominator)
+
+
+def _cross_frobenius(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``||X^T Y||_F^2`` through whichever side is smaller (features or samples)."""
+    n, d1 = x.shape
+    if n < min(d1, y.shape[1]):
+        return ((x @ x.T) * (y @ y.T)).sum()
+    return (x.T @ y).square().sum()
+
+
+def unbiased_hsic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The unbiased HSIC estimator (Song et al. 2012) with linear kernels K = X X^T, L = Y Y^T, for ``n >= 4``
+    samples (rows), computed in feature space without forming n x n matrices when ``n > d``::
+
+        HSIC = [tr(K~L~) + 1^T K~ 1 * 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) * 1^T K~ L~ 1] / (n(n-3))
+
+    with K~, L~ the Gram matrices with zeroed diagonals.
+    """
+    n = x.shape[0]
+    if n < 4:
+        raise ValueError(f"The unbiased HSIC needs at least 4 samples, got {n}")
+    x = x.double()
+    y = y.double()
+    k_diag = x.square().sum(dim=1)
+    l_diag = y.square().sum(dim=1)
+    trace_kl = _cross_frobenius(x, y) - (k_diag * l_diag).sum()
+    k_rows = x @ x.sum(dim=0) - k_diag  # K~ 1
+    l_rows = y @ y.sum(dim=0) - l_diag  # L~ 1
+    k_sum = k_rows.sum()
+    l_sum = l_rows.sum()
+    return (trace_kl + k_sum * l_sum / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k_rows * l_rows).sum()) / (n * (n - 3))
+
+
+def _relative_centred_norm(x: torch.Tensor) -> float:
+    """``||X - mean||_F / ||X||_F`` (0.0 for an all-zero X)."""
+    x = x.double()
+    total = x.norm()
+    if total == 0:
+        return 0.0
+    return float((x - x.mean(dim=0)).norm() / total)
+
+
+# ---- results ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlopScores:
+    """PLoP's normalised feature norms. Lower = less aligned with the task inputs = more in need of LoRA.
+
+    Args:
+        per_site: NFN per ``"<layer>.<kind>"``.
+        per_kind: mean over layers of each kind's sites.
+        per_layer: mean over each layer's kinds (the head, not being in a block, is left out).
+        denominator: ``closed_form`` or ``monte_carlo``.
+        tokens: real tokens seen (all ranks).
+        batches: batches seen (all ranks).
+    """
+
+    per_site: dict[str, float]
+    per_kind: dict[str, float]
+    per_layer: dict[int, float]
+    denominator: str = "closed_form"
+    tokens: int = 0
+    batches: int = 0
+
+    def site(self, layer: int, kind: str) -> float:
+        return self.per_site[f"{layer}.{kind}"]
+
+
+@dataclass
+class CkaScores:
+    """Layer-wise CKA similarity between what enters and what leaves each block. Lower = the block changes
+    the representation more = more important.
+
+    Args:
+        per_layer: CKA per layer.
+        degenerate_layers: layers whose centred input or output is ~zero (every sample the same there): their
+            CKA means nothing and they must not be selected on it.
+        pooling: ``last`` or ``tokens``.
+        samples: pooled vectors (``last``) or tokens (``tokens``) the similarity was computed on.
+    """
+
+    per_layer: dict[int, float]
+    degenerate_layers: list[int] = field(default_factory=list)
+    pooling: str = "last"
+    samples: int = 0
+
+
+# ---- scorers (hooked into the calibration pass) -----------------------------------------------------------
+
+
+def _kind_slices(config, kinds: Iterable[str]) -> list[tuple[str, int, int]]:
+    """``(kind, start, stop)`` row ranges of the wanted q/k/v kinds inside the fused qkv output."""
+    ranges, start = {}, 0
+    for kind in QKV_KINDS:
+        rows = site_shape(config, kind)[0]
+        ranges[kind] = (start, start + rows)
+        start += rows
+    return [(kind, *ranges[kind]) for kind in QKV_KINDS if kind in kinds]
+
+
+class PlopScorer:
+    """Running PLoP statistics for the ``kinds`` of the ``layers`` of ``gpt`` (the head once, if asked).
+
+    State per site: the sum over batches of the batch's mean normalised output norm, and the number of
+    batches and tokens: sums and counts, summed over ranks by ``reduce``.
+    """
+
+    def __init__(
+        self,
+        gpt: GPT,
+        kinds: Sequence[str],
+        layers: Sequence[int],
+        denominator: str = "closed_form",
+        mc_samples: int = 1024,
+        seed: int = 42,
+    ) -> None:
+        if denominator not in ("closed_form", "monte_carlo"):
+            raise ValueError(f"Unknown NFN denominator {denominator!r}; use 'closed_form' or 'monte_carlo'")
+        self.gpt = gpt
+        self.kinds = list(kinds)
+        self.layers = list(layers)
+        self.denominator = denominator
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.needs_head = HEAD_KIND in self.kinds
+        self.sites = [(layer, kind) for layer in self.layers for kind in self.kinds if kind != HEAD_KIND]
+        if self.needs_head:
+            self.sites.append((HEAD_LAYER, HEAD_KIND))
+        self.index = {site: i for i, site in enumerate(self.sites)}
+        # columns: sum of per-batch means, batches, tokens
+        self.sums = torch.zeros(len(self.sites), 3, dtype=torch.float64)
+        self._batch: Batch | None = None
+        self._denominators: dict[tuple[int, str], float] = {}
+        self._reduced = False
+
+    def _module_groups(self) -> list[tuple[int, nn.Module, list[tuple[str, int | None, int | None]]]]:
+        """``(layer, base linear, [(kind, row start, row stop)])`` per distinct module; q/k/v share the qkv."""
+        groups = []
+        block_kinds = [k for k in self.kinds if k != HEAD_KIND]
+        paths = list(dict.fromkeys(KIND_TO_PATH[k] for k in block_kinds))
+        for layer in self.layers:
+            for path in paths:
+                kinds = [k for k in block_kinds if KIND_TO_PATH[k] == path]
+                linear = base_linear(site_module(self.gpt, layer, kinds[0]))
+                if path == "attn.qkv":
+                    groups.append((layer, linear, _kind_slices(self.gpt.config, kinds)))
+                else:
+                    groups.append((layer, linear, [(kinds[0], None, None)]))
+        if self.needs_head:
+            groups.append((HEAD_LAYER, base_linear(site_module(self.gpt, HEAD_LAYER, HEAD_KIND)), [(HEAD_KIND, None, None)]))
+        return groups
+
+    def hooks(self) -> list[tuple[nn.Module, ForwardHook]]:
+        return [(linear, self._make_hook(layer, parts)) for layer, linear, parts in self._module_groups()]
+
+    def _make_hook(self, layer: int, parts: list[tuple[str, int | None, int | None]]) -> ForwardHook:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            mask = self._batch.mask
+            inputs = (args[0] if args else kwargs["input"])[mask].float()  # (N, d_in), real tokens only
+            outputs = output[mask].float()
+            if module.bias is not None:
+                outputs = outputs - module.bias.float()
+            input_norms = inputs.norm(dim=-1)
+            where = f"the linear of site {layer}.{parts[0][0] if len(parts) == 1 else 'qkv'}"
+            if not torch.isfinite(input_norms).all() or not torch.isfinite(outputs).all():
+                raise ValueError(
+                    f"Non-finite activations (NaN or inf) at {where} in calibration batch {self._batch.index}"
+                )
+            keep = input_norms > 0  # an exactly-zero input has no direction: skip it
+            input_norms = input_norms[keep]
+            outputs = outputs[keep]
+            if input_norms.numel() == 0:
+                return
+            for kind, start, stop in parts:
+                ratios = outputs[:, start:stop].norm(dim=-1) / input_norms
+                row = self.sums[self.index[(layer, kind)]]
+                row[0] += ratios.double().mean().item()
+                row[1] += 1
+                row[2] += ratios.numel()
+
+        return hook
+
+    def start_batch(self, batch: Batch) -> None:
+        self._batch = batch
+
+    def end_batch(self) -> None:
+        self._batch = None
+
+    def reduce(self) -> None:
+        self.sums = all_reduce_sum(self.sums)
+        self._reduced = True
+
+    def denominators(self) -> dict[tuple[int, str], float]:
+        """The per-site denominator, computed once (one dequantized module at a time) and cached."""
+        if not self._denominators:
+            for layer, linear, parts in self._module_groups():
+                weight = weight_matrix(linear)
+                for kind, start, stop in parts:
+                    rows = weight[start:stop]
+                    if self.denominator == "closed_form":
+                        value = closed_form_denominator(rows)
+                    else:
+                        seed = zlib.crc32(f"{self.seed}:{layer}.{kind}".encode())
+                        value = monte_carlo_denominator(rows, self.mc_samples, seed)
+                    self._denominators[(layer, kind)] = value
+                del weight
+        return self._denominators
+
+    def result(self) -> PlopScores:
+        """The scores (after the pass; ``calibrate`` calls ``reduce`` first)."""
+        denominators = self.denominators()
+        per_site = {}
+        for (layer, kind), i in self.index.items():
+            total, batches, _ = self.sums[i].tolist()
+            if batches == 0:
+                raise ValueError(f"PLoP saw no token with a non-zero input at site {layer}.{kind}")
+            if denominators[(layer, kind)] == 0:
+                raise ValueError(f"The weight of site {layer}.{kind} is all zeros: its NFN is undefined")
+            per_site[f"{layer}.{kind}"] = total / batches / denominators[(layer, kind)]
+        per_kind = {}
+        for kind in self.kinds:
+            values = [v for (layer, k), v in zip(self.sites, per_site.values()) if k == kind]
+            per_kind[kind] = sum(values) / len(values)
+        per_layer = {}
+        for layer in self.layers:
+            values = [v for (l, k), v in zip(self.sites, per_site.values()) if l == layer and k != HEAD_KIND]
+            if values:
+                per_layer[layer] = sum(values) / len(values)
+        return PlopScores(
+            per_site=per_site,
+            per_kind=per_kind,
+            per_layer=per_layer,
+            denominator=self.denominator,
+            tokens=int(self.sums[:, 2].max().item()) if len(self.sites) else 0,
+            batches=int(self.sums[:, 1].max().item()) if len(self.sites) else 0,
+        )
+
+
+class CkaScorer:
+    """Running CKA statistics for the blocks ``layers`` of ``gpt`` (hooks on ``gpt.transformer.h[i]``).
+
+    ``last``: the last real token's input and output vector of each prompt, n x d per layer (fine for n ~ 128;
+    gathered from every rank by ``reduce``). ``tokens``: per layer, sums over batches of the three unbiased
+    HSIC values and of the norms the degeneracy check needs: O(1) state, summed over ranks by ``reduce``.
+    """
+
+    def __init__(self, gpt: GPT, layers: Sequence[int], pooling: str = "last", degenerate_tol: float = 1e-4) -> None:
+        if pooling not in ("last", "tokens"):
+            raise ValueError(f"Unknown CKA pooling {pooling!r}; use 'last' or 'tokens'")
+        self.gpt = gpt
+        self.layers = list(layers)
+        self.pooling = pooling
+        self.degenerate_tol = degenerate_tol
+        self.needs_head = False
+        self._batch: Batch | None = None
+        # last: pooled (inputs, outputs) per layer
+        self.pooled: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {l: ([], []) for l in self.layers}
+        # tokens: per layer [hsic_xy, hsic_xx, hsic_yy, batches, ||Xc||^2, ||X||^2, ||Yc||^2, ||Y||^2, tokens]
+        self.sums = torch.zeros(len(self.layers), 9, dtype=torch.float64)
+        self.skipped_batches = 0
+
+    def hooks(self) -> list[tuple[nn.Module, ForwardHook]]:
+        return [(self.gpt.transformer.h[layer], self._make_hook(row, layer)) for row, layer in enumerate(self.layers)]
+
+    def _make_hook(self, row: int, layer: int) -> ForwardHook:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            batch = self._batch
+            x = args[0] if args else kwargs["x"]
+            if self.pooling == "last":
+                lengths = batch.lengths
+                samples = torch.nonzero(lengths > 0).flatten()
+                last = lengths[samples] - 1
+                xs, ys = x[samples, last].float(), output[samples, last].float()
+            else:
+                xs, ys = x[batch.mask].double(), output[batch.mask].double()
+            if not torch.isfinite(xs).all() or not torch.isfinite(ys).all():
+                raise ValueError(
+                    f"Non-finite activations (NaN or inf) entering or leaving block {layer} in calibration batch {batch.index}"
+                )
+            if self.pooling == "last":
+                self.pooled[layer][0].append(xs.detach())  # advanced indexing already copied
+                self.pooled[layer][1].append(ys.detach())
+                return
+            n = xs.shape[0]
+            if n < 4:  # the unbiased estimator needs 4 samples
+                if row == 0:
+                    self.skipped_batches += 1
+                return
+            # Centring does not change the HSIC; it keeps the float64 sums from losing precision.
+            xs_centred = xs - xs.mean(dim=0)
+            ys_centred = ys - ys.mean(dim=0)
+            self.sums[row] += torch.stack(
+                [
+                    unbiased_hsic(xs_centred, ys_centred),
+                    unbiased_hsic(xs_centred, xs_centred),
+                    unbiased_hsic(ys_centred, ys_centred),
+                    torch.ones((), dtype=torch.float64, device=xs.device),
+                    xs_centred.square().sum(),
+                    xs.square().sum(),
+                    ys_centred.square().sum(),
+                    ys.square().sum(),
+                    torch.full((), float(n), dtype=torch.float64, device=xs.device),
+                ]
+            ).cpu()
+
+        return hook
+
+    def start_batch(self, batch: Batch) -> None:
+        self._batch = batch
+
+    def end_batch(self) -> None:
+        self._batch = None
+
+    def reduce(self) -> None:
+        if self.pooling == "last":
+            for layer, (xs, ys) in self.pooled.items():
+                width = self.gpt.config.n_embd
+                x = torch.cat(xs) if xs else torch.zeros(0, width)
+                y = torch.cat(ys) if ys else torch.zeros(0, width)
+                self.pooled[layer] = ([all_gather_rows(x)], [all_gather_rows(y)])
+        else:
+            self.sums = all_reduce_sum(self.sums)
+
+    def result(self) -> CkaScores:
+        """The scores (after the pass). Warns about degenerate layers."""
+        per_layer, degenerate = {}, []
+        samples = 0
+        if self.skipped_batches:
+            warnings.warn(
+                f"CKA 'tokens' pooling skipped {self.skipped_batches} batch(es) with fewer than 4 real tokens",
+                stacklevel=2,
+            )
+        for row, layer in enumerate(self.layers):
+            if self.pooling == "last":
+                x, y = torch.cat(self.pooled[layer][0]), torch.cat(self.pooled[layer][1])
+                samples = x.shape[0]
+                if samples < 2:
+                    raise ValueError(f"CKA with 'last' pooling needs at least 2 prompts, got {samples}")
+                flat = min(_relative_centred_norm(x), _relative_centred_norm(y)) <= self.degenerate_tol
+                per_layer[layer] = linear_cka(x, y)
+            else:
+                hsic_xy, hsic_xx, hsic_yy, batches, xc, x_sq, yc, y_sq, tokens = self.sums[row].tolist()
+                samples = int(tokens)
+                if batches == 0:
+                    raise ValueError("CKA with 'tokens' pooling needs batches of at least 4 real tokens; none had that many")
+                relative = min(math.sqrt(xc / x_sq) if x_sq > 0 else 0.0, math.sqrt(yc / y_sq) if y_sq > 0 else 0.0)
+                flat = relative <= self.degenerate_tol or hsic_xx <= 0 or hsic_yy <= 0
+                per_layer[layer] = 0.0 if (hsic_xx <= 0 or hsic_yy <= 0) else hsic_xy / math.sqrt(hsic_xx * hsic_yy)
+            if flat:
+                degenerate.append(layer)
+        if degenerate:
+            warnings.warn(
+                f"CKA is degenerate on layer(s) {degenerate}: the {self.pooling!r}-pooled vectors entering or leaving"
+                " these blocks are (nearly) the same for every calibration sample (e.g. every prompt ends with the"
+                " same template token), so their similarity says nothing. They will not be selected. Use more varied"
+                " prompts or --cka.pooling tokens.",
+                stacklevel=2,
+            )
+        return CkaScores(per_layer=per_layer, degenerate_layers=degenerate, pooling=self.pooling, samples=samples)

@@ -1,0 +1,336 @@
+"""Turning calibration scores into a ``Placement``, and the one call that does it all: ``plan_placement``.
+
+Methods:
+    ``plop``: the ``num_kinds`` candidate kinds with the LOWEST NFN, on every candidate layer; or, with a
+        ``budget``, kinds lowest-first while they fit; or, with ``granularity="site"``, single (layer, kind)
+        sites lowest-first while they fit.
+    ``plop-inverse``: the same with the HIGHEST NFN first (the paper's ablation baseline, PLoP^-1).
+    ``cka``: the ``ratio`` of candidate layers with the LOWEST CKA similarity, every candidate kind on them.
+    ``plop+cka``: PLoP's kinds (ranked over the candidate layers) on CKA's layers; a budget is then counted on
+        CKA's layers.
+
+Budgets are greedy and never skip: the first kind (or site) in score order that does not fit stops the
+selection, so a chosen item never has a worse score than one left out. Layers whose CKA is degenerate
+(``CkaScores.degenerate_layers``) are never chosen; if too few other layers remain for the ratio, selection
+fails with a ``PlacementError`` saying what to change.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from litgpt import Config
+
+from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
+from litgpt_plop.calibration import CalibrationStats, run_calibration
+from litgpt_plop.modules import find_gpt
+from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, Placement, PlacementError, model_kinds, site_params
+from litgpt_plop.scoring import CkaScorer, CkaScores, PlopScorer, PlopScores
+
+METHODS = ("plop", "plop-inverse", "cka", "plop+cka")
+
+
+def check_method(method: str) -> None:
+    """Raise ``PlacementError`` naming the choices for an unknown method."""
+    if method not in METHODS:
+        raise PlacementError(f"Unknown placement method {method!r}; choose one of {list(METHODS)}")
+
+
+def resolve_candidates(
+    config: Config, candidate_kinds: Sequence[str] | None = None, candidate_layers: Sequence[int] | None = None
+) -> tuple[list[str], list[int]]:
+    """The candidate kinds (default: every kind of the model but the head) and layers (default: all), checked."""
+    known = model_kinds(config, include_head=True)
+    kinds = list(model_kinds(config)) if candidate_kinds is None else list(dict.fromkeys(candidate_kinds))
+    unknown = [k for k in kinds if k not in known]
+    if unknown:
+        raise PlacementError(f"Unknown candidate kind(s) {unknown} for model {config.name!r}; its kinds are {list(known)}")
+    if not kinds:
+        raise PlacementError("No candidate kinds: nothing to place")
+    layers = list(range(config.n_layer)) if candidate_layers is None else sorted(set(candidate_layers))
+    outside = [l for l in layers if not 0 <= l < config.n_layer]
+    if outside:
+        raise PlacementError(f"Candidate layer(s) {outside} out of range for a model with {config.n_layer} layers")
+    if not layers:
+        raise PlacementError("No candidate layers: nothing to place")
+    return kinds, layers
+
+
+def budget_params(config: Config, budget: float | int, rank: int) -> int:
+    """A budget in parameters: an int as it is, a float in (0, 1] as that fraction of the ``all`` placement
+    (every kind but the head on every layer) at ``rank``."""
+    if isinstance(budget, float):
+        all_params = config.n_layer * sum(site_params(config, kind, rank) for kind in model_kinds(config))
+        return int(budget * all_params)
+    return int(budget)
+
+
+def _site_layers(kind: str, layers: Sequence[int]) -> list[int]:
+    return [HEAD_LAYER] if kind == HEAD_KIND else list(layers)
+
+
+def _plop_site_score(scores: PlopScores, layer: int, kind: str) -> float:
+    key = f"{layer}.{kind}"
+    if key not in scores.per_site:
+        raise PlacementError(f"No PLoP score for site {key}: calibrate with the same candidate kinds and layers")
+    return scores.per_site[key]
+
+
+def plop_kind_scores(scores: PlopScores, kinds: Sequence[str], layers: Sequence[int]) -> dict[str, float]:
+    """Each kind's NFN as the mean over ``layers`` of its sites (what PLoP ranks)."""
+    result = {}
+    for kind in kinds:
+        values = [_plop_site_score(scores, layer, kind) for layer in _site_layers(kind, layers)]
+        result[kind] = sum(values) / len(values)
+    return result
+
+
+def _budget_error(budget: float | int, params: int, rank: int, item: str, cost: int) -> PlacementError:
+    what = f"{budget:g} of the `all` placement = {params:,} parameters" if isinstance(budget, float) else f"{params:,} parameters"
+    return PlacementError(
+        f"The PLoP budget ({what} at rank {rank}) selects nothing: the first candidate in score order, {item},"
+        f" alone needs {cost:,}. Raise --plop.budget or lower the rank."
+    )
+
+
+def choose_kinds(
+    config: Config,
+    scores: PlopScores,
+    kinds: Sequence[str],
+    ranking_layers: Sequence[int],
+    placed_layers: Sequence[int],
+    rank: int,
+    args: PlopArgs,
+    inverse: bool = False,
+) -> list[str]:
+    """PLoP's kinds: lowest NFN first (highest with ``inverse``), ranked by the mean over ``ranking_layers``;
+    ``args.num_kinds`` of them, or as many as fit ``args.budget`` when placed on ``placed_layers``."""
+    per_kind = plop_kind_scores(scores, kinds, ranking_layers)
+    order = sorted(kinds, key=lambda k: (per_kind[k], kinds.index(k)), reverse=inverse)
+    if args.budget is None:
+        if args.num_kinds > len(order):
+            warnings.warn(f"--plop.num_kinds={args.num_kinds} but only {len(order)} candidate kinds: choosing all of them", stacklevel=2)
+        return order[: args.num_kinds]
+    limit = budget_params(config, args.budget, rank)
+    chosen, total = [], 0
+    for kind in order:
+        cost = len(_site_layers(kind, placed_layers)) * site_params(config, kind, rank)
+        if total + cost > limit:
+            if not chosen:
+                raise _budget_error(args.budget, limit, rank, f"kind {kind!r} on {len(_site_layers(kind, placed_layers))} layer(s)", cost)
+            break
+        chosen.append(kind)
+        total += cost
+    return chosen
+
+
+def choose_sites(
+    config: Config,
+    scores: PlopScores,
+    kinds: Sequence[str],
+    layers: Sequence[int],
+    rank: int,
+    args: PlopArgs,
+    inverse: bool = False,
+) -> list[tuple[int, str]]:
+    """PLoP at site granularity: single (layer, kind) sites by their own NFN, lowest first (highest with
+    ``inverse``), while they fit ``args.budget``."""
+    if args.budget is None:
+        raise PlacementError("--plop.granularity site chooses sites until a budget is used: set --plop.budget")
+    sites = [(layer, kind) for kind in kinds for layer in _site_layers(kind, layers)]
+    order = sorted(
+        sites, key=lambda s: (_plop_site_score(scores, *s), s[0], kinds.index(s[1])), reverse=inverse
+    )
+    limit = budget_params(config, args.budget, rank)
+    chosen, total = [], 0
+    for layer, kind in order:
+        cost = site_params(config, kind, rank)
+        if total + cost > limit:
+            if not chosen:
+                raise _budget_error(args.budget, limit, rank, f"site {layer}.{kind}", cost)
+            break
+        chosen.append((layer, kind))
+        total += cost
+    return chosen
+
+
+def choose_layers(scores: CkaScores, layers: Sequence[int], args: CkaArgs) -> list[int]:
+    """CKA's layers: the ``args.ratio`` of ``layers`` (rounded, at least one) with the lowest CKA similarity,
+    degenerate layers excluded (with a warning; a ``PlacementError`` when too few others remain)."""
+    missing = [l for l in layers if l not in scores.per_layer]
+    if missing:
+        raise PlacementError(f"No CKA score for layer(s) {missing}: calibrate with the same candidate layers")
+    keep = max(1, int(args.ratio * len(layers) + 0.5))
+    degenerate = [l for l in layers if l in scores.degenerate_layers]
+    eligible = [l for l in layers if l not in scores.degenerate_layers]
+    if len(eligible) < keep:
+        raise PlacementError(
+            f"CKA is degenerate on layer(s) {degenerate} (every calibration sample looks the same there), leaving"
+            f" {len(eligible)} usable layer(s) for the {keep} that --cka.ratio={args.ratio} asks for. Use more varied"
+            " prompts, --cka.pooling tokens, a lower ratio, or leave those layers out of the candidates."
+        )
+    if degenerate:
+        warnings.warn(
+            f"Not selecting layer(s) {degenerate}: their CKA is degenerate (every calibration sample looks the same"
+            " there), so their score says nothing",
+            stacklevel=2,
+        )
+    ranked = sorted(eligible, key=lambda l: (scores.per_layer[l], l))
+    return sorted(ranked[:keep])
+
+
+def select_placement(
+    config: Config,
+    method: str,
+    plop_scores: PlopScores | None = None,
+    cka_scores: CkaScores | None = None,
+    rank: int = 8,
+    lora_alpha: int = 16,
+    candidate_kinds: Sequence[str] | None = None,
+    candidate_layers: Sequence[int] | None = None,
+    plop: PlopArgs | None = None,
+    cka: CkaArgs | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> Placement:
+    """The placement ``method`` makes of the scores (see the module docstring for the rules).
+
+    The placement records ``method``, the ``scores`` it was based on (``per_site``, ``per_kind``,
+    ``per_layer``; for ``cka`` ``per_layer`` is the CKA similarity, for ``plop+cka`` the CKA goes under
+    ``cka_per_layer``; plus the options used) and the ``calibration`` record.
+    """
+    check_method(method)
+    plop = PlopArgs() if plop is None else plop
+    cka = CkaArgs() if cka is None else cka
+    kinds, layers = resolve_candidates(config, candidate_kinds, candidate_layers)
+    uses_plop = method in ("plop", "plop-inverse", "plop+cka")
+    uses_cka = method in ("cka", "plop+cka")
+    if uses_plop and plop_scores is None:
+        raise PlacementError(f"Method {method!r} needs PLoP scores")
+    if uses_cka and cka_scores is None:
+        raise PlacementError(f"Method {method!r} needs CKA scores")
+
+    scores: dict[str, Any] = {
+        "per_site": {},
+        "per_kind": {},
+        "per_layer": {},
+        "candidate_kinds": kinds,
+        "candidate_layers": layers,
+    }
+    placed_layers = layers
+    if uses_cka:
+        placed_layers = choose_layers(cka_scores, layers, cka)
+        cka_per_layer = {str(l): cka_scores.per_layer[l] for l in layers}
+        scores["cka_per_layer" if uses_plop else "per_layer"] = cka_per_layer
+        scores["degenerate_layers"] = [l for l in layers if l in cka_scores.degenerate_layers]
+        scores["cka"] = {"pooling": cka_scores.pooling, "ratio": cka.ratio, "samples": cka_scores.samples}
+    if uses_plop:
+        block_kinds = [k for k in kinds if k != HEAD_KIND]
+        scores["per_site"] = {
+            f"{l}.{k}": _plop_site_score(plop_scores, l, k) for k in kinds for l in _site_layers(k, layers)
+        }
+        scores["per_kind"] = plop_kind_scores(plop_scores, kinds, layers)
+        scores["per_layer"] = {
+            str(l): sum(_plop_site_score(plop_scores, l, k) for k in block_kinds) / len(block_kinds)
+            for l in layers
+            if block_kinds
+        }
+        scores["plop"] = {
+            "denominator": plop_scores.denominator,
+            "num_kinds": plop.num_kinds if plop.budget is None else None,
+            "budget": plop.budget,
+            "budget_params": budget_params(config, plop.budget, rank) if plop.budget is not None else None,
+            "granularity": plop.granularity,
+        }
+
+    inverse = method == "plop-inverse"
+    if uses_plop and plop.granularity == "site":
+        sites = choose_sites(config, plop_scores, kinds, placed_layers, rank, plop, inverse=inverse)
+        placement = Placement.from_sites(
+            config, [(l, k, rank) for l, k in sites], lora_alpha=lora_alpha, method=method, scores=scores, calibration=calibration
+        )
+    else:
+        chosen_kinds = choose_kinds(config, plop_scores, kinds, layers, placed_layers, rank, plop, inverse) if uses_plop else kinds
+        placement = Placement.from_kinds(
+            config, chosen_kinds, layers=placed_layers, rank=rank, lora_alpha=lora_alpha, method=method,
+            scores=scores, calibration=calibration,
+        )  # fmt: skip
+    return placement
+
+
+def plan_placement(
+    model: nn.Module,
+    token_ids: Sequence[torch.Tensor],
+    method: str = "plop",
+    rank: int = 8,
+    lora_alpha: int = 16,
+    candidate_kinds: Sequence[str] | None = None,
+    candidate_layers: Sequence[int] | None = None,
+    plop: PlopArgs | None = None,
+    cka: CkaArgs | None = None,
+    calibration: CalibrationArgs | None = None,
+    shard: bool = True,
+) -> Placement:
+    """Calibrate ``model`` on ``token_ids`` (one pass, every scorer the method needs) and decide the placement.
+
+    Args:
+        model: a module holding a frozen LitGPT ``GPT`` (``litgpt.model.GPT`` or ``litgpt.lora.GPT``; dense or
+            bitsandbytes 4-bit). Its train/eval modes are restored afterwards.
+        token_ids: tokenized prompts (see ``litgpt_plop.calibration.calibration_token_ids``). At most
+            ``calibration.num_samples`` are used; prompts longer than ``calibration.max_seq_length`` are
+            truncated with a warning.
+        method: one of ``METHODS``.
+        rank: LoRA rank of every site.
+        lora_alpha: LoRA alpha.
+        candidate_kinds: the kinds the method may choose from (default: every kind but the head).
+        candidate_layers: the layers it may choose from (default: all).
+        plop: PLoP options (``--plop.*``).
+        cka: CKA options (``--cka.*``).
+        calibration: calibration options (``--calibration.*``; ``file`` is not read here).
+        shard: under ``torch.distributed``, give each rank its share of the batches of ``token_ids`` (pass the
+            same prompts on every rank). Every rank returns the same placement.
+    """
+    check_method(method)
+    plop = PlopArgs() if plop is None else plop
+    cka = CkaArgs() if cka is None else cka
+    calibration = CalibrationArgs() if calibration is None else calibration
+    gpt = find_gpt(model)
+    if gpt is None:
+        raise ValueError(f"No LitGPT GPT model inside {type(model).__name__}")
+    config = gpt.config
+    kinds, layers = resolve_candidates(config, candidate_kinds, candidate_layers)
+    uses_plop = method in ("plop", "plop-inverse", "plop+cka")
+    uses_cka = method in ("cka", "plop+cka")
+    if uses_plop and plop.granularity == "site" and plop.budget is None:
+        raise PlacementError("--plop.granularity site chooses sites until a budget is used: set --plop.budget")
+
+    plop_scorer = (
+        PlopScorer(gpt, kinds, layers, plop.denominator, plop.mc_samples, calibration.seed) if uses_plop else None
+    )
+    cka_scorer = CkaScorer(gpt, layers, cka.pooling, cka.degenerate_tol) if uses_cka else None
+    scorers = [s for s in (plop_scorer, cka_scorer) if s is not None]
+    stats: CalibrationStats = run_calibration(model, token_ids, scorers, calibration, shard=shard)
+    record = {
+        **stats.to_dict(),
+        "num_samples": calibration.num_samples,
+        "batch_size": calibration.batch_size,
+        "max_seq_length": calibration.max_seq_length,
+        "prompt_style": calibration.prompt_style,
+        "seed": calibration.seed,
+    }
+    return select_placement(
+        config,
+        method,
+        plop_scores=plop_scorer.result() if plop_scorer is not None else None,
+        cka_scores=cka_scorer.result() if cka_scorer is not None else None,
+        rank=rank,
+        lora_alpha=lora_alpha,
+        candidate_kinds=kinds,
+        candidate_layers=layers,
+        plop=plop,
+        cka=cka,
+        calibration=record,
+    )
+
