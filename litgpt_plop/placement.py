@@ -415,6 +415,12 @@ def preset(
     return Placement.from_kinds(config, chosen, rank=rank, lora_alpha=lora_alpha, method=name)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -422,6 +428,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
