@@ -25,7 +25,7 @@ from lightning.fabric.plugins import BitsandbytesPrecision
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
 from litgpt.finetune import lora as litgpt_lora
-from litgpt.lora import GPT, Config
+from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
 from litgpt.prompts import save_prompt_style
 from litgpt.scripts.merge_lora import merge_lora
 from litgpt.tokenizer import Tokenizer
@@ -301,6 +301,7 @@ def main(
         fabric.print(f"Quantized {count} linear layers to 4-bit ({cpu_quantize}) with bitsandbytes' CPU kernels")
 
     if plugin == "none":
+        mark_only_lora_as_trainable(model)
         placement = current_placement(model.module)
         placement.method = "none"
     else:
