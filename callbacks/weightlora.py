@@ -46,7 +46,8 @@ class WeightLoRACallback(Callback):
         weightlora: K, warm-up, gate optimizer, WeightLoRA+ (see ``WeightLoRAArgs``).
         candidates: the adapters to choose from: a ``Placement`` (e.g. PLoP's), a path to a ``placement.json``, a
             preset name (``all``, ``attention``, ``mlp``, ... at rank ``lora_r``) or ``"current"`` (the adapters
-            already on the model, e.g. put there by a ``PLoPCallback`` listed before this callback).
+            already on the model when ``setup`` runs, e.g. a ``litgpt.lora.GPT`` built with flags; on one device
+            ``PLoPCallback`` places later, so pass its saved ``placement.json`` instead).
         model_attr: the attribute path of the LitGPT model in the LightningModule; default: the first ``GPT`` found.
         lora_r: LoRA rank of every candidate, for a preset.
         lora_alpha: LoRA alpha, for a preset.
@@ -104,7 +105,8 @@ class WeightLoRACallback(Callback):
         max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps > 0 else None
         if self._restored is not None:
             self.controller = WeightLoRAController.from_state_dict(gpt, self._restored, max_steps, self.seed)
-            rank_zero_info(f"WeightLoRACallback: resumed at step {self.controller.step} ({self.controller.placement.method})")
+            c = self.controller
+            rank_zero_info(f"WeightLoRACallback: resumed at step {c.step} ({c.placement.method})")
         else:
             candidates = self._candidates(gpt)
             self.controller = WeightLoRAController(gpt, candidates, self.args, max_steps, self.seed)
@@ -123,12 +125,14 @@ class WeightLoRACallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
-            raise ValueError(f"WeightLoRACallback needs exactly one optimizer, the Trainer has {len(trainer.optimizers)}")
+            raise ValueError(
+                f"WeightLoRACallback needs exactly one optimizer, the Trainer has {len(trainer.optimizers)}"
+            )
         total = trainer.estimated_stepping_batches
         if not self.controller.finished and math.isfinite(total) and self.args.warmup_steps > total:
             raise ValueError(
-                f"The WeightLoRA warm-up ({self.args.warmup_steps} steps) is longer than the run ({int(total)} optimizer"
-                " steps): the placement would never be final"
+                f"The WeightLoRA warm-up ({self.args.warmup_steps} steps) is longer than the run ({int(total)}"
+                " optimizer steps): the placement would never be final"
             )
         self._last_step = trainer.global_step
 
@@ -188,6 +192,13 @@ class WeightLoRACallback(Callback):
         if source == "current":
             placement = current_placement(gpt)
             placement.method = "current"
+            if not placement.sites:
+                raise PlacementError(
+                    "WeightLoRACallback(candidates='current'): the model has no adapters when this callback's setup"
+                    " runs. On one device PLoPCallback places its adapters later (just before configure_optimizers),"
+                    " so pass its decision instead: candidates=Placement.load('placement.json') from"
+                    " `litgpt-plop plan`, or a Placement object"
+                )
             return placement
         placement = preset(source, gpt.config, rank=self.lora_r, lora_alpha=self.lora_alpha)
         placement.lora_dropout = self.lora_dropout

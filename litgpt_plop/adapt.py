@@ -186,6 +186,55 @@ def site_adapter(model: nn.Module, layer: int, kind: str) -> SiteAdapter | None:
     return None
 
 
+class SiteParameters(NamedTuple):
+    """Where the adapter at one site is stored: rows ``A_rows`` of the parameter ``A`` and rows ``B_rows`` of the
+    parameter ``B`` (all columns). Unlike ``SiteAdapter`` these are the ``nn.Parameter`` objects themselves, as an
+    optimizer holds them; for a parametrized ``lora_B`` (``torch.nn.utils.parametrize``), its ``original``."""
+
+    A: nn.Parameter
+    A_rows: slice
+    B: nn.Parameter
+    B_rows: slice
+    scaling: float
+
+
+def _raw_parameter(module: nn.Module, name: str) -> nn.Parameter:
+    """``module.<name>`` as stored: under a ``torch.nn.utils.parametrize`` parametrization, the original tensor."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and name in parametrizations:
+        return parametrizations[name].original
+    return getattr(module, name)
+
+
+def site_parameters(model: nn.Module, layer: int, kind: str) -> SiteParameters | None:
+    """The parameters (and rows of them) that hold the adapter at (layer, kind) of ``model``, or None.
+
+    Same layouts as ``site_adapter``: a ``LoRALinear`` owns its whole ``lora_A``/``lora_B``; in LitGPT's fused
+    ``LoRAQKVLinear`` the i-th enabled part has the i-th chunk of ``r`` rows of ``lora_A`` and the i-th block of
+    rows of ``lora_B``; ``LoRAQKVMixedRankLinear`` has one ``lora_A_<part>``/``lora_B_<part>`` per part.
+    """
+    module = site_module(_gpt(model), layer, kind)
+    if isinstance(module, LoRAQKVMixedRankLinear):
+        if kind not in QKV_KINDS or module.ranks[QKV_KINDS.index(kind)] == 0:
+            return None
+        A, B = _raw_parameter(module, f"lora_A_{kind}"), _raw_parameter(module, f"lora_B_{kind}")
+        return SiteParameters(A, slice(0, A.shape[0]), B, slice(0, B.shape[0]), module.part_scaling(kind))
+    if not (isinstance(module, LoRALinear) and module.r > 0 and hasattr(module, "lora_A")):
+        return None
+    A, B = _raw_parameter(module, "lora_A"), _raw_parameter(module, "lora_B")
+    if not isinstance(module, LoRAQKVLinear):
+        return SiteParameters(A, slice(0, A.shape[0]), B, slice(0, B.shape[0]), module.scaling)
+    enabled = [part for part, on in zip(QKV_KINDS, module.enable_lora) if on]
+    if kind not in enabled:
+        return None
+    sizes = {"query": module.head_size * module.n_head, "key": module.head_size * module.n_query_groups}
+    sizes["value"] = sizes["key"]
+    index = enabled.index(kind)
+    B_start = sum(sizes[p] for p in enabled[:index])
+    A_rows = slice(index * module.r, (index + 1) * module.r)
+    return SiteParameters(A, A_rows, B, slice(B_start, B_start + sizes[kind]), module.scaling)
+
+
 def current_placement(model: nn.Module, lora_alpha: int | None = None) -> Placement:
     """The placement that is on ``model`` now: one site per adapter, with its rank.
 

@@ -12,21 +12,25 @@ from pathlib import Path
 import torch
 import yaml
 from jsonargparse import CLI
+from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_plop.data import ReasoningGym, evaluate_accuracy
 from litgpt_plop.finetune import setup as finetune
+from litgpt_plop.placement import Placement
 from litgpt_plop.plan import load_checkpoint_model
 from litgpt_plop.prepare import prepare_smollm2
 
 
 def accuracy(checkpoint_dir: Path, data: ReasoningGym, num_items: int, max_new_tokens: int) -> float:
+    """Exact-match accuracy on held-out items, prompted as ``litgpt generate`` would prompt this checkpoint."""
     model = load_checkpoint_model(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
-    data.connect(tokenizer)
-    result = evaluate_accuracy(
-        model, tokenizer, data.items("val")[:num_items], data.task, data.resolve_prompt_style(tokenizer), max_new_tokens
-    )
+    if has_prompt_style(checkpoint_dir):  # a finetuned checkpoint records the style it was trained with
+        prompt_style = load_prompt_style(checkpoint_dir)
+    else:
+        prompt_style = PromptStyle.from_config(model.config)
+    result = evaluate_accuracy(model, tokenizer, data.items("val")[:num_items], data.task, prompt_style, max_new_tokens)
     for record in result.records[:3]:
         print(f"  Q: {record.question!r}  expected {record.reference!r}  got {record.answer!r}")
     return result.accuracy
@@ -55,12 +59,12 @@ def main(finetune_config: Path = Path("configs/demo-cpu.yaml"), num_items: int =
     CLI(finetune, args=["--config", str(finetune_config)])
 
     print(f"\n== Accuracy of the finetuned model (merged weights in {out_dir / 'final'})")
-    after = accuracy(out_dir / "final", ReasoningGym(**data_args), num_items, max_new_tokens)
-    placement = yaml.safe_load((out_dir / "final" / "hyperparameters.yaml").read_text())
-    kinds = [k for k, v in placement.items() if k.startswith("lora_") and v is True]
+    after = accuracy(out_dir / "final", data, num_items, max_new_tokens)
+    placement = Placement.load(out_dir / "final" / "placement.json")
 
     print("\n== Summary")
-    print(f"placement: {', '.join(kinds)} (details: {out_dir / 'report.md'}, {out_dir / 'scores.png'})")
+    print(f"placement ({placement.method}): {', '.join(placement.kinds)} in {len(placement.layers)} layers, rank {placement.max_rank}")
+    print(f"  why: {out_dir / 'report.md'}, {out_dir / 'scores.png'}")
     print(f"held-out accuracy: {before:.1%} before, {after:.1%} after finetuning ({num_items} items)")
     print(f"outputs: {out_dir / 'final'} (stock `litgpt generate {out_dir / 'final'}` and `litgpt chat` accept it)")
     print(f"wall time: {time.perf_counter() - t0:.0f}s")

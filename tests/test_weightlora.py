@@ -1,0 +1,452 @@
+"""WeightLoRA / WeightLoRA+: K gates after every step, exact pruning, folding and rank growth, freed optimizer
+state, stock-loadable export, a Lightning run end to end, and clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import json
+import math
+import weakref
+from pathlib import Path
+
+import lightning as L
+import litgpt
+import litgpt.model
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from litgpt.scripts.merge_lora import merge_lora
+from litgpt.utils import save_config
+from torch.utils.data import DataLoader
+
+from litgpt_plop.adapt import LoRAQKVMixedRankLinear, apply_placement, current_placement, site_adapter, site_parameters
+from litgpt_plop.callbacks import WeightLoRACallback
+from litgpt_plop.export import save_adapter
+from litgpt_plop.modules import site_module
+from litgpt_plop.placement import HEAD_LAYER, Placement, site_params
+from litgpt_plop.placement import preset as preset_placement
+from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController, grow_ranks, round_steps
+
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, which also avoids OpenMP's slowdown on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> litgpt.Config:
+    """LLaMA-style with grouped-query attention (4 heads, 2 groups): q, k, v parts of different sizes."""
+    kwargs = dict(
+        name="tiny-llama", n_layer=2, n_embd=32, n_head=4, n_query_groups=2, head_size=8, intermediate_size=64,
+        mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm", bias=False, parallel_residual=False,
+        rotary_percentage=1.0, vocab_size=VOCAB, padded_vocab_size=VOCAB, block_size=32,
+    )  # fmt: skip
+    return litgpt.Config(**{**kwargs, **overrides})
+
+
+def square_config() -> litgpt.Config:
+    """Every site is 32 x 32 (no GQA, intermediate size = width), so every adapter of rank r costs the same."""
+    return tiny_config(n_query_groups=4, intermediate_size=32)
+
+
+def fresh_model(config: litgpt.Config, seed: int = 0) -> litgpt.model.GPT:
+    torch.manual_seed(seed)
+    return litgpt.model.GPT(config)
+
+
+TOKENS = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(5))
+
+
+def loss_of(model: torch.nn.Module) -> torch.Tensor:
+    logits = model(TOKENS[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), TOKENS[:, 1:].flatten())
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS[:2, :-1])
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    loss = loss_of(model)
+    loss.backward()
+    optimizer.step()  # an attached controller runs here, after the step
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def trainable(model: torch.nn.Module) -> dict[int, torch.nn.Parameter]:
+    return {id(p): p for p in model.parameters() if p.requires_grad}
+
+
+def held(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+    return {id(p): p for group in optimizer.param_groups for p in group["params"]}
+
+
+def updates(model: torch.nn.Module, placement: Placement) -> dict[str, torch.Tensor]:
+    """``s * B A`` of every site (the gated B while gates are on)."""
+    result = {}
+    for s in placement.sites:
+        adapter = site_adapter(model, s.layer, s.kind)
+        result[s.key] = adapter.scaling * adapter.B.float() @ adapter.A.float()
+    return result
+
+
+# ---- WeightLoRA: K gates, then K adapters ------------------------------------------------------------------
+
+
+def test_exactly_k_gates_every_step_then_only_k_adapters_and_no_stale_optimizer_state():
+    config = tiny_config()
+    model = fresh_model(config)
+    candidates = preset_placement("all", config, rank=2)  # 2 layers x 7 kinds
+    k, warmup = 5, 4
+    controller = WeightLoRAController(model, candidates, WeightLoRAArgs(k=k, warmup_steps=warmup), max_steps=6)
+    assert controller.num_candidates == 14
+    optimizer = adamw(model)
+    assert not any(p is controller.gates for p in held(optimizer).values())  # the gates have their own optimizer
+    changes = []
+    controller.attach(optimizer, on_change=lambda events: changes.append((controller.step, events)))
+
+    for step in range(1, warmup):
+        train_step(model, optimizer)
+        assert int((controller.gates != 0).sum()) == k, f"step {step}"
+        assert len(current_placement(model).sites) == 14  # zero-gated adapters stay until the warm-up ends
+    assert controller.history_steps == [1, 2, 3]
+    assert all(sum(v != 0 for v in values) == k for values in controller.history)
+
+    # weak references to every candidate's A (the fused qkv tensors are rebuilt anyway, so take the others)
+    mlp_sites = [s for s in candidates.sites if s.kind.startswith("mlp")]
+    refs = {s.key: weakref.ref(site_parameters(model, s.layer, s.kind).A) for s in mlp_sites}
+    train_step(model, optimizer)  # step 4: the attached controller ends the warm-up
+    assert controller.finished and changes == [(4, ["final"])]
+
+    placement = controller.placement
+    assert placement.method == "weightlora" and len(placement.sites) == k
+    assert current_placement(model).sites == placement.sites
+    assert {s.key for s in placement.sites} == {s.key for s, w in zip(controller.sites, controller.history[-1]) if w}
+    params = trainable(model)
+    assert sum(p.numel() for p in params.values()) == placement.trainable_params(config)
+    # the main optimizer holds exactly the surviving adapters, and no state of removed ones
+    assert held(optimizer).keys() == params.keys()
+    assert {id(p) for p in optimizer.state} <= params.keys()
+    gc.collect()
+    kept = {s.key for s in placement.sites}
+    assert any(key not in kept for key in refs)
+    assert all((ref() is None) == (key not in kept) for key, ref in refs.items()), "a removed adapter is still alive"
+    # plain LoRA from here: no gates left on the model, and training goes on
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert math.isfinite(train_step(model, optimizer))
+    assert controller.history_steps == [1, 2, 3, 4]
+
+
+def test_the_end_of_warmup_changes_nothing_the_model_computes():
+    """Removing zero-gated adapters and folding the gates into B is exact."""
+    config = tiny_config()
+    model = fresh_model(config)
+    candidates = preset_placement("all", config, rank=2)
+    controller = WeightLoRAController(model, candidates, WeightLoRAArgs(k=6, warmup_steps=3))
+    optimizer = adamw(model)
+    for step in (1, 2):
+        train_step(model, optimizer)
+        controller.on_optimizer_step(step, optimizer)
+    loss_of(model).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    with torch.no_grad():  # a negative gate too: its sign goes into B
+        controller.gates[controller.gates != 0] *= torch.linspace(-1.5, 2.0, 6)
+    controller.gates.grad = None  # no gate step: only the pruning and folding act
+    before = logits(model)
+    assert controller.on_optimizer_step(3, optimizer) == ["final"]
+    assert (logits(model) - before).abs().max() < 1e-6
+
+
+def test_fused_qkv_parts_are_separate_adapters_and_keep_their_optimizer_state():
+    """Gates per part of the fused qkv; when a part is removed the others move to a new tensor with their Adam
+    moments (rescaled for the folded gate), the rest keep theirs."""
+    config = tiny_config()
+    model = fresh_model(config)
+    sites = [(0, "query", 2), (0, "key", 2), (0, "value", 2), (1, "mlp_proj", 2)]
+    candidates = Placement.from_sites(config, sites, method="test")
+    controller = WeightLoRAController(model, candidates, WeightLoRAArgs(k=2, warmup_steps=2))
+    optimizer = adamw(model)
+    train_step(model, optimizer)
+    controller.on_optimizer_step(1, optimizer)
+    loss_of(model).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    controller.gates.grad = None
+    with torch.no_grad():  # keep key (negative gate) and mlp_proj
+        controller.gates.zero_()
+        controller.gates[controller.index[(0, "key")]] = -0.5
+        controller.gates[controller.index[(1, "mlp_proj")]] = 2.0
+    old_key = site_parameters(model, 0, "key")
+    old_proj = site_parameters(model, 1, "mlp_proj")
+    key_state = {n: optimizer.state[old_key.B][n][old_key.B_rows].clone() for n in ("exp_avg", "exp_avg_sq")}
+    key_A_state = optimizer.state[old_key.A]["exp_avg"][old_key.A_rows].clone()
+    proj_state = {n: optimizer.state[old_proj.B][n].clone() for n in ("exp_avg", "exp_avg_sq")}
+    before = logits(model)
+    controller.on_optimizer_step(2, optimizer)
+
+    assert [(s.layer, s.kind) for s in controller.placement.sites] == [(0, "key"), (1, "mlp_proj")]
+    assert (logits(model) - before).abs().max() < 1e-6
+    new_key = site_parameters(model, 0, "key")
+    assert new_key.B is not old_key.B  # the qkv was rebuilt with the key part only
+    torch.testing.assert_close(optimizer.state[new_key.A]["exp_avg"], key_A_state)
+    torch.testing.assert_close(optimizer.state[new_key.B]["exp_avg"], key_state["exp_avg"] / -0.5)
+    torch.testing.assert_close(optimizer.state[new_key.B]["exp_avg_sq"], key_state["exp_avg_sq"] / 0.25)
+    assert site_parameters(model, 1, "mlp_proj").B is old_proj.B  # unchanged module: same tensor, state rescaled
+    torch.testing.assert_close(optimizer.state[old_proj.B]["exp_avg"], proj_state["exp_avg"] / 2.0)
+    torch.testing.assert_close(optimizer.state[old_proj.B]["exp_avg_sq"], proj_state["exp_avg_sq"] / 4.0)
+    assert held(optimizer).keys() == trainable(model).keys()
+
+
+# ---- WeightLoRA+: exact rank growth, same budget ------------------------------------------------------------
+
+
+def test_rank_extension_leaves_every_update_unchanged():
+    config = tiny_config()
+    model = fresh_model(config)
+    sites = [(0, "query", 2), (0, "value", 2), (0, "mlp_proj", 2), (1, "projection", 3)]
+    placement = Placement.from_sites(config, sites)
+    apply_placement(model, placement)
+    optimizer = adamw(model)
+    for _ in range(3):  # B non-zero
+        train_step(model, optimizer)
+    adapters = {s.key: site_adapter(model, s.layer, s.kind) for s in placement.sites}
+    old = {key: (a.A.clone(), a.B.clone()) for key, a in adapters.items()}
+    before, before_logits = updates(model, placement), logits(model)
+
+    grow_ranks(model, {(0, "query"): 4, (0, "mlp_proj"): 8}, torch.Generator().manual_seed(0))
+    grown = current_placement(model)
+    assert {s.key: s.rank for s in grown.sites} == {"0.query": 4, "0.value": 2, "0.mlp_proj": 8, "1.projection": 3}
+    assert isinstance(site_module(model, 0, "query"), LoRAQKVMixedRankLinear)  # query grew, value did not
+    after = updates(model, grown)
+    for key in before:
+        assert (after[key] - before[key]).abs().max() < 1e-6, key
+    assert (logits(model) - before_logits).abs().max() < 1e-6
+    for key, layer, kind in (("0.query", 0, "query"), ("0.mlp_proj", 0, "mlp_proj")):
+        adapter, (A_old, B_old) = site_adapter(model, layer, kind), old[key]
+        r = A_old.shape[0]
+        assert torch.equal(adapter.A[:r], A_old)
+        assert adapter.B[:, r:].count_nonzero() == 0  # new columns of B are zero
+        new_rows = adapter.A[r:]
+        assert (new_rows @ A_old.T).abs().max() < 1e-5  # orthogonal to the old row space
+        gram = new_rows @ new_rows.T
+        torch.testing.assert_close(gram, gram.diagonal().mean() * torch.eye(len(new_rows)), atol=1e-5, rtol=0)
+
+
+MLP = ("mlp_fc_1", "mlp_fc_2", "mlp_proj")
+
+
+@pytest.mark.parametrize(
+    ("kinds", "k"),
+    [(("query", "key", "value", "projection"), 8), (("query", "key", "value", "projection", *MLP), 8)],
+    ids=["K=n=8", "K=8-of-14"],
+)
+def test_weightlora_plus_ends_with_the_budget_it_started_with(kinds, k):
+    config = square_config()
+    model = fresh_model(config)
+    rank, warmup = 2, 6
+    candidates = Placement.from_kinds(config, kinds, rank=rank)
+    args = WeightLoRAArgs(k=k, warmup_steps=warmup, plus=True, rounds=2)
+    controller = WeightLoRAController(model, candidates, args)
+    assert controller.round_at == round_steps(warmup, 2) == [2, 4]
+    optimizer = adamw(model)
+    start_budget = k * site_params(config, "query", rank)  # the K adapters with non-zero gates, at rank r
+    if k == len(candidates.sites):
+        assert sum(p.numel() for p in trainable(model).values()) == start_budget
+
+    for step in range(1, warmup + 2):
+        loss_of(model).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step in controller.round_at:  # isolate the round: the surviving updates w * s * B A must not change
+            controller.gates.grad = None
+            before = updates(model, controller.placement)
+        held_before = set(held(optimizer))
+        controller.on_optimizer_step(step, optimizer)
+        if step in controller.round_at:
+            after = updates(model, controller.placement)
+            assert after and all((after[key] - before[key]).abs().max() < 1e-6 for key in after)
+            new = set(held(optimizer)) - held_before
+            assert new and not any(optimizer.state.get(p) for p in held(optimizer).values() if id(p) in new)
+        assert held(optimizer).keys() == trainable(model).keys()
+        if step == controller.round_at[-1]:
+            ranks = {s.rank for s in controller.placement.sites}
+            assert len(controller.placement.sites) == k // 4 and ranks == {4 * rank}
+            assert controller.placement.trainable_params(config) == start_budget
+    assert controller.finished and controller.placement.method == "weightlora+"
+    assert sum(p.numel() for p in trainable(model).values()) == start_budget
+
+
+# ---- export ------------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(directory: Path, config: litgpt.Config) -> Path:
+    """A LitGPT checkpoint directory: weights, config and (placeholder) tokenizer files that merge_lora checks for."""
+    directory.mkdir(parents=True)
+    torch.save(fresh_model(config, seed=1).state_dict(), directory / "lit_model.pth")
+    save_config(config, directory)
+    (directory / "tokenizer.json").write_text("{}")
+    (directory / "tokenizer_config.json").write_text("{}")
+    return directory
+
+
+def merged_logits(model: torch.nn.Module, placement: Placement, checkpoint_dir: Path, out_dir: Path) -> torch.Tensor:
+    """Save, merge with stock ``litgpt merge_lora``, reload the merged weights as a plain ``litgpt.model.GPT``."""
+    save_adapter(model, placement, out_dir, checkpoint_dir=checkpoint_dir)
+    with contextlib.redirect_stdout(io.StringIO()):
+        merge_lora(checkpoint_dir=out_dir)
+    plain = litgpt.model.GPT(litgpt.Config.from_file(out_dir / "model_config.yaml"))
+    plain.load_state_dict(torch.load(out_dir / "lit_model.pth"))
+    return logits(plain.eval())
+
+
+def test_saved_adapters_merge_in_stock_litgpt_during_and_after_warmup(tmp_path):
+    config = tiny_config()
+    checkpoint_dir = write_checkpoint(tmp_path / "base", config)
+    model = litgpt.model.GPT(config)
+    model.load_state_dict(torch.load(checkpoint_dir / "lit_model.pth"))
+    sites = [(0, "query", 2), (0, "key", 4), (0, "value", 2), (0, "mlp_fc_2", 4), (1, "projection", 2)]
+    sites += [(1, "mlp_proj", 4), (HEAD_LAYER, "head", 2)]
+    candidates = Placement.from_sites(config, sites, method="plop")  # e.g. a PLoP placement, mixed ranks
+    controller = WeightLoRAController(model, candidates, WeightLoRAArgs(k=4, warmup_steps=4, plus=True, rounds=1))
+    optimizer = adamw(model)
+    controller.attach(optimizer)
+    train_step(model, optimizer)
+
+    # mid-warm-up: the export holds what the gated model computes, zero-gated adapters included (as zero updates)
+    assert 0 < int((controller.gates != 0).sum()) < len(sites)
+    during = merged_logits(model, controller.placement, checkpoint_dir, tmp_path / "step1")
+    assert (during - logits(model)).abs().max() < 1e-5
+
+    for _ in range(4):
+        train_step(model, optimizer)
+    assert controller.finished
+    final = controller.placement
+    assert len(final.sites) == 2 and {s.rank for s in final.sites} <= {4, 8}
+    after = merged_logits(model, final, checkpoint_dir, tmp_path / "final")
+    assert (after - logits(model)).abs().max() < 1e-5
+    saved = json.loads((tmp_path / "final" / "placement.json").read_text())
+    assert saved["method"] == "weightlora+" and len(saved["sites"]) == 2
+
+
+# ---- Lightning ---------------------------------------------------------------------------------------------
+
+
+class LitLLM(L.LightningModule):
+    """A LightningModule around a plain LitGPT model: next-token loss on batches of token ids."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.model = fresh_model(tiny_config())
+        self.lr = lr
+        self.losses: list[float] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        logits = self.model(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 100)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def loader(n: int = 32, seed: int = 0) -> DataLoader:
+    starts = torch.randint(0, VOCAB, (n, 1), generator=torch.Generator().manual_seed(seed))
+    return DataLoader((starts + 3 * torch.arange(17)) % VOCAB, batch_size=2)
+
+
+def trainer(tmp_path: Path, callbacks: list, max_steps: int, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1
+    )
+    return L.Trainer(default_root_dir=tmp_path, max_steps=max_steps, callbacks=callbacks, **{**options, **kwargs})
+
+
+def test_trainer_fit_end_to_end_with_gradient_accumulation(tmp_path):
+    callback = WeightLoRACallback(WeightLoRAArgs(k=3, warmup_steps=4), candidates="all", lora_r=2)
+    module = LitLLM()
+    t = trainer(tmp_path, [callback], max_steps=7, accumulate_grad_batches=2)
+    t.fit(module, train_dataloaders=loader())
+
+    assert t.global_step == 7 and len(module.losses) == 14
+    assert all(math.isfinite(loss) for loss in module.losses)
+    controller = callback.controller
+    assert controller.history_steps == [1, 2, 3, 4]  # one gate step per optimizer step, not per batch
+    placement = callback.placement
+    assert placement.method == "weightlora" and len(placement.sites) == 3
+    assert current_placement(module.model).sites == placement.sites
+    params = trainable(module)
+    assert sum(p.numel() for p in params.values()) == placement.trainable_params(module.model.config)
+    assert held(t.optimizers[0]).keys() == params.keys()
+    assert {id(p) for p in t.optimizers[0].state} <= params.keys()
+    log_dir = Path(t.log_dir)
+    saved = json.loads((log_dir / "placement.json").read_text())
+    assert saved["method"] == "weightlora" and len(saved["sites"]) == 3 and saved["scores"]["final"]
+    assert (log_dir / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((log_dir / "gates.json").read_text())
+    assert history["steps"] == [1, 2, 3, 4] and len(history["gates"][0]) == 14
+    header = (log_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "weightlora/gate/0.query" in header and "weightlora/adapters" in header
+
+
+def test_resume_mid_warmup_continues_as_an_uninterrupted_run(tmp_path):
+    args = WeightLoRAArgs(k=4, warmup_steps=4)
+    straight = LitLLM()
+    every_2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    callbacks = [WeightLoRACallback(args, lora_r=2), every_2]
+    trainer(tmp_path / "straight", callbacks, max_steps=6).fit(straight, loader(n=4))
+    (mid_warmup,) = (tmp_path / "ckpt").glob("*step=2.ckpt")
+
+    resumed_callback = WeightLoRACallback(args, lora_r=2)
+    resumed = LitLLM()
+    t = trainer(tmp_path / "resumed", [resumed_callback], max_steps=6)
+    t.fit(resumed, loader(n=4), ckpt_path=mid_warmup)  # 2 batches an epoch: the checkpoint is at an epoch's end
+
+    assert resumed_callback.controller.finished
+    assert resumed_callback.placement.sites == current_placement(straight.model).sites
+    assert resumed_callback.controller.history_steps == [1, 2, 3, 4]
+    torch.testing.assert_close(logits(resumed.model), logits(straight.model), atol=1e-5, rtol=0)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    config = tiny_config()
+    model = fresh_model(config)
+    qv = preset_placement("qv", config, rank=2)  # 4 candidates
+    with pytest.raises(ValueError, match=r"K=5 is larger than the number of candidate adapters \(4\)"):
+        WeightLoRAController(model, qv, WeightLoRAArgs(k=5, warmup_steps=2))
+    assert not any("lora_" in name for name, _ in model.named_parameters())  # refused before touching the model
+    with pytest.raises(ValueError, match="must keep at least 1 adapter, got K=0"):
+        WeightLoRAArgs(k=0)
+    with pytest.raises(ValueError, match=r"fraction of the candidates must be in \(0, 1\], got 0.0"):
+        WeightLoRAArgs(k=0.0)
+    with pytest.raises(ValueError, match=r"warm-up \(10 steps\) is longer than the run \(5 optimizer steps\)"):
+        WeightLoRAController(model, qv, WeightLoRAArgs(k=2, warmup_steps=10), max_steps=5)
+    empty = Placement(sites=[], method="plop")
+    with pytest.raises(ValueError, match="candidate placement 'plop' has no sites"):
+        WeightLoRAController(model, empty, WeightLoRAArgs(k=1, warmup_steps=2))
+    with pytest.raises(ValueError, match="halves K=2 2 times, which leaves no adapter"):
+        WeightLoRAController(model, qv, WeightLoRAArgs(k=2, warmup_steps=4, plus=True))
+    # the callback knows the run's length from the Trainer
+    callback = WeightLoRACallback(WeightLoRAArgs(k=2, warmup_steps=10), candidates="qv", lora_r=2)
+    with pytest.raises(ValueError, match=r"warm-up \(10 steps\) is longer than the run \(3 optimizer steps\)"):
+        trainer(tmp_path, [callback], max_steps=3).fit(LitLLM(), loader())
