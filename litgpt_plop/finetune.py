@@ -51,8 +51,11 @@ from litgpt_plop.export import to_stock_state_dict
 from litgpt_plop.placement import LORA_FLAGS, Placement, PlacementError, kinds_from_flags
 from litgpt_plop.plan import PLAN_METHODS, QuantizeChoice, decide_placement, write_outputs
 from litgpt_plop.report import summary_table
+from litgpt_plop.select import METHODS as CALIBRATED_METHODS
+from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController
 
-PLUGINS = PLAN_METHODS + ("none",)
+WEIGHTLORA_PLUGINS = ("weightlora", "weightlora+")
+PLUGINS = PLAN_METHODS + WEIGHTLORA_PLUGINS + ("none",)
 # LitGPT's own defaults for ``finetune_lora``: what an unset flag means with ``--plugin none``.
 LITGPT_DEFAULT_FLAGS = {"lora_query": True, "lora_value": True}
 
@@ -94,6 +97,7 @@ def setup(
     calibration: CalibrationArgs | None = None,
     plop: PlopArgs | None = None,
     cka: CkaArgs | None = None,
+    weightlora: WeightLoRAArgs | None = None,
 ) -> None:
     """Finetune a model with LoRA, the adapters placed by a plugin.
 
@@ -101,6 +105,7 @@ def setup(
         checkpoint_dir: The path to the base model's checkpoint directory to load for finetuning.
         out_dir: Directory in which to save checkpoints, logs, the placement and its report.
         plugin: How the adapters are placed: ``plop``, ``plop-inverse``, ``cka``, ``plop+cka`` (calibrated),
+            ``weightlora``, ``weightlora+`` (learned while training, from every candidate kind in every layer),
             ``all``, ``attention``, ``qv``, ``mlp``, ``random`` (fixed), or ``none`` (exactly LitGPT's flags).
         precision: The precision to use for finetuning. Possible choices: "bf16-true", "bf16-mixed", "32-true".
         quantize: Quantize the base model's linears with bitsandbytes (QLoRA). On a GPU through Lightning's
@@ -128,17 +133,25 @@ def setup(
         calibration: The calibration pass (a plugin that calibrates only): prompts, how many, batch size, length.
         plop: PLoP's options (``plop``, ``plop-inverse``, ``plop+cka``).
         cka: Layer-wise CKA's options (``cka``, ``plop+cka``).
+        weightlora: WeightLoRA's options (``weightlora``, ``weightlora+``): K, warm-up, gate learning rate, rounds.
     """
     if plugin not in PLUGINS:
         raise ValueError(f"Unknown plugin {plugin!r}; choose one of {list(PLUGINS)}")
-    if plugin == "none" and any(group is not None for group in (calibration, plop, cka)):
+    groups = {"calibration": calibration, "plop": plop, "cka": cka, "weightlora": weightlora}
+    used = {  # which option groups each plugin reads
+        "plop": ("calibration", "plop"), "plop-inverse": ("calibration", "plop"), "cka": ("calibration", "cka"),
+        "plop+cka": ("calibration", "plop", "cka"), "weightlora": ("weightlora",), "weightlora+": ("weightlora",),
+    }.get(plugin, ())  # fmt: skip
+    unused = [f"--{name}.*" for name, group in groups.items() if group is not None and name not in used]
+    if unused:
         raise ValueError(
-            "--calibration.*, --plop.* and --cka.* configure a placement plugin, but --plugin is 'none':"
-            " pick a plugin (e.g. --plugin plop) or drop those options"
+            f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --plugin {plugin!r}: pick a plugin"
+            f" that uses {'it' if len(unused) == 1 else 'them'} (e.g. --plugin plop) or drop {'it' if len(unused) == 1 else 'them'}"
         )
     calibration = calibration or CalibrationArgs()
     plop = plop or PlopArgs()
     cka = cka or CkaArgs()
+    weightlora = dataclasses.replace(weightlora or WeightLoRAArgs(), plus=plugin == "weightlora+")
     if calibration.file is not None:
         calibration_file_check(calibration.file)
 
@@ -220,6 +233,7 @@ def setup(
         "calibration": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(calibration).items()},
         "plop": dataclasses.asdict(plop),
         "cka": dataclasses.asdict(cka),
+        "weightlora": dataclasses.asdict(weightlora),
     }
     fabric.launch(
         main,
@@ -235,6 +249,7 @@ def setup(
         calibration,
         plop,
         cka,
+        weightlora,
         cpu_quantize,
         hparams,
     )
@@ -273,6 +288,7 @@ def main(
     calibration: CalibrationArgs,
     plop: PlopArgs,
     cka: CkaArgs,
+    weightlora: WeightLoRAArgs,
     cpu_quantize: str | None,
     hparams: dict[str, Any],
 ) -> None:
@@ -300,15 +316,23 @@ def main(
         count = quantize_linears_4bit(model, quant_type=quant_type, double_quant=cpu_quantize.endswith("-dq"))
         fabric.print(f"Quantized {count} linear layers to 4-bit ({cpu_quantize}) with bitsandbytes' CPU kernels")
 
+    candidates = kinds_from_flags(config, **{f: getattr(config, f) for f in LORA_FLAGS})
+    controller = None
     if plugin == "none":
         mark_only_lora_as_trainable(model)
         placement = current_placement(model.module)
         placement.method = "none"
+    elif plugin in WEIGHTLORA_PLUGINS:
+        # Gated adapters on every candidate site; the K that survive the warm-up are the placement.
+        placement = Placement.from_kinds(
+            config, candidates, rank=config.lora_r, lora_alpha=config.lora_alpha, method=plugin
+        )
+        placement.lora_dropout = config.lora_dropout
+        controller = WeightLoRAController(model, placement, weightlora, max_steps=lr_max_steps, seed=seed)
     else:
         token_ids = None
-        if plugin in PLAN_METHODS and plugin not in ("all", "attention", "qv", "mlp", "random"):
+        if plugin in CALIBRATED_METHODS:
             token_ids = calibration_token_ids(calibration, tokenizer, data)
-        candidates = kinds_from_flags(config, **{f: getattr(config, f) for f in LORA_FLAGS})
         t0 = time.perf_counter()
         placement = decide_placement(
             model.module, plugin, token_ids, candidates, config.lora_r, config.lora_alpha, calibration, plop, cka
@@ -345,6 +369,13 @@ def main(
     scheduler = litgpt_lora.get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
 
     save = AdapterSaver(placement, checkpoint_dir, data, hparams)
+    if controller is not None:
+        # after every optimizer step: threshold the gates, grow ranks, and at the end of the warm-up prune and fold
+        def placement_changed(events: list[str]) -> None:
+            save.placement = controller.placement
+            fabric.print(f"WeightLoRA: {', '.join(events)}: {len(controller.placement.sites)} adapters")
+
+        controller.attach(optimizer, on_change=placement_changed)
     train_time = time.perf_counter()
     with save.inside_litgpt_fit():
         token_counts = litgpt_lora.fit(
@@ -370,6 +401,11 @@ def main(
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
         fabric.print(f"Final evaluation | val loss: {val_loss.item():.3f} | val ppl: {math.exp(val_loss):.3f}")
 
+    if controller is not None:
+        placement = save.placement = controller.placement
+        if fabric.global_rank == 0:
+            controller.write_outputs(out_dir)  # gates.json, gates.png
+            write_outputs(placement, model.config, out_dir)
     final_dir = out_dir / "final"
     save(fabric, model, final_dir / "lit_model.pth.lora")
     fabric.barrier()

@@ -21,7 +21,15 @@ _METHOD_NAMES = {
     "plop-inverse": "PLoP^-1 (highest NFN, ablation baseline)",
     "cka": "layer-wise CKA",
     "plop+cka": "PLoP kinds on CKA layers",
+    "weightlora": "WeightLoRA",
+    "weightlora+": "WeightLoRA+",
 }
+_WEIGHTLORA_MEANING = (
+    "WeightLoRA gave every candidate adapter a trainable gate and, after every optimizer step, kept only the K"
+    " gates of largest magnitude; at the end of the warm-up the others were removed and the gates folded into B."
+    " WeightLoRA+ also halved K and doubled the survivors' rank during the warm-up. The gates' history is in"
+    " `gates.png` and `gates.json` beside this report."
+)
 
 _NFN_MEANING = (
     "PLoP measures how strongly each pretrained linear map responds to the task's own inputs compared with a"
@@ -108,6 +116,8 @@ def _why(placement: Placement) -> str:
                 f"Layer(s) {scores['degenerate_layers']} were not considered: every calibration sample looks the same"
                 " there (e.g. every prompt ends with the same template token), so their CKA means nothing."
             )
+    if placement.method in ("weightlora", "weightlora+"):
+        lines.append(_WEIGHTLORA_MEANING)
     if not lines:
         lines.append(f"`{placement.method}` is a fixed placement: it was not calibrated and has no scores.")
     return "\n\n".join(lines)

@@ -429,7 +429,7 @@ class WeightLoRAController:
         self.k_now = self.k
         self.alive = [True] * n
         self.ranks = {(s.layer, s.kind): s.rank for s in self.sites}
-        self.gates = nn.Parameter(torch.ones(n, device=self.gpt.lm_head.weight.device))
+        self.gates = nn.Parameter(torch.ones(n, device=self.gpt.transformer.wte.weight.device))
         self.gate_optimizer: torch.optim.Optimizer | None = torch.optim.SGD([self.gates], lr=args.gate_lr)
         self.history_steps: list[int] = []
         self.history: list[list[float]] = []  # gate values after each step's thresholding

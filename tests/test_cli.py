@@ -177,7 +177,8 @@ def test_configs_exist():
     "kwargs, error, match",
     [
         (dict(plugin="plopp"), ValueError, r"Unknown plugin 'plopp'; choose one of \[.*'plop'.*'none'\]"),
-        (dict(plugin="none", plop=PlopArgs(num_kinds=2)), ValueError, "--plugin is 'none'"),
+        (dict(plugin="none", plop=PlopArgs(num_kinds=2)), ValueError, r"--plop.\* does not apply to --plugin 'none'"),
+        (dict(plugin="qv", calibration=CalibrationArgs()), ValueError, r"--calibration.\* does not apply to --plugin 'qv'"),
         (dict(calibration=CalibrationArgs(file=Path("/nonexistent/prompts.txt"))), FileNotFoundError, "does not exist"),
         (dict(quantize="bnb.int8-training"), ValueError, "needs a CUDA GPU. On CPU, 4-bit works"),
     ],
@@ -200,3 +201,21 @@ def test_empty_calibration_file(tiny_checkpoint, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="is not a LitGPT checkpoint directory"):
         finetune(checkpoint_dir=tmp_path, out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize("plugin", ["weightlora", "weightlora+"])
+def test_finetune_weightlora_keeps_k_adapters(tiny_checkpoint, tmp_path, plugin):
+    from litgpt_plop.weightlora import WeightLoRAArgs
+
+    out_dir = tmp_path / plugin
+    train = TrainArgs(save_interval=None, log_interval=1, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1,
+                      epochs=1, max_steps=5, max_seq_length=96)  # fmt: skip
+    tiny_run(tiny_checkpoint, out_dir, plugin=plugin, train=train, weightlora=WeightLoRAArgs(k=8, warmup_steps=4))
+    placement = Placement.load(out_dir / "final" / "placement.json")
+    assert placement.method == plugin
+    # 2 layers x 7 kinds = 14 candidates at rank 8; WeightLoRA keeps 8, WeightLoRA+ halves twice to 2 at rank 32
+    assert [len(placement.sites), placement.max_rank] == ([8, 8] if plugin == "weightlora" else [2, 32])
+    assert (out_dir / "gates.png").is_file() and (out_dir / "gates.json").is_file()
+    assert "gates.png" in (out_dir / "report.md").read_text()
+    merged = run_litgpt("generate", str(out_dir / "final"), "--prompt", "2+2=", "--max_new_tokens", "2")
+    assert merged.returncode == 0, merged.stderr[-2000:]
