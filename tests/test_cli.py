@@ -16,7 +16,7 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.model import GPT
 from litgpt.utils import save_config
 
-from litgpt_plop.args import CalibrationArgs, PlopArgs
+from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.data import ReasoningGym
 from litgpt_plop.finetune import setup as finetune
 from litgpt_plop.placement import Placement
@@ -219,3 +219,56 @@ def test_finetune_weightlora_keeps_k_adapters(tiny_checkpoint, tmp_path, plugin)
     assert "gates.png" in (out_dir / "report.md").read_text()
     merged = run_litgpt("generate", str(out_dir / "final"), "--prompt", "2+2=", "--max_new_tokens", "2")
     assert merged.returncode == 0, merged.stderr[-2000:]
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    questions = [f"What is {a} plus {b}?" for a in range(4) for b in range(5)]
+    path.write_text("".join(json.dumps({"instruction": q}) + "\n" for q in questions))
+    return path
+
+
+@pytest.mark.parametrize("method", ["plop", "cka", "plop+cka", "qv"])
+def test_plan_writes_the_placement_and_its_report(tiny_checkpoint, tmp_path, prompts_file, capsys, method):
+    from litgpt_plop.plan import plan
+
+    out_dir = tmp_path / "plan"
+    placement = plan(
+        tiny_checkpoint,
+        method=method,
+        out_dir=out_dir,
+        calibration=CalibrationArgs(file=prompts_file, num_samples=16, batch_size=4),
+        cka=CkaArgs(pooling="tokens"),
+    )
+    assert sorted(p.name for p in out_dir.iterdir()) == ["placement.json", "report.md", "scores.png"]
+    saved = json.loads((out_dir / "placement.json").read_text())
+    assert {"method", "model", "sites", "flags", "trainable_params", "scores"} <= saved.keys()
+    assert saved["method"] == method and saved["model"] == "tiny-llama"
+    assert saved["trainable_params"] == placement.trainable_params(Config.from_file(tiny_checkpoint / "model_config.yaml"))
+    assert Placement.load(out_dir / "placement.json").sites == placement.sites
+    if method != "qv":
+        assert saved["calibration"]["samples"] == 16 and saved["calibration"]["tokens"] > 16
+        assert set(saved["scores"]) >= {"per_site", "per_kind", "per_layer"}
+    if "plop" in method:
+        assert len(saved["scores"]["per_kind"]) == 7 and len(saved["scores"]["per_site"]) == 14
+    printed = capsys.readouterr().out
+    assert "Trainable parameters" in printed and str(out_dir) in printed
+
+
+def test_plan_bad_input(tiny_checkpoint, tmp_path, prompts_file):
+    from litgpt_plop.placement import PlacementError
+    from litgpt_plop.plan import plan
+
+    calibration = CalibrationArgs(file=prompts_file, num_samples=8, batch_size=4)
+    with pytest.raises(ValueError, match=r"Unknown method 'plp'; choose one of"):
+        plan(tiny_checkpoint, method="plp", out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="is not a LitGPT checkpoint directory"):
+        plan(tmp_path, out_dir=tmp_path / "b")
+    with pytest.raises(PlacementError, match="budget"):
+        plan(tiny_checkpoint, out_dir=tmp_path / "c", calibration=calibration, plop=PlopArgs(budget=10))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        plan(tiny_checkpoint, out_dir=tmp_path / "d", calibration=CalibrationArgs(file=empty))
+    assert not any((tmp_path / name).exists() for name in "acd")
