@@ -348,8 +348,9 @@ def main(
     fabric.print(f"Number of trainable parameters: {trainable:,}")
     fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
     fabric.log_dict({"trainable_params": trainable})
-    if trainable != placement.trainable_params(model.config):
-        raise RuntimeError(f"{trainable} trainable parameters, but the placement implies {placement.trainable_params(model.config)}")
+    expected = placement.trainable_params(model.config)
+    if trainable != expected:
+        raise RuntimeError(f"{trainable:,} parameters are trainable, but the placement implies {expected:,}")
 
     if isinstance(fabric.strategy.precision, BitsandbytesPrecision):
         optimizer = instantiate_bnb_optimizer(optimizer, model.parameters())
@@ -437,6 +438,8 @@ class AdapterSaver:
         if fabric.global_rank != 0:
             return
         file_path.parent.mkdir(parents=True, exist_ok=True)
+        # merged weights of an earlier save no longer match, and `merge_lora` would skip a directory that has them
+        (file_path.parent / "lit_model.pth").unlink(missing_ok=True)
         tmp = file_path.with_name(file_path.name + ".tmp")
         torch.save({"model": {k: v.cpu() for k, v in state_dict.items()}}, tmp)
         os.replace(tmp, file_path)
