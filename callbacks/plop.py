@@ -25,7 +25,7 @@ from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.calibration import data_module_prompts
 from litgpt_plop.modules import find_gpt
 from litgpt_plop.placement import Placement, PlacementError, model_kinds
-from litgpt_plop.plan import PLAN_METHODS, check_plan_method, decide_placement, write_outputs
+from litgpt_plop.plan import check_plan_method, decide_placement, write_outputs
 from litgpt_plop.report import summary_table
 from litgpt_plop.select import METHODS as CALIBRATED_METHODS
 
@@ -142,7 +142,7 @@ class PLoPCallback(Callback):
     def _place_if_needed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.placement is not None:
             return
-        gpt = self._find_gpt(pl_module)
+        gpt = find_gpt(pl_module, self.model_attr)
         if gpt is None:
             if type(trainer.strategy).__name__ == "SingleDeviceStrategy":
                 raise PlacementError(self._no_model_message(pl_module))
@@ -154,7 +154,7 @@ class PLoPCallback(Callback):
         if state is None or state.get("placement") is None:
             return
         self._restored = Placement.from_dict(state["placement"])
-        gpt = self._find_gpt(self._pl_module)
+        gpt = find_gpt(self._pl_module, self.model_attr)
         if gpt is None:
             raise PlacementError(self._no_model_message(self._pl_module))
         if self.placement is None or self.placement.sites != self._restored.sites:
@@ -262,16 +262,6 @@ class PLoPCallback(Callback):
             rank_zero_info(f"PLoPCallback: wrote placement.json, report.md and scores.png to {str(out_dir)!r}")
 
     # ---- finding things ------------------------------------------------------------------------------------
-
-    def _find_gpt(self, pl_module: pl.LightningModule) -> torch.nn.Module | None:
-        if self.model_attr is None:
-            return find_gpt(pl_module)
-        module = pl_module
-        for name in self.model_attr.split("."):
-            module = getattr(module, name, None)
-            if module is None:
-                return None
-        return find_gpt(module)
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         name = type(trainer.strategy).__name__

@@ -92,7 +92,7 @@ class WeightLoRACallback(Callback):
         if stage != "fit":
             return
         self._check_strategy(trainer)
-        gpt = self._find_gpt(pl_module)
+        gpt = find_gpt(pl_module, self.model_attr)
         if gpt is None:
             raise PlacementError(
                 f"WeightLoRACallback found no LitGPT GPT model in {type(pl_module).__name__}"
@@ -221,16 +221,6 @@ class WeightLoRACallback(Callback):
         self.controller.write_outputs(out_dir)
 
     # ---- finding things ------------------------------------------------------------------------------------
-
-    def _find_gpt(self, pl_module: pl.LightningModule) -> torch.nn.Module | None:
-        if self.model_attr is None:
-            return find_gpt(pl_module)
-        module = pl_module
-        for name in self.model_attr.split("."):
-            module = getattr(module, name, None)
-            if module is None:
-                return None
-        return find_gpt(module)
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         name = type(trainer.strategy).__name__

@@ -13,7 +13,6 @@ import dataclasses
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from pprint import pprint
 from typing import Any, Iterator, Literal

@@ -27,8 +27,13 @@ KIND_TO_PATH = {
 }
 
 
-def find_gpt(module: nn.Module) -> BaseGPT | None:
-    """The first LitGPT ``GPT`` inside ``module`` (itself included), or None."""
+def find_gpt(module: nn.Module, attr: str | None = None) -> BaseGPT | None:
+    """The first LitGPT ``GPT`` inside ``module`` (itself included), or None; with ``attr`` (a dotted attribute
+    path such as ``"model"``), the first one inside that attribute."""
+    for name in attr.split(".") if attr else ():
+        module = getattr(module, name, None)
+        if module is None:
+            return None
     for m in module.modules():
         if isinstance(m, BaseGPT):
             return m

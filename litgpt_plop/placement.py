@@ -9,14 +9,14 @@ the choice, counts what it costs and round-trips through JSON.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from litgpt import Config
+
+from litgpt_plop.atomic import write_text_atomic
 
 # The kinds of LoRA-able linear maps, in LitGPT terms (see methods.md).
 ATTENTION_KINDS = ("query", "key", "value", "projection")
@@ -413,23 +413,3 @@ def preset(
                 f"Unknown placement {name!r}: use one of {list(PRESETS)} or a comma-separated list of kinds from {list(kinds)}"
             )
     return Placement.from_kinds(config, chosen, rank=rank, lora_alpha=lora_alpha, method=name)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

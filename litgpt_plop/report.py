@@ -7,13 +7,12 @@ so it also works on a placement loaded from ``placement.json``.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from litgpt import Config
 
+from litgpt_plop.atomic import write_bytes_atomic
 from litgpt_plop.placement import HEAD_LAYER, Placement, model_kinds, site_params
 
 _METHOD_NAMES = {
@@ -298,29 +297,14 @@ def _placement_map_png(placement: Placement, config: Config) -> bytes:
     return buffer.getvalue()
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(placement: Placement, config: Config, out_dir: Path | str) -> tuple[Path, Path]:
     """Write ``report.md`` (the choice and the scores in words and tables) and ``scores.png`` into ``out_dir``,
     each atomically (temporary file, then rename). Returns both paths."""
     out_dir = Path(out_dir)
     png = _figure_png(placement, config)
     report_path, png_path = out_dir / "report.md", out_dir / "scores.png"
-    _write_bytes_atomic(png_path, png)
-    _write_bytes_atomic(report_path, _markdown(placement, config).encode("utf-8"))
+    write_bytes_atomic(png_path, png)
+    write_bytes_atomic(report_path, _markdown(placement, config).encode("utf-8"))
     return report_path, png_path
 
 

@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -64,7 +62,8 @@ from torch.utils.hooks import RemovableHandle
 
 from litgpt_plop.adapt import SiteParameters, apply_placement, current_placement, site_parameters
 from litgpt_plop.modules import find_gpt, site_module
-from litgpt_plop.placement import Placement, PlacementError, Site, site_shape, write_text_atomic
+from litgpt_plop.atomic import write_bytes_atomic, write_text_atomic
+from litgpt_plop.placement import Placement, PlacementError, Site, site_shape
 
 PLACEMENT_FILE = "placement.json"
 GATES_FILE = "gates.json"
@@ -688,7 +687,7 @@ class WeightLoRAController:
             "kept": [s.key for s, alive in zip(self.sites, self.alive) if alive],
         }
         write_text_atomic(out_dir / GATES_FILE, json.dumps(history) + "\n")
-        _write_bytes_atomic(out_dir / GATES_PLOT, self.gates_png())
+        write_bytes_atomic(out_dir / GATES_PLOT, self.gates_png())
         return [out_dir / PLACEMENT_FILE, out_dir / GATES_FILE, out_dir / GATES_PLOT]
 
     def gates_png(self) -> bytes:
@@ -730,18 +729,3 @@ def _gpt(model: nn.Module) -> litgpt.model.GPT:
     if gpt is None:
         raise PlacementError(f"No LitGPT GPT model found in {type(model).__name__}")
     return gpt
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from litgpt import GPT, Config
 
-from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
+from litgpt_plop.args import CkaArgs, PlopArgs
 from litgpt_plop.calibration import make_batches, calibrate
 from litgpt_plop.placement import Placement, PlacementError, model_kinds, site_params
 from litgpt_plop.report import summary_table, write_report

@@ -237,7 +237,7 @@ def test_rank_extension_leaves_every_update_unchanged():
         assert (after[key] - before[key]).abs().max() < 1e-6, key
     assert (logits(model) - before_logits).abs().max() < 1e-6
     for key, layer, kind in (("0.query", 0, "query"), ("0.mlp_proj", 0, "mlp_proj")):
-        adapter, (A_old, B_old) = site_adapter(model, layer, kind), old[key]
+        adapter, (A_old, _) = site_adapter(model, layer, kind), old[key]
         r = A_old.shape[0]
         assert torch.equal(adapter.A[:r], A_old)
         assert adapter.B[:, r:].count_nonzero() == 0  # new columns of B are zero
