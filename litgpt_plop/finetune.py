@@ -105,7 +105,8 @@ def setup(
         out_dir: Directory in which to save checkpoints, logs, the placement and its report.
         plugin: How the adapters are placed: ``plop``, ``plop-inverse``, ``cka``, ``plop+cka`` (calibrated),
             ``weightlora``, ``weightlora+`` (learned while training, from every candidate kind in every layer),
-            ``all``, ``attention``, ``qv``, ``mlp``, ``random`` (fixed), or ``none`` (exactly LitGPT's flags).
+            ``all``, ``attention``, ``qv``, ``mlp``, ``random`` (fixed; ``random`` draws its kinds with ``seed``),
+            or ``none`` (exactly LitGPT's flags).
         precision: The precision to use for finetuning. Possible choices: "bf16-true", "bf16-mixed", "32-true".
         quantize: Quantize the base model's linears with bitsandbytes (QLoRA). On a GPU through Lightning's
             precision plugin as ``litgpt finetune_lora`` does; on CPU with bitsandbytes' CPU kernels (4-bit only).
@@ -334,7 +335,7 @@ def main(
             token_ids = calibration_token_ids(calibration, tokenizer, data)
         t0 = time.perf_counter()
         placement = decide_placement(
-            model.module, plugin, token_ids, candidates, config.lora_r, config.lora_alpha, calibration, plop, cka
+            model.module, plugin, token_ids, candidates, config.lora_r, config.lora_alpha, calibration, plop, cka, seed
         )
         placement.lora_dropout = config.lora_dropout
         fabric.print(f"Placement decided in {time.perf_counter() - t0:.1f}s:")
@@ -415,6 +416,9 @@ def main(
         merge_lora(checkpoint_dir=final_dir, pretrained_checkpoint_dir=checkpoint_dir, precision=hparams["precision"])
         fabric.print(f"Saved the adapter, the merged model and the placement report to {str(final_dir)!r}")
     fabric.barrier()
+    # LitGPT's CSV logger writes only every `log_interval` steps; flush what is left
+    for logger in fabric.loggers:
+        logger.finalize("success")
 
 
 class AdapterSaver:

@@ -84,12 +84,17 @@ def decide_placement(
     calibration: CalibrationArgs,
     plop: PlopArgs,
     cka: CkaArgs,
+    seed: int | None = None,
 ) -> Placement:
-    """Calibrate and decide for the scoring methods; build the named placement for the fixed presets."""
+    """Calibrate and decide for the scoring methods; build the named placement for the fixed presets.
+
+    ``seed`` draws the ``random`` preset's kinds (default: ``calibration.seed``).
+    """
     check_plan_method(method)
     if method in PRESETS:
         config = model.config
-        placement = preset(method, config, rank=lora_r, lora_alpha=lora_alpha, candidates=candidate_kinds, seed=calibration.seed)
+        seed = calibration.seed if seed is None else seed
+        placement = preset(method, config, rank=lora_r, lora_alpha=lora_alpha, candidates=candidate_kinds, seed=seed)
         if method != "random":
             placement = placement.restricted(kinds=candidate_kinds)
         placement.validate(config)

@@ -90,10 +90,14 @@ def run_litgpt(*args: str) -> subprocess.CompletedProcess:
 
 def test_finetune_plop_end_to_end(tiny_checkpoint, tmp_path):
     out_dir = tmp_path / "plop"
+    # log_interval 10 > max_steps: the logged metrics reach the CSV only if the run flushes its loggers at the end
+    train = TrainArgs(save_interval=2, log_interval=10, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1,
+                      epochs=1, max_steps=3, max_seq_length=96)  # fmt: skip
     tiny_run(
         tiny_checkpoint,
         out_dir,
         plugin="plop",
+        train=train,
         calibration=CalibrationArgs(num_samples=16, batch_size=8),
         plop=PlopArgs(num_kinds=2),
     )
@@ -272,3 +276,16 @@ def test_plan_bad_input(tiny_checkpoint, tmp_path, prompts_file):
     with pytest.raises(ValueError, match="empty"):
         plan(tiny_checkpoint, out_dir=tmp_path / "d", calibration=CalibrationArgs(file=empty))
     assert not any((tmp_path / name).exists() for name in "acd")
+
+
+def test_random_plugin_draws_with_the_run_seed(tiny_checkpoint):
+    from litgpt_plop.args import CalibrationArgs as Cal
+    from litgpt_plop.plan import decide_placement, load_checkpoint_model
+
+    model = load_checkpoint_model(tiny_checkpoint)
+    kinds = ["query", "key", "value", "projection", "mlp_fc_1", "mlp_fc_2", "mlp_proj"]
+    draws = {
+        tuple(decide_placement(model, "random", None, kinds, 8, 16, Cal(), PlopArgs(), CkaArgs(), seed=s).kinds)
+        for s in range(6)
+    }
+    assert len(draws) > 1 and all(len(d) == 3 for d in draws)
