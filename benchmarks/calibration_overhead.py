@@ -1,0 +1,556 @@
+"""What a calibration pass costs, relative to a plain no-grad forward over the same batches.
+
+On SmolLM2-135M-Instruct with reasoning-gym prompts (the model's chat style), for PLoP, CKA (``last`` and
+``tokens`` pooling) and PLoP+CKA:
+
+* wall time of ``plan_placement`` (the pass, the scores, the selection) / wall time of a plain forward.
+  Measured in this process, all modes alternating (the order rotates every repetition), median per mode:
+  a shared machine's load drifts, so only ratios taken side by side mean anything.
+* peak memory / the plain forward's peak. Each measurement runs in a fresh subprocess (freed memory that
+  malloc keeps for reuse would hide later peaks in a shared process): it loads the model, makes its weights
+  resident, resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` = 5, falling back to a 1 ms
+  sampling thread where that is not allowed), runs the pass, and reads ``VmHWM``. Two figures: the peak RSS
+  of the process (model included), and the increase of RSS over the level just before the pass (what the
+  pass itself adds).
+
+Two forward baselines: ``forward`` is the plain model call (it computes the vocabulary-sized logits);
+``forward_blocks`` stops before ``ln_f`` as the calibration pass does (same compute as the pass without the
+hooks). Goals (from the issues): time <= 1.15x, memory <= 1.10x the plain forward.
+
+The 4-bit case (QLoRA): the model's block linears in NF4 (bitsandbytes' CPU kernels, fp32 compute, as
+``litgpt-plop finetune --quantize bnb.nf4`` runs on CPU): PLoP's peak against the 4-bit inference forward over
+the same batches (goal <= 1.05x) and against a 4-bit LoRA training step (LoRA on PLoP's kinds, AdamW) on the
+largest batches (it must stay below).
+
+Growth: the same memory and time measurements at several prompt counts (one run each).
+
+    python benchmarks/calibration_overhead.py                       # full run, writes benchmarks/results/
+    python benchmarks/calibration_overhead.py --sizes --skip_4bit --reps 1 --num_prompts 32   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+
+FORWARDS = ("forward", "forward_blocks")
+METHODS = {
+    # name: (plan_placement method, CKA pooling)
+    "plop": ("plop", "last"),
+    "cka_last": ("cka", "last"),
+    "cka_tokens": ("cka", "tokens"),
+    "plop+cka": ("plop+cka", "last"),
+}
+MODES = FORWARDS + tuple(METHODS)
+TIME_GOAL, MEMORY_GOAL, MEMORY_GOAL_4BIT = 1.15, 1.10, 1.05
+
+
+# ---- one measurement --------------------------------------------------------------------------------------
+
+
+def token_ids(checkpoint_dir: Path, num_prompts: int, seed: int = 42) -> list:
+    from litgpt.tokenizer import Tokenizer
+
+    from litgpt_plop.calibration import tokenize_prompts
+    from litgpt_plop.data import ReasoningGym
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    prompts = ReasoningGym(train_size=num_prompts, val_size=8, seed=seed).prompts("train", tokenizer)
+    return tokenize_prompts(prompts, tokenizer)
+
+
+def batches_of(ids: list, batch_size: int, max_seq_length: int = 256) -> list:
+    """The batches the calibration pass runs, with the all-padding columns dropped as it drops them."""
+    from litgpt_plop.calibration import Batch, make_batches
+
+    batches, _ = make_batches(ids, batch_size, max_seq_length)
+    out = []
+    for b in batches:
+        width = int(b.lengths.max())
+        out.append(Batch(b.input_ids[:, :width], b.mask[:, :width], b.index))
+    return out
+
+
+def load_model(checkpoint_dir: Path, quantize: str | None):
+    """The model as ``litgpt-plop plan`` loads it, every weight copied into memory (not left mmapped from the
+    checkpoint file, where touching it during the pass would count as the pass's memory)."""
+    import torch
+
+    from litgpt_plop.plan import load_checkpoint_model
+
+    model = load_checkpoint_model(checkpoint_dir, quantize=quantize)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.dtype.is_floating_point:
+                    param.data = param.data.clone()
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                setattr(module, name, buffer.clone())
+    return model
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(module, args):
+    raise _Stop
+
+
+def run_forward(model, batches: list, blocks_only: bool) -> None:
+    import torch
+
+    handle = model.transformer.ln_f.register_forward_pre_hook(_raise_stop) if blocks_only else None
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(batch.input_ids)
+                except _Stop:
+                    pass
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def run_method(model, ids: list, mode: str, batch_size: int):
+    from litgpt_plop.args import CalibrationArgs, CkaArgs
+    from litgpt_plop.select import plan_placement
+
+    method, pooling = METHODS[mode]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CKA's degenerate-layer warning: reported in the placement, not here
+        return plan_placement(
+            model,
+            ids,
+            method=method,
+            cka=CkaArgs(pooling=pooling),
+            calibration=CalibrationArgs(num_samples=len(ids), batch_size=batch_size, progress=False),
+        )
+
+
+def run_train_steps(model, batches: list, kinds: list[str]) -> None:
+    """One LoRA training step (forward, backward, AdamW step) per batch, LoRA (rank 8) on ``kinds`` in every layer."""
+    import torch
+    import torch.nn.functional as F
+
+    from litgpt_plop.adapt import apply_placement
+    from litgpt_plop.placement import Placement
+
+    gpt = apply_placement(model, Placement.from_kinds(model.config, kinds, rank=8, lora_alpha=16))
+    gpt.train()
+    optimizer = torch.optim.AdamW([p for p in gpt.parameters() if p.requires_grad], lr=1e-4)
+    for batch in batches:
+        logits = gpt(batch.input_ids)
+        targets = batch.input_ids[:, 1:].masked_fill(~batch.mask[:, 1:], -100)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+class PeakRss:
+    """Peak RSS over a region: the kernel's own high-water mark after a reset when allowed, else sampling."""
+
+    def __enter__(self) -> "PeakRss":
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self.method = "VmHWM after clear_refs"
+        except OSError:
+            self.method = "sampling every 1 ms"
+        self.baseline = _status_kib("VmRSS")
+        self._sampled = self.baseline
+        self._running = True
+        if self.method.startswith("sampling"):
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        self.start = time.perf_counter()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self._sampled = max(self._sampled, _status_kib("VmRSS"))
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self._running = False
+        if self.method.startswith("sampling"):
+            self._thread.join()
+            self.peak = self._sampled
+        else:
+            self.peak = _status_kib("VmHWM")
+
+
+def worker(spec: dict) -> dict:
+    """One measurement in this (fresh) process: ``spec`` has mode, checkpoint_dir, num_prompts, batch_size,
+    quantize, and for ``train`` the kinds and the number of largest batches."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    checkpoint_dir = Path(spec["checkpoint_dir"])
+    ids = token_ids(checkpoint_dir, spec["num_prompts"])
+    batches = batches_of(ids, spec["batch_size"])
+    if spec.get("largest_batches"):
+        batches = sorted(batches, key=lambda b: b.input_ids.numel(), reverse=True)[: spec["largest_batches"]]
+    model = load_model(checkpoint_dir, spec.get("quantize"))
+    mode = spec["mode"]
+    with PeakRss() as rss:
+        if mode in FORWARDS:
+            run_forward(model, batches, blocks_only=mode == "forward_blocks")
+        elif mode == "train":
+            run_train_steps(model, batches, spec["kinds"])
+        else:
+            run_method(model, ids, mode, spec["batch_size"])
+    return {
+        **spec,
+        "seconds": rss.seconds,
+        "peak_rss_mib": rss.peak / 1024,
+        "baseline_rss_mib": rss.baseline / 1024,
+        "increase_mib": (rss.peak - rss.baseline) / 1024,
+        "memory_method": rss.method,
+        "tokens": int(sum(int(b.mask.sum()) for b in batches)),
+        "batches": len(batches),
+    }
+
+
+def median_runs(runs: list[dict]) -> dict:
+    """One record from repeated measurements: medians of the figures, the runs kept under ``runs``."""
+    merged = dict(runs[0])
+    for key in ("seconds", "peak_rss_mib", "baseline_rss_mib", "increase_mib"):
+        merged[key] = statistics.median(r[key] for r in runs)
+    merged["runs"] = [{k: r[k] for k in ("seconds", "peak_rss_mib", "baseline_rss_mib", "increase_mib")} for r in runs]
+    return merged
+
+
+def measure_memory(specs: dict[str, dict], reps: int, log, label: str = "") -> dict[str, dict]:
+    """Each spec in a fresh subprocess, ``reps`` rounds (all specs once per round, order alternating)."""
+    runs: dict[str, list[dict]] = {name: [] for name in specs}
+    for rep in range(reps):
+        names = list(specs) if rep % 2 == 0 else list(reversed(specs))
+        for name in names:
+            r = in_subprocess(specs[name])
+            runs[name].append(r)
+            log(f"  {label}{name:15s} peak {r['peak_rss_mib']:8.1f} MiB  +{r['increase_mib']:7.1f} MiB over"
+                f" {r['baseline_rss_mib']:.1f}  ({r['seconds']:.1f} s)")
+    return {name: median_runs(r) for name, r in runs.items()}
+
+
+def in_subprocess(spec: dict) -> dict:
+    env = dict(os.environ)
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])  # bitsandbytes' CPU kernels too
+    result = subprocess.run(
+        [sys.executable, __file__, "--_worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"measurement {spec} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---- the benchmark ----------------------------------------------------------------------------------------
+
+
+def make_scorers(model, mode: str) -> list:
+    """Fresh scorers for ``mode``, as ``plan_placement`` builds them (every kind but the head, every layer)."""
+    from litgpt_plop.placement import model_kinds
+    from litgpt_plop.scoring import CkaScorer, PlopScorer
+
+    method, pooling = METHODS[mode]
+    layers = list(range(model.config.n_layer))
+    scorers = []
+    if method in ("plop", "plop+cka"):
+        scorers.append(PlopScorer(model, model_kinds(model.config), layers))
+    if method in ("cka", "plop+cka"):
+        scorers.append(CkaScorer(model, layers, pooling))
+    return scorers
+
+
+def finish(model, mode: str, scorers: list):
+    """Scores and selection from filled scorers: what ``plan_placement`` does after the pass."""
+    from litgpt_plop.args import CkaArgs
+    from litgpt_plop.scoring import CkaScorer, PlopScorer
+    from litgpt_plop.select import select_placement
+
+    method, pooling = METHODS[mode]
+    plop = next((s for s in scorers if isinstance(s, PlopScorer)), None)
+    cka = next((s for s in scorers if isinstance(s, CkaScorer)), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return select_placement(
+            model.config,
+            method,
+            plop_scores=plop.result() if plop is not None else None,
+            cka_scores=cka.result() if cka is not None else None,
+            cka=CkaArgs(pooling=pooling),
+        )
+
+
+def measure_time(args, log) -> tuple[dict, dict, dict, list[str]]:
+    """Wall time of every mode on ``args.num_prompts`` prompts, ``args.reps`` times.
+
+    Interleaved batch by batch: for each batch, every mode runs on it back to back (the order rotates), so a
+    change in the machine's load hits every mode alike. A method's batch is one ``calibrate`` call on its
+    scorers (hooks registered and removed each time: a few ms per call, so this slightly overstates the
+    pass); after the last batch its scores and selection are computed (``finish``), as in ``plan_placement``.
+    Per repetition a mode's time is the sum over batches plus that final step; reported: medians over
+    repetitions, the median of the per-repetition ratios, and the median over all (repetition, batch) pairs of
+    the per-batch ratio (the pass alone, robust to a load change in the middle of a repetition).
+    """
+    from litgpt_plop.calibration import calibrate
+
+    ids = token_ids(args.checkpoint_dir, args.num_prompts)
+    batches = batches_of(ids, args.batch_size)
+    model = load_model(args.checkpoint_dir, None)
+    # warm-up: one batch of each (thread pools, kernel caches)
+    for mode in MODES:
+        if mode in FORWARDS:
+            run_forward(model, batches[:1], blocks_only=mode == "forward_blocks")
+        else:
+            calibrate(model, batches[:1], make_scorers(model, mode), progress=False)
+    samples: dict[str, list[float]] = {mode: [] for mode in MODES}
+    finish_samples: dict[str, list[float]] = {mode: [] for mode in METHODS}
+    batch_samples: dict[str, list[float]] = {mode: [] for mode in MODES}  # every (rep, batch), in the same order
+    plop_kinds: list[str] = []
+    for rep in range(args.reps):
+        totals = dict.fromkeys(MODES, 0.0)
+        scorers = {mode: make_scorers(model, mode) for mode in METHODS}
+        for i, batch in enumerate(batches):
+            shift = (i + rep) % len(MODES)
+            order = MODES[shift:] + MODES[:shift]
+            for mode in order if (i + rep) % 2 == 0 else reversed(order):
+                start = time.perf_counter()
+                if mode in FORWARDS:
+                    run_forward(model, [batch], blocks_only=mode == "forward_blocks")
+                else:
+                    calibrate(model, [batch], scorers[mode], progress=False)
+                batch_samples[mode].append(time.perf_counter() - start)
+                totals[mode] += batch_samples[mode][-1]
+        for mode in METHODS:
+            start = time.perf_counter()
+            placement = finish(model, mode, scorers[mode])
+            finish_samples[mode].append(time.perf_counter() - start)
+            totals[mode] += finish_samples[mode][-1]
+            if mode == "plop":
+                plop_kinds = placement.kinds
+        for mode in MODES:
+            samples[mode].append(totals[mode])
+        log(f"  time rep {rep + 1}/{args.reps}: " + ", ".join(f"{m} {t:.2f} s" for m, t in totals.items()))
+    del model
+    gc.collect()
+    return samples, finish_samples, batch_samples, plop_kinds
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT, help="LitGPT checkpoint (default: %(default)s)")
+    parser.add_argument("--num_prompts", type=int, default=128, help="calibration prompts for the main table (default: %(default)s)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[32, 64, 128, 256], help="prompt counts for the growth table; none to skip (default: %(default)s)")
+    parser.add_argument("--growth_modes", nargs="*", default=["forward_blocks", "plop+cka"], choices=MODES, help="modes measured at every size (default: %(default)s)")
+    parser.add_argument("--reps", type=int, default=1, help="repetitions of the interleaved time measurement (default: %(default)s; every batch is already"
+                        " measured side by side in all modes)")
+    parser.add_argument("--mem_reps", type=int, default=1, help="fresh-process repetitions per memory figure, median (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=8, help="calibration batch size (default: %(default)s)")
+    parser.add_argument("--train_batches", type=int, default=2, help="largest batches the 4-bit training step runs on (default: %(default)s)")
+    parser.add_argument("--skip_4bit", action="store_true", help="skip the 4-bit (QLoRA) measurements")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 0: torch's own choice. On a 2-core machine shared with other jobs, 2 threads made every"
+                        " forward and step 5-20x slower (OpenMP threads waiting on each other while the cores are busy), so 1 is"
+                        " the default (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory for calibration_overhead.{json,md} (default: %(default)s)")
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._worker:
+        print(json.dumps(worker(json.loads(args._worker))))
+        return {}
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+
+    common = dict(checkpoint_dir=str(args.checkpoint_dir), batch_size=args.batch_size, threads=args.threads)
+    log(f"Time: {len(MODES)} modes x {args.reps} alternating repetitions on {args.num_prompts} prompts")
+    time_samples, finish_samples, batch_samples, plop_kinds = measure_time(args, log)
+    time_median = {mode: statistics.median(v) for mode, v in time_samples.items()}
+
+    log("Memory: one fresh subprocess per measurement")
+    memory = measure_memory({m: {**common, "mode": m, "num_prompts": args.num_prompts} for m in MODES}, args.mem_reps, log)
+
+    growth: dict[int, dict[str, dict]] = {}
+    for size in args.sizes:
+        if size == args.num_prompts:
+            growth[size] = {m: memory[m] for m in args.growth_modes}
+            continue
+        specs = {m: {**common, "mode": m, "num_prompts": size} for m in args.growth_modes}
+        growth[size] = measure_memory(specs, 1, log, label=f"growth n={size:4d} ")
+
+    four_bit: dict[str, dict] = {}
+    if not args.skip_4bit:
+        log(f"4-bit (NF4, CPU): PLoP's kinds for the training step: {plop_kinds}")
+        specs = {m: {**common, "mode": m, "num_prompts": args.num_prompts, "quantize": "bnb.nf4"} for m in ("forward", "forward_blocks", "plop", "train")}
+        specs["train"].update(kinds=plop_kinds, largest_batches=args.train_batches)
+        four_bit = measure_memory(specs, args.mem_reps, log, label="4-bit ")
+
+    # ---- tables ----
+    rows = []
+    for mode in METHODS:
+        rows.append(
+            {
+                "mode": mode,
+                "time_s": time_median[mode],
+                "finish_s": statistics.median(finish_samples[mode]),
+                "time_vs_forward": statistics.median(
+                    ratio(a, b) for a, b in zip(time_samples[mode], time_samples["forward"])
+                ),
+                "time_vs_forward_blocks": statistics.median(
+                    ratio(a, b) for a, b in zip(time_samples[mode], time_samples["forward_blocks"])
+                ),
+                "batch_time_vs_forward": statistics.median(
+                    ratio(a, b) for a, b in zip(batch_samples[mode], batch_samples["forward"])
+                ),
+                "batch_time_vs_forward_blocks": statistics.median(
+                    ratio(a, b) for a, b in zip(batch_samples[mode], batch_samples["forward_blocks"])
+                ),
+                "peak_vs_forward": ratio(memory[mode]["peak_rss_mib"], memory["forward"]["peak_rss_mib"]),
+                "peak_vs_forward_blocks": ratio(memory[mode]["peak_rss_mib"], memory["forward_blocks"]["peak_rss_mib"]),
+                "increase_mib": memory[mode]["increase_mib"],
+                "increase_vs_forward": ratio(memory[mode]["increase_mib"], memory["forward"]["increase_mib"]),
+                "increase_vs_forward_blocks": ratio(memory[mode]["increase_mib"], memory["forward_blocks"]["increase_mib"]),
+            }
+        )
+    md = [
+        f"# Calibration overhead: {args.checkpoint_dir.name}, {args.num_prompts} reasoning-gym prompts, batch {args.batch_size}",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__},"
+        f" {torch.get_num_threads()} threads; memory method: {memory['forward']['memory_method']}.",
+        f"Time: {args.reps} in-process repetitions interleaved batch by batch; ratios are medians of per-repetition ratios."
+        f" Memory: one fresh subprocess per figure (median of {args.mem_reps}).",
+        "",
+        "Baselines: " + ", ".join(
+            f"{m} {time_median[m]:.2f} s (runs {', '.join(f'{s:.2f}' for s in time_samples[m])}), peak {memory[m]['peak_rss_mib']:.0f} MiB,"
+            f" +{memory[m]['increase_mib']:.1f} MiB" for m in FORWARDS
+        ) + ".",
+        "",
+        f"| method | time s (of which scores + selection) | time / forward (goal <= {TIME_GOAL}) | time / forward_blocks |"
+        " per-batch time / forward, median | per-batch / forward_blocks, median |"
+        f" peak RSS / forward (goal <= {MEMORY_GOAL}) | peak RSS / forward_blocks | pass adds MiB | adds / forward's |"
+        " adds / forward_blocks' |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['mode']} | {r['time_s']:.2f} ({r['finish_s']:.2f}) | {r['time_vs_forward']:.3f} | {r['time_vs_forward_blocks']:.3f} |"
+            f" {r['batch_time_vs_forward']:.3f} | {r['batch_time_vs_forward_blocks']:.3f} |"
+            f" {r['peak_vs_forward']:.3f} | {r['peak_vs_forward_blocks']:.3f} | {r['increase_mib']:.1f} |"
+            f" {r['increase_vs_forward']:.2f} | {r['increase_vs_forward_blocks']:.2f} |"
+        )
+    growth_base = next((m for m in ("forward", "forward_blocks") if m in args.growth_modes), None)
+    if growth and growth_base:
+        methods_grown = [m for m in args.growth_modes if m not in FORWARDS]
+        md += ["", f"## Growth with the number of prompts (one fresh process per figure; time of that run, not interleaved)", "",
+               "| prompts | " + " | ".join(f"{m} adds MiB | {m} s" for m in args.growth_modes) + " | "
+               + " | ".join(f"{m} peak / {growth_base} | {m} adds / {growth_base}'s | {m} time / {growth_base}" for m in methods_grown) + " |",
+               "|---|" + "---|---|" * len(args.growth_modes) + "---|---|---|" * len(methods_grown)]  # fmt: skip
+        for size, by_mode in growth.items():
+            cells = [f"{by_mode[m]['increase_mib']:.1f} | {by_mode[m]['seconds']:.1f}" for m in args.growth_modes]
+            cells += [
+                f"{ratio(by_mode[m]['peak_rss_mib'], by_mode[growth_base]['peak_rss_mib']):.3f} |"
+                f" {ratio(by_mode[m]['increase_mib'], by_mode[growth_base]['increase_mib']):.2f} |"
+                f" {ratio(by_mode[m]['seconds'], by_mode[growth_base]['seconds']):.3f}"
+                for m in args.growth_modes
+                if m not in FORWARDS
+            ]
+            md.append(f"| {size} | " + " | ".join(cells) + " |")
+    if four_bit:
+        f, fb, p, t = (four_bit[m] for m in ("forward", "forward_blocks", "plop", "train"))
+        md += [
+            "",
+            f"## 4-bit (NF4 on CPU, fp32 compute): {args.num_prompts} prompts; training step: LoRA r=8 on {plop_kinds},"
+            f" AdamW, on the {args.train_batches} largest batches",
+            "",
+            "| | peak RSS MiB | adds MiB | time s |",
+            "|---|---|---|---|",
+        ]
+        for name, m in (("inference forward", f), ("forward_blocks", fb), ("PLoP calibration", p), ("training step", t)):
+            md.append(f"| {name} | {m['peak_rss_mib']:.1f} | {m['increase_mib']:.1f} | {m['seconds']:.1f} |")
+        md += [
+            "",
+            f"- PLoP peak / 4-bit inference forward peak: {ratio(p['peak_rss_mib'], f['peak_rss_mib']):.3f} (goal <= {MEMORY_GOAL_4BIT});"
+            f" / forward_blocks: {ratio(p['peak_rss_mib'], fb['peak_rss_mib']):.3f}",
+            f"- PLoP adds / forward adds: {ratio(p['increase_mib'], f['increase_mib']):.2f}; / forward_blocks adds:"
+            f" {ratio(p['increase_mib'], fb['increase_mib']):.2f}",
+            f"- PLoP peak / training-step peak: {ratio(p['peak_rss_mib'], t['peak_rss_mib']):.3f} (must be < 1);"
+            f" adds / training step adds: {ratio(p['increase_mib'], t['increase_mib']):.2f}",
+        ]
+    md += ["", f"Total benchmark wall time: {time.perf_counter() - started:.0f} s."]
+    text = "\n".join(md)
+    print()
+    print(text)
+
+    results = {
+        "checkpoint_dir": str(args.checkpoint_dir),
+        "num_prompts": args.num_prompts,
+        "batch_size": args.batch_size,
+        "reps": args.reps,
+        "mem_reps": args.mem_reps,
+        "threads": torch.get_num_threads(),
+        "time_samples_s": time_samples,
+        "time_median_s": time_median,
+        "finish_samples_s": finish_samples,
+        "batch_samples_s": batch_samples,
+        "memory": memory,
+        "table": rows,
+        "growth": {str(k): v for k, v in growth.items()},
+        "four_bit": four_bit,
+        "plop_kinds": plop_kinds,
+        "goals": {"time": TIME_GOAL, "memory": MEMORY_GOAL, "memory_4bit": MEMORY_GOAL_4BIT},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "calibration_overhead.json").write_text(json.dumps(results, indent=2))
+    (args.out / "calibration_overhead.md").write_text(text + "\n")
+    print(f"\nWrote {args.out / 'calibration_overhead.json'} and {args.out / 'calibration_overhead.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
