@@ -224,8 +224,10 @@ def worker(spec: dict) -> dict:
         elif mode == "train":
             run_train_steps(model, batches, spec["kinds"])
         else:
-            run_method(model, ids, mode, spec["batch_size"])
+            placement = run_method(model, ids, mode, spec["batch_size"])
+    kinds = placement.kinds if mode in METHODS else None
     return {
+        "kinds": kinds,
         **spec,
         "seconds": rss.seconds,
         "peak_rss_mib": rss.peak / 1024,
@@ -263,6 +265,8 @@ def in_subprocess(spec: dict) -> dict:
     env = dict(os.environ)
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])  # bitsandbytes' CPU kernels too
+    if spec.get("malloc_mmap_threshold"):
+        env["MALLOC_MMAP_THRESHOLD_"] = str(spec["malloc_mmap_threshold"])
     result = subprocess.run(
         [sys.executable, __file__, "--_worker", json.dumps(spec)],
         capture_output=True,
@@ -391,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0: torch's own choice. On a 2-core machine shared with other jobs, 2 threads made every"
                         " forward and step 5-20x slower (OpenMP threads waiting on each other while the cores are busy), so 1 is"
                         " the default (default: %(default)s)")
+    parser.add_argument("--malloc_mmap_threshold", type=int, default=0, help="glibc MALLOC_MMAP_THRESHOLD_ for the memory subprocesses (bytes; 0: glibc's"
+                        " dynamic default). A fixed threshold (e.g. 65536) makes large blocks go back to the system when freed,"
+                        " so RSS follows the memory actually held instead of what malloc keeps for reuse (default: %(default)s)")
+    parser.add_argument("--tag", default="", help="suffix of the result files: calibration_overhead_<tag>.{json,md}")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory for calibration_overhead.{json,md} (default: %(default)s)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -408,9 +416,22 @@ def main(argv: list[str] | None = None) -> dict:
     def log(text: str) -> None:
         print(text, flush=True)
 
-    common = dict(checkpoint_dir=str(args.checkpoint_dir), batch_size=args.batch_size, threads=args.threads)
-    log(f"Time: {len(MODES)} modes x {args.reps} alternating repetitions on {args.num_prompts} prompts")
-    time_samples, finish_samples, batch_samples, plop_kinds = measure_time(args, log)
+    common = dict(
+        checkpoint_dir=str(args.checkpoint_dir),
+        batch_size=args.batch_size,
+        threads=args.threads,
+        malloc_mmap_threshold=args.malloc_mmap_threshold,
+    )
+    if args.reps > 0:
+        log(f"Time: {len(MODES)} modes x {args.reps} interleaved repetitions on {args.num_prompts} prompts")
+        time_samples, finish_samples, batch_samples, plop_kinds = measure_time(args, log)
+    else:
+        log("Time: skipped (--reps 0)")
+        nan = float("nan")
+        time_samples = {m: [nan] for m in MODES}
+        finish_samples = {m: [nan] for m in METHODS}
+        batch_samples = {m: [nan] for m in MODES}
+        plop_kinds = []
     time_median = {mode: statistics.median(v) for mode, v in time_samples.items()}
 
     log("Memory: one fresh subprocess per measurement")
@@ -424,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
         specs = {m: {**common, "mode": m, "num_prompts": size} for m in args.growth_modes}
         growth[size] = measure_memory(specs, 1, log, label=f"growth n={size:4d} ")
 
+    plop_kinds = plop_kinds or memory["plop"]["kinds"]
     four_bit: dict[str, dict] = {}
     if not args.skip_4bit:
         log(f"4-bit (NF4, CPU): PLoP's kinds for the training step: {plop_kinds}")
@@ -462,9 +484,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"# Calibration overhead: {args.checkpoint_dir.name}, {args.num_prompts} reasoning-gym prompts, batch {args.batch_size}",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__},"
-        f" {torch.get_num_threads()} threads; memory method: {memory['forward']['memory_method']}.",
-        f"Time: {args.reps} in-process repetitions interleaved batch by batch; ratios are medians of per-repetition ratios."
-        f" Memory: one fresh subprocess per figure (median of {args.mem_reps}).",
+        f" {torch.get_num_threads()} threads; memory method: {memory['forward']['memory_method']};"
+        f" MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset (glibc dynamic)'} in the memory subprocesses.",
+        (f"Time: {args.reps} in-process repetitions interleaved batch by batch; ratios are medians of per-repetition ratios."
+         if args.reps > 0 else "Time: not measured in this run (--reps 0): the time columns are nan.")
+        + f" Memory: one fresh subprocess per figure (median of {args.mem_reps}).",
         "",
         "Baselines: " + ", ".join(
             f"{m} {time_median[m]:.2f} s (runs {', '.join(f'{s:.2f}' for s in time_samples[m])}), peak {memory[m]['peak_rss_mib']:.0f} MiB,"
@@ -487,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
     growth_base = next((m for m in ("forward", "forward_blocks") if m in args.growth_modes), None)
     if growth and growth_base:
         methods_grown = [m for m in args.growth_modes if m not in FORWARDS]
-        md += ["", f"## Growth with the number of prompts (one fresh process per figure; time of that run, not interleaved)", "",
+        md += ["", "## Growth with the number of prompts (one fresh process per figure; time of that run, not interleaved)", "",
                "| prompts | " + " | ".join(f"{m} adds MiB | {m} s" for m in args.growth_modes) + " | "
                + " | ".join(f"{m} peak / {growth_base} | {m} adds / {growth_base}'s | {m} time / {growth_base}" for m in methods_grown) + " |",
                "|---|" + "---|---|" * len(args.growth_modes) + "---|---|---|" * len(methods_grown)]  # fmt: skip
@@ -533,6 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "reps": args.reps,
         "mem_reps": args.mem_reps,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
         "threads": torch.get_num_threads(),
         "time_samples_s": time_samples,
         "time_median_s": time_median,
@@ -546,9 +571,10 @@ def main(argv: list[str] | None = None) -> dict:
         "goals": {"time": TIME_GOAL, "memory": MEMORY_GOAL, "memory_4bit": MEMORY_GOAL_4BIT},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "calibration_overhead.json").write_text(json.dumps(results, indent=2))
-    (args.out / "calibration_overhead.md").write_text(text + "\n")
-    print(f"\nWrote {args.out / 'calibration_overhead.json'} and {args.out / 'calibration_overhead.md'}")
+    stem = "calibration_overhead" + (f"_{args.tag}" if args.tag else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    print(f"\nWrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
     return results
 
 

@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,6 +145,7 @@ def csv_metric(out_dir: Path, name: str) -> list[float]:
 
 def run(kind: str, args, cuda: bool, log) -> dict:
     out_dir = args.work_dir / kind
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh CSV log (LitGPT's logger would add a version_N)
     report = args.work_dir / f"{kind}.json"
     log_file = args.work_dir / f"{kind}.log"
     argv = command(kind, args, out_dir, cuda)
@@ -152,6 +154,8 @@ def run(kind: str, args, cuda: bool, log) -> dict:
         env = dict(os.environ)
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
+        if args.malloc_mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
         process = subprocess.Popen(
             [sys.executable, __file__, "--_child", json.dumps({"argv": argv, "report": str(report)})],
             stdout=f,
@@ -210,6 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run; 0: leave it unset. On a 2-core machine shared with other jobs a LoRA"
                         " step took 30 s with 2 threads and 1.3 s with 1 (OpenMP threads waiting on each other), so 1 is the default"
                         " (default: %(default)s)")
+    parser.add_argument("--malloc_mmap_threshold", type=int, default=0, help="glibc MALLOC_MMAP_THRESHOLD_ of every run (bytes; 0: glibc's dynamic default)."
+                        " A fixed threshold (e.g. 65536) returns large freed blocks to the system, so RSS follows the memory actually"
+                        " held rather than what malloc keeps for reuse (the CPU 4-bit path frees the dense weights it quantized)"
+                        " (default: %(default)s)")
+    parser.add_argument("--tag", default="", help="suffix of the result files: qlora_memory_<tag>.{json,md}")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
@@ -235,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"{args.max_steps} steps, micro-batch {args.micro_batch_size}, reasoning-gym basic_arithmetic ({args.train_size}"
         f" items), max_seq_length 256, precision {'bf16-true' if cuda else '32-true'}; PLoP calibrates on"
-        f" {args.calibration_samples} prompts. One process per run, OMP_NUM_THREADS={args.threads or 'unset'}.",
+        f" {args.calibration_samples} prompts. One process per run, OMP_NUM_THREADS={args.threads or 'unset'},"
+        f" MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset (glibc dynamic)'}.",
         "",
         "| run | trainable params | process peak RSS MiB | training-loop peak RSS MiB | loop adds MiB |"
         + (" CUDA peak whole run MiB | CUDA peak training loop MiB |" if cuda else "")
@@ -275,9 +285,11 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "qlora_memory.json").write_text(json.dumps({"device": device, "cuda": cuda, "runs": results}, indent=2))
-    (args.out / "qlora_memory.md").write_text(text + "\n")
-    print(f"\nWrote {args.out / 'qlora_memory.json'} and {args.out / 'qlora_memory.md'}")
+    stem = "qlora_memory" + (f"_{args.tag}" if args.tag else "")
+    payload = {"device": device, "cuda": cuda, "threads": args.threads, "malloc_mmap_threshold": args.malloc_mmap_threshold, "runs": results}
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    print(f"\nWrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
     return results
 
 
