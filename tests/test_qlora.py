@@ -55,14 +55,7 @@ from test_cli import logged_metric, tiny_checkpoint, tiny_run  # noqa: F401  (ti
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a 2-core machine shared with other jobs, two threads made SmolLM2's forward and LoRA
-    step 5-20x slower (OpenMP threads waiting on each other while the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- the repack hazard -------------------------------------------------------------------------------------
 

@@ -24,19 +24,11 @@ from litgpt_plop.plan import load_checkpoint_model
 from litgpt_plop.scoring import closed_form_denominator, monte_carlo_denominator, weight_matrix
 from litgpt_plop.select import plan_placement
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SET_SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a 2-core machine shared with other jobs, two threads made SmolLM2's forward and LoRA
-    step 5-20x slower (OpenMP threads waiting on each other while the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def kendall_tau(a: dict[str, float], b: dict[str, float]) -> float:

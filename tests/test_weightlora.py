@@ -33,13 +33,7 @@ from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController, grow_ra
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, which also avoids OpenMP's slowdown on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides) -> litgpt.Config:
