@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shlex
 import statistics
@@ -188,7 +189,9 @@ def plot(by_task: dict[str, dict[str, list[dict]]], path: Path, title: str) -> N
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
     plt.close(fig)
 
 
@@ -254,6 +257,70 @@ def findings(task: str, methods: dict[str, list[dict]], eval_items: int | None) 
             text += f"; next `{ranked_vl[1]}` ({fmt(vl[ranked_vl[1]], 3)}), {verdict.replace(' pts', '').replace('= ', '= 0.01 x ')}"
         lines.append(text + ".")
     return lines
+
+
+def item_scores(row: dict[str, Any]) -> list[float] | None:
+    """The task score of every held-out item, in order: from the row, else from the run's ``eval.jsonl``."""
+    if row.get("item_scores") is not None:
+        return [float(x) for x in row["item_scores"]]
+    path = REPO_ROOT / row["run_dir"] / "eval.jsonl" if row.get("run_dir") else None
+    if path is None or not path.is_file():
+        return None
+    return [float(json.loads(line)["score"]) for line in path.read_text().splitlines() if line.strip()]
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: the chance of a split at least this uneven if either side were equally likely."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+PAIRED_BASELINES = ("qv", "attention", "mlp", "all", "random", "plop-inverse")
+
+
+def paired_table(methods: dict[str, list[dict]]) -> list[str]:
+    """Item-level paired comparison of each automatic method with each fixed baseline at matched parameters.
+
+    The runs of a task share their held-out items and the seed pairs their initialisation and batch order, so
+    the same (seed, item) can be compared directly: count the items only one of the two methods got right,
+    pooled over the seeds both have, and test the split with a sign test.
+    """
+    scores: dict[str, dict[Any, list[float]]] = {}
+    for method, rows in methods.items():
+        for row in rows:
+            items = item_scores(row)
+            if items is not None:
+                scores.setdefault(method, {})[row.get("seed")] = items
+    automatic = [m for m in method_order(set(scores)) if m in AUTOMATIC]
+    baselines = [m for m in method_order(set(scores)) if m in PAIRED_BASELINES]
+    if not automatic or not baselines:
+        return []
+    tests = len(automatic) * len(baselines)
+    out = [
+        "Paired, item by item (same held-out items, same seeds): each cell is `+wins / -losses (p)` of the row's"
+        " method against the column's, where a win is an item the row's method answered exactly right and the"
+        " column's did not, pooled over the seeds both ran; p is the exact two-sided sign test on wins vs losses."
+        f" {tests} comparisons: at p < 0.05 about {0.05 * tests:.1f} would come out 'significant' by chance alone"
+        f" (Bonferroni: p < {0.05 / tests:.4f}).",
+        "",
+        "| method | " + " | ".join(f"vs {b}" for b in baselines) + " |",
+        "|---|" + "---|" * len(baselines),
+    ]
+    for a in automatic:
+        cells = []
+        for b in baselines:
+            seeds = sorted(set(scores[a]) & set(scores[b]), key=str)
+            wins = losses = 0
+            for seed in seeds:
+                for x, y in zip(scores[a][seed], scores[b][seed]):
+                    wins += x == 1.0 and y != 1.0
+                    losses += y == 1.0 and x != 1.0
+            cells.append(f"+{wins} / -{losses} ({sign_test(wins, losses):.2f}), {len(seeds)} seeds" if seeds else "n/a")
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def checks(latest: dict[tuple, dict]) -> list[str]:
@@ -375,6 +442,7 @@ def section(
                 f" | {fmt(values(rs, 'wall_s'), 0)} | {fmt(values(rs, 'cpu_per_wall'), 2)} |"
             )
         out.append("")
+        out += paired_table(methods)
     out += [
         "### Accuracy against trainable parameters",
         "",
@@ -451,7 +519,9 @@ def write_section(md_path: Path, build) -> None:
     else:
         new = "# Benchmark results\n\n" + block
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(new if new.endswith("\n") else new + "\n")
+    tmp = md_path.with_name(md_path.name + ".tmp")
+    tmp.write_text(new if new.endswith("\n") else new + "\n")
+    tmp.replace(md_path)
 
 
 def main(argv: list[str] | None = None) -> None:
