@@ -36,9 +36,9 @@ Matching trainable parameters (methods.md: "at matched trainable-parameter count
   "3 kinds, rank adjusted". After each run the harness checks that the finetune chose the same sites as the plan
   (``sites_match_plan``) and records the parameters the run really trained.
 * ``cka``: every kind on round(0.5 * 30) = 15 layers: P1 known without calibration. ``random``: the finetune
-  draws its kinds with ``preset("random", seed=--calibration.seed)``, whose default 42 cannot be changed for
-  ``--plugin random`` (finetune refuses ``--calibration.*`` there), so the draw is the same for every seed and is
-  computed here the same way (on SmolLM2: key, projection, mlp_fc_1).
+  draws its 3 kinds with ``preset("random", seed=--seed)``, so each seed has its own draw (on SmolLM2: seed 0
+  key, value, mlp_fc_1; seed 1 projection, mlp_fc_2, mlp_proj; seed 2 key, value, projection); the harness makes the
+  same draw and matches the rank per seed.
 * ``weightlora`` / ``weightlora+``: rank r0 (WeightLoRA+ grows the survivors to 4 r0 itself), K =
   round(B / (r0 * mean P1 of one candidate adapter)), so K adapters of average size cost about B. Which adapters
   survive (and so the exact count) is decided while training; the recorded count is the final placement's.
@@ -58,7 +58,11 @@ peak at the end of finetuning (before evaluation), wall times, the machine's loa
 Seeds: ``--seeds`` changes ``finetune``'s seed (LoRA initialisation, dropout) and the order of the training
 batches (the shuffling seed of the same training items). The training items, the held-out items and the
 calibration prompts stay the same, so every run of a task is scored on the same questions. ``random``'s kinds
-do not change with the seed (see above).
+change with the seed too (see above).
+
+Resuming: a (task, method, seed) counts as done only if its newest ``ok`` row ran the rank (and, for the fixed
+kinds, the kinds) that the matching asks for now; a row recorded with another rank is run again and the new row
+supersedes it (``summarize.py`` uses the newest ``ok`` row of each run).
 
 Sizing (defaults, per run on 2 idle CPU cores): micro batch = global batch = 8, 100 optimizer steps (800
 training examples, one pass over ``--train_size 800``), lr 2e-3 AdamW with 10 warm-up steps then cosine, 40
@@ -235,23 +239,27 @@ def closest_rank(budget: int, p1: int) -> int:
     return min((low, low + 1), key=lambda r: (abs(r * p1 - budget), r))
 
 
-def fixed_kinds(method: str, config) -> list[str]:
-    from litgpt_plop.args import CalibrationArgs
+def fixed_kinds(method: str, config, seed: int = 0) -> list[str]:
     from litgpt_plop.placement import model_kinds, preset
 
-    # exactly what finetune does: decide_placement -> preset(..., candidates=every kind but the head, seed=42)
+    # exactly what finetune does: decide_placement -> preset(..., candidates=every kind but the head, seed=--seed)
     candidates = list(model_kinds(config))
-    return preset(method, config, rank=1, candidates=candidates, seed=CalibrationArgs().seed).kinds
+    return preset(method, config, rank=1, candidates=candidates, seed=seed).kinds
 
 
-def matching(task: str, settings: Settings, plans: dict[str, Any], checkpoint_dir: Path) -> dict[str, Any]:
-    """The budget of a task and, per method, the rank (and K) that matches it, with the expected parameters."""
+def matching(task: str, settings: Settings, plans: dict[str, Any], checkpoint_dir: Path, seeds: list[int]) -> dict[str, Any]:
+    """The budget of a task and, per method, the rank (and K) that matches it, with the expected parameters.
+
+    ``random`` draws other kinds for every seed, so its entry is per seed: ``entry_for(match, "random", seed)``.
+    """
     from litgpt_plop.placement import model_kinds
 
     config = model_config(checkpoint_dir)
     r0 = settings.rank
     shapes: dict[str, dict[str, Any]] = {}
     for method in FIXED:
+        if method == "random":
+            continue
         kinds = fixed_kinds(method, config)
         shapes[method] = {"kinds": kinds, "layers": list(range(config.n_layer))}
     for method in PLANNED:
@@ -280,6 +288,13 @@ def matching(task: str, settings: Settings, plans: dict[str, Any], checkpoint_di
             "expected_params": rank * shape["p1"],
         }
     methods["all@r0"] = {**methods["all"], "rank": r0, "expected_params": r0 * shapes["all"]["p1"]}
+    by_seed = {}
+    for seed in seeds:
+        kinds = fixed_kinds("random", config, seed)
+        p1 = params_at_rank_one(config, kinds, list(range(config.n_layer)))
+        rank = closest_rank(budget, p1)
+        by_seed[seed] = {"plugin": "random", "rank": rank, "kinds": kinds, "n_layers": config.n_layer, "expected_params": rank * p1}
+    methods["random"] = {"by_seed": by_seed}
     candidates = list(model_kinds(config))
     n_candidates = len(candidates) * config.n_layer
     mean_adapter = params_at_rank_one(config, candidates, None) / n_candidates * r0
@@ -295,7 +310,8 @@ def matching(task: str, settings: Settings, plans: dict[str, Any], checkpoint_di
             "warmup_steps": settings.weightlora_warmup_steps(),
         }
     for entry in methods.values():
-        entry["alpha"] = settings.alpha(entry["rank"])
+        for one in entry["by_seed"].values() if "by_seed" in entry else [entry]:
+            one["alpha"] = settings.alpha(one["rank"])
     return {"task": task, "budget": budget, "reference": settings.reference, "rank0": r0, "methods": methods}
 
 
@@ -369,6 +385,7 @@ def evaluate(checkpoint_dir: Path, data, num_items: int, max_new_tokens: int, re
     return {
         "accuracy": result.accuracy,
         "mean_score": result.mean_score,
+        "item_scores": [r.score for r in result.records],
         "eval_items": len(result.records),
         "eval_s": round(seconds, 2),
         "prompt_style": type(prompt_style).__name__,
@@ -626,21 +643,29 @@ def print_matching(match: dict[str, Any], methods: list[str]) -> None:
     for method in methods:
         if method not in match["methods"]:
             continue
-        m = match["methods"][method]
-        where = (
-            f"K={m['k']} of the candidate adapters (learned), warm-up {m['warmup_steps']} steps"
-            if method in WEIGHTLORA
-            else f"{', '.join(m['kinds'])} on {m['n_layers']} layers"
-        )
-        print(
-            f"  {method:<13} {m['rank']:>4} {m['alpha']:>5} {m.get('k', ''):>4} {m['expected_params']:>11,}"
-            f" {m['expected_params'] / budget - 1:>+9.1%}  {where}"
-        )
+        entry = match["methods"][method]
+        for seed, m in entry["by_seed"].items() if "by_seed" in entry else [(None, entry)]:
+            name = method if seed is None else f"{method} s{seed}"
+            where = (
+                f"K={m['k']} of the candidate adapters (learned), warm-up {m['warmup_steps']} steps"
+                if method in WEIGHTLORA
+                else f"{', '.join(m['kinds'])} on {m['n_layers']} layers"
+            )
+            print(
+                f"  {name:<13} {m['rank']:>4} {m['alpha']:>5} {m.get('k', ''):>4} {m['expected_params']:>11,}"
+                f" {m['expected_params'] / budget - 1:>+9.1%}  {where}"
+            )
 
 
-def done_keys(path: Path, include_failed: bool = False) -> set[tuple]:
-    """(config_id, task, method, seed) of the runs recorded as ok (and as failed with ``include_failed``)."""
-    keys = set()
+def entry_for(match: dict[str, Any], method: str, seed: int | None) -> dict[str, Any]:
+    """What ``method`` runs with for ``seed``: its rank, kinds, alpha (and K)."""
+    entry = match["methods"][method]
+    return entry["by_seed"][seed] if "by_seed" in entry else entry
+
+
+def recorded_rows(path: Path, include_failed: bool = False) -> dict[tuple, dict[str, Any]]:
+    """(config_id, task, method, seed) -> the newest row recorded as ok (or any row, with ``include_failed``)."""
+    rows: dict[tuple, dict[str, Any]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
@@ -648,8 +673,19 @@ def done_keys(path: Path, include_failed: bool = False) -> set[tuple]:
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill: that run is simply run again
             if row.get("status") == "ok" or include_failed:
-                keys.add((row["config_id"], row["task"], row["method"], row.get("seed")))
-    return keys
+                rows[(row["config_id"], row["task"], row["method"], row.get("seed"))] = row
+    return rows
+
+
+def is_done(row: dict[str, Any] | None, method: str, m: dict[str, Any] | None) -> bool:
+    """Whether a recorded row ran what the matching asks for now (the same rank; for fixed kinds, the same kinds)."""
+    if row is None:
+        return False
+    if m is None:  # base: nothing to match
+        return True
+    if row.get("rank") != m["rank"]:
+        return False
+    return method not in FIXED or row.get("kinds") is None or sorted(row["kinds"]) == sorted(m["kinds"])
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -749,17 +785,20 @@ def main(argv: list[str] | None = None) -> None:
     for task in tasks:
         plans = load_plans(task, settings, args, work_dir) if finetuned else {}
         if finetuned:
-            matches[task] = matching(task, settings, plans, args.checkpoint_dir)
+            matches[task] = matching(task, settings, plans, args.checkpoint_dir, seeds)
             print_matching(matches[task], finetuned)
     if args.dry_run:
         return
 
-    done = done_keys(out, include_failed=args.no_retry_failed)
+    recorded = recorded_rows(out, include_failed=args.no_retry_failed)
     # seed-major: a grid stopped early still has every task x method for the first seeds
     jobs = [(task, "base", None) for task in tasks if "base" in methods]
     jobs += [(task, method, seed) for seed in seeds for task in tasks for method in finetuned]
-    todo = [job for job in jobs if (config_id, *job) not in done]
-    print(f"\n{len(jobs)} runs, {len(jobs) - len(todo)} already in {out}, {len(todo)} to go", flush=True)
+    todo = [
+        (task, method, seed) for task, method, seed in jobs
+        if not is_done(recorded.get((config_id, task, method, seed)), method, None if method == "base" else entry_for(matches[task], method, seed))
+    ]  # fmt: skip
+    print(f"\n{len(jobs)} runs, {len(jobs) - len(todo)} already done in {out}, {len(todo)} to go", flush=True)
 
     for index, (task, method, seed) in enumerate(todo, 1):
         spec = {**base_spec(task, settings, args), "mode": "base" if method == "base" else "finetune"}
@@ -774,7 +813,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         if method != "base":
             match = matches[task]
-            m = match["methods"][method]
+            m = entry_for(match, method, seed)
             spec.update(
                 plugin=m["plugin"], rank=m["rank"], alpha=m["alpha"], seed=seed, shuffle_seed=settings.data_seed + 1000 * (seed + 1),
                 steps=settings.steps, micro_batch=settings.micro_batch, lr=settings.lr, lr_warmup_steps=settings.lr_warmup_steps,
