@@ -39,7 +39,7 @@ BEGIN, END = "<!-- placement_quality:begin -->", "<!-- placement_quality:end -->
 NOTES_BEGIN, NOTES_END = "<!-- placement_quality:notes:begin -->", "<!-- placement_quality:notes:end -->"
 NOTES_PLACEHOLDER = (
     "_To be written by whoever ran the grid, from the tables above: what the numbers support, what they do not"
-    " (e.g. differences inside the spread over seeds, one model, two tasks, short CPU runs, a fixed `random`"
+    " (e.g. differences inside the spread over seeds, one model, two tasks, short CPU runs, three `random`"
     " draw), and what would settle it. Until then, nothing here is a conclusion._"
 )
 ORDER = ("base", "qv", "attention", "mlp", "all", "random", "plop", "plop-inverse", "cka", "plop+cka", "weightlora", "weightlora+", "all@r0")
@@ -393,7 +393,7 @@ def section(
         f"- Held-out: the same {settings['eval_items']} items for every run of a task (validation loss and greedy exact-match accuracy"
         f" with the task's scorer, at most {settings['max_new_tokens']} new tokens); data seed {settings['data_seed']}.",
         f"- Calibration (plop, plop-inverse, cka, plop+cka): {settings['calibration_samples']} training prompts; CKA ratio {settings['cka_ratio']}.",
-        "- Seeds change LoRA initialisation, dropout and the order of the training batches; `random`'s kinds are the same draw for every seed.",
+        "- Seeds change LoRA initialisation, dropout and the order of the training batches, and `random`'s kinds (a new draw of 3 kinds per seed, its rank matched to each draw).",
         f"- Parameter budget: `{settings['reference']}` at rank r0 = {settings['rank']}; every other method's rank is the integer whose"
         f" trainable-parameter count is closest to it (alpha {'= 2 r, the same scale alpha/r for all' if settings['alpha_rule'] == 'ratio' else 'fixed at 2 r0'});"
         " WeightLoRA(+) keeps K adapters at r0 with K = budget / mean adapter size; `all@r0` is the unmatched reference.",
