@@ -40,7 +40,7 @@ NOTES_BEGIN, NOTES_END = "<!-- placement_quality:notes:begin -->", "<!-- placeme
 NOTES_PLACEHOLDER = (
     "_To be written by whoever ran the grid, from the tables above: what the numbers support, what they do not"
     " (e.g. differences inside the spread over seeds, one model, two tasks, short CPU runs, three `random`"
-    " draw), and what would settle it. Until then, nothing here is a conclusion._"
+    " draws), and what would settle it. Until then, nothing here is a conclusion._"
 )
 ORDER = ("base", "qv", "attention", "mlp", "all", "random", "plop", "plop-inverse", "cka", "plop+cka", "weightlora", "weightlora+", "all@r0")
 AUTOMATIC = ("plop", "cka", "plop+cka", "weightlora", "weightlora+")
