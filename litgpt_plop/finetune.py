@@ -59,6 +59,17 @@ PLUGINS = PLAN_METHODS + WEIGHTLORA_PLUGINS + ("none",)
 LITGPT_DEFAULT_FLAGS = {"lora_query": True, "lora_value": True}
 
 
+
+def check_lr_schedule(warmup_steps: int | None, max_steps: int | float | None) -> None:
+    """LitGPT's schedule (linear warm-up, then cosine over the remaining steps) divides by both lengths."""
+    if warmup_steps is None or warmup_steps < 1:
+        raise ValueError(f"--train.lr_warmup_steps must be at least 1 (LitGPT's warm-up divides by it), got {warmup_steps}")
+    if max_steps is not None and warmup_steps >= max_steps:
+        raise ValueError(
+            f"--train.lr_warmup_steps ({warmup_steps}) must be smaller than the number of optimizer steps ({max_steps}:"
+            " --train.max_steps, or --train.epochs over the data): LitGPT's cosine phase lasts the difference"
+        )
+
 def setup(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/finetune/plop"),
@@ -154,6 +165,7 @@ def setup(
     weightlora = dataclasses.replace(weightlora or WeightLoRAArgs(), plus=plugin == "weightlora+")
     if calibration.file is not None:
         calibration_file_check(calibration.file)
+    check_lr_schedule(train.lr_warmup_steps, train.max_steps)
 
     pprint(locals())
     checkpoint_dir = Path(checkpoint_dir)
@@ -298,6 +310,7 @@ def main(
     train_dataloader, val_dataloader = litgpt_lora.get_dataloaders(fabric, data, tokenizer, train)
     steps_per_epoch = len(train_dataloader) // train.gradient_accumulation_iters(fabric.world_size, 1)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
+    check_lr_schedule(train.lr_warmup_steps, lr_max_steps)
 
     fabric.seed_everything(seed)
     if fabric.global_rank == 0:

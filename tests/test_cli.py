@@ -185,6 +185,8 @@ def test_configs_exist():
         (dict(plugin="qv", calibration=CalibrationArgs()), ValueError, r"--calibration.\* does not apply to --plugin 'qv'"),
         (dict(calibration=CalibrationArgs(file=Path("/nonexistent/prompts.txt"))), FileNotFoundError, "does not exist"),
         (dict(quantize="bnb.int8-training"), ValueError, "needs a CUDA GPU. On CPU, 4-bit works"),
+        (dict(train=TrainArgs(lr_warmup_steps=3, max_steps=3)), ValueError, r"--train.lr_warmup_steps \(3\) must be smaller"),
+        (dict(train=TrainArgs(lr_warmup_steps=0, max_steps=3)), ValueError, "--train.lr_warmup_steps must be at least 1"),
     ],
 )
 def test_bad_input(tiny_checkpoint, tmp_path, kwargs, error, match):
