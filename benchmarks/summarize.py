@@ -266,7 +266,10 @@ def item_scores(row: dict[str, Any]) -> list[float] | None:
     path = REPO_ROOT / row["run_dir"] / "eval.jsonl" if row.get("run_dir") else None
     if path is None or not path.is_file():
         return None
-    return [float(json.loads(line)["score"]) for line in path.read_text().splitlines() if line.strip()]
+    scores = [float(json.loads(line)["score"]) for line in path.read_text().splitlines() if line.strip()]
+    if not scores or abs(sum(x == 1.0 for x in scores) / len(scores) - float(row.get("accuracy", -1))) > 1e-9:
+        return None  # the run directory holds another run (a rerun of the same method and seed)
+    return scores
 
 
 def sign_test(wins: int, losses: int) -> float:
