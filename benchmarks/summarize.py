@@ -321,7 +321,11 @@ def paired_table(methods: dict[str, list[dict]]) -> list[str]:
                 for x, y in zip(scores[a][seed], scores[b][seed]):
                     wins += x == 1.0 and y != 1.0
                     losses += y == 1.0 and x != 1.0
-            cells.append(f"+{wins} / -{losses} ({sign_test(wins, losses):.2f}), {len(seeds)} seeds" if seeds else "n/a")
+            if not seeds:
+                cells.append("n/a")
+                continue
+            p = sign_test(wins, losses)
+            cells.append(f"+{wins} / -{losses} ({p:.2f}), {len(seeds)} seeds" if p >= 0.01 else f"+{wins} / -{losses} ({p:.4f}), {len(seeds)} seeds")
         out.append(f"| {a} | " + " | ".join(cells) + " |")
     return out + [""]
 
