@@ -148,10 +148,30 @@ def plot(by_task: dict[str, dict[str, list[dict]]], path: Path, title: str) -> N
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    tasks = sorted(by_task)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5), squeeze=False)
+    # a task is plotted once it has a finetuned run (the pretrained model alone has no parameter count)
+    tasks = sorted(t for t in by_task if any(values(rows, "trainable_params") for rows in by_task[t].values()))
+    if not tasks:
+        return
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 9.5), squeeze=False)
     palette = list(plt.get_cmap("tab10").colors) + ["#000000", "#8c564b88"]
     colors = {m: palette[i % len(palette)] for i, m in enumerate(m for m in ORDER if m != "base")}
+    for ax, task in zip(axes[1], tasks):
+        # the same means by method: at matched parameters the points above sit almost on one vertical line
+        methods = by_task[task]
+        names = [m for m in method_order(set(methods) - {"base"}) if values(methods[m], "accuracy")]
+        for x, method in enumerate(names):
+            ys = [100 * y for y in values(methods[method], "accuracy")]
+            marker = "*" if method in AUTOMATIC else ("s" if method in UNMATCHED else "o")
+            color = colors.get(method, "#555555")
+            ax.scatter([x] * len(ys), ys, color=color, alpha=0.3, s=18, marker=marker)
+            my, sy = mean_std(ys)
+            ax.errorbar(x, my, yerr=sy or 0, color=color, marker=marker, ms=10 if marker == "*" else 7, capsize=3, ls="none")
+        if "base" in methods and values(methods["base"], "accuracy"):
+            ax.axhline(100 * statistics.fmean(values(methods["base"], "accuracy")), color="grey", ls="--", lw=1)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("held-out exact-match accuracy (%)")
+        ax.set_title(f"{task}: by method (mean ± std over seeds)")
+        ax.grid(True, axis="y", alpha=0.3)
     for ax, task in zip(axes[0], tasks):
         methods = by_task[task]
         if "base" in methods:
