@@ -22,15 +22,21 @@ rule therefore never hand them to the main optimizer, and the model's state dict
 
 Why the magnitude: the sign of a gate can be absorbed by B, so a gate of -2 matters as much as one of 2. The
 authors' early code ranks the signed values (``topk(w)``), which would drop an adapter with a large negative
-gate; we rank by ``|w|`` as methods.md says. Ties (all gates are 1 after the first step, when every B is still
-0 and so every gate gradient is 0) are broken by candidate order: the first candidates stay. This does not
-freeze the choice: the first step trained every B, so a zeroed gate still gets the gradient ``<dL/dB_used, B>``
-and can come back at a later step.
+gate; we rank by ``|w|`` as methods.md says.
+
+When the thresholding starts (a deviation from "after every step"): not before the gates have had a non-zero
+gradient. LoRA starts with B = 0, so at the first step every gate's gradient ``<dL/dB_used, B>`` is exactly 0 and
+all gates are still tied at 1; thresholding then would keep the first K candidates in candidate order (the first
+layers), and once zeroed a gate practically never comes back: its B got one step of training, so its gradient is
+small next to the kept gates' values. Our benchmark showed exactly that (the same first-15-layers placement in
+every seed) before this rule. So the gates first learn for one step with every adapter on, and the first
+hard-thresholding, the WeightLoRA+ rounds and the end of the warm-up count from there.
 
 Schedule (step = number of optimizer steps done, counted from 1):
 
-- every step during warm-up: SGD step of the gates (gradient norm clipped to ``gate_clip``), then keep the top K;
-- WeightLoRA+ round j = 1..rounds at step ``floor(T * j / (rounds + 1))``: K becomes ``K0 // 2**j``, the top K
+- every step during warm-up: SGD step of the gates (gradient norm clipped to ``gate_clip``), then keep the top K
+  (from the first step whose gate gradient is not all zero on; normally step 2);
+- WeightLoRA+ round j = 1..rounds at step ``1 + floor((T - 1) * j / (rounds + 1))``: K becomes ``K0 // 2**j``, the top K
   adapters survive, the rest are removed, the survivors' rank doubles (``grow_ranks``, exact);
 - step T (``warmup_steps``): removal of the zero-gated adapters, gates folded into B, gates gone.
 
@@ -101,8 +107,11 @@ class WeightLoRAArgs:
                 f"`--weightlora.k` as a fraction of the candidates must be in (0, 1], got {self.k}"
                 " (pass an int for a count)"
             )
-        if self.warmup_steps < 1:
-            raise ValueError(f"`--weightlora.warmup_steps` must be at least 1, got {self.warmup_steps}")
+        if self.warmup_steps < 2:
+            raise ValueError(
+                f"`--weightlora.warmup_steps` must be at least 2 (the gates learn nothing at the first step, where"
+                f" every lora_B is still 0), got {self.warmup_steps}"
+            )
         if self.gate_lr <= 0:
             raise ValueError(f"`--weightlora.gate_lr` must be positive, got {self.gate_lr}")
         if self.gate_clip < 0:
@@ -129,9 +138,10 @@ def resolve_k(k: int | float, num_candidates: int) -> int:
 
 
 def round_steps(warmup_steps: int, rounds: int) -> list[int]:
-    """The optimizer steps after which WeightLoRA+ halves K: ``floor(T * j / (rounds + 1))`` for j = 1..rounds,
-    evenly spread inside the warm-up so that every stage trains for about ``T / (rounds + 1)`` steps."""
-    return [warmup_steps * j // (rounds + 1) for j in range(1, rounds + 1)]
+    """The optimizer steps after which WeightLoRA+ halves K: ``1 + floor((T - 1) * j / (rounds + 1))`` for
+    j = 1..rounds, evenly spread over the warm-up steps after the first (whose gate gradients are all zero), so
+    that every stage trains for about ``(T - 1) / (rounds + 1)`` steps."""
+    return [1 + (warmup_steps - 1) * j // (rounds + 1) for j in range(1, rounds + 1)]
 
 
 # ---- rank extension (WeightLoRA+) ---------------------------------------------------------------------------
@@ -404,9 +414,10 @@ class WeightLoRAController:
                 f"WeightLoRA+ halves K={self.k} {self.rounds} times, which leaves no adapter: use K >= {2**self.rounds}"
                 " or fewer rounds"
             )
-        if args.warmup_steps < self.rounds + 1:
+        if args.warmup_steps < self.rounds + 2:
             raise ValueError(
-                f"A warm-up of {args.warmup_steps} steps is too short for {self.rounds} WeightLoRA+ rounds"
+                f"A warm-up of {args.warmup_steps} steps is too short for {self.rounds} WeightLoRA+ rounds: it needs"
+                f" at least {self.rounds + 2} (one step for the gates to learn, then one per round and the end)"
             )
         if max_steps is not None and args.warmup_steps > max_steps:
             raise ValueError(
@@ -425,6 +436,7 @@ class WeightLoRAController:
         self.step = 0  # optimizer steps seen
         self.rounds_done = 0
         self.finished = False
+        self.gates_informed = False  # whether the gates have had a non-zero gradient (thresholding waits for it)
         self.k_now = self.k
         self.alive = [True] * n
         self.ranks = {(s.layer, s.kind): s.rank for s in self.sites}
@@ -476,10 +488,11 @@ class WeightLoRAController:
         self.step = step
         if self.finished:
             return []
-        self._step_gates(grad_scale)
-        self._threshold(self.k_now)
+        self.gates_informed = self._step_gates(grad_scale) or self.gates_informed
         happened = []
-        while self.rounds_done < self.rounds and step >= self.round_at[self.rounds_done]:
+        if self.gates_informed:
+            self._threshold(self.k_now)
+        while self.gates_informed and self.rounds_done < self.rounds and step >= self.round_at[self.rounds_done]:
             self._round(optimizer)
             happened.append(f"round {self.rounds_done}")
         self.history_steps.append(step)
@@ -510,17 +523,20 @@ class WeightLoRAController:
 
     # ---- the steps -----------------------------------------------------------------------------------------
 
-    def _step_gates(self, grad_scale: float) -> None:
+    def _step_gates(self, grad_scale: float) -> bool:
+        """SGD step of the gates. Returns whether they had a finite, non-zero gradient."""
         grad = self.gates.grad
         if grad is None:  # no forward through the gates since the last step
-            return
+            return False
         if grad_scale != 1.0:
             grad.div_(grad_scale)
+        informative = bool(torch.isfinite(grad).all()) and bool(grad.abs().max() > 0)
         if torch.isfinite(grad).all():  # an fp16 overflow step is skipped by the main optimizer too
             if self.args.gate_clip > 0:
                 torch.nn.utils.clip_grad_norm_([self.gates], self.args.gate_clip)
             self.gate_optimizer.step()
         self.gate_optimizer.zero_grad(set_to_none=True)
+        return informative
 
     def _threshold(self, k: int) -> torch.Tensor:
         """Keep the k alive gates of largest |w| (ties: the earlier candidate), zero the rest. Returns the mask."""
@@ -620,6 +636,7 @@ class WeightLoRAController:
             "step": self.step,
             "rounds_done": self.rounds_done,
             "finished": self.finished,
+            "gates_informed": self.gates_informed,
             "k_now": self.k_now,
             "alive": list(self.alive),
             "gates": self.gates.detach().cpu().tolist(),
@@ -663,6 +680,7 @@ class WeightLoRAController:
     def _load_values(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.rounds_done = int(state["rounds_done"])
+        self.gates_informed = bool(state.get("gates_informed", True))  # states saved before the rule: thresholded
         self.k_now = int(state["k_now"])
         self.history_steps = [int(s) for s in state["history_steps"]]
         self.history = [list(v) for v in state["history"]]

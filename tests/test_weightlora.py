@@ -113,12 +113,17 @@ def test_exactly_k_gates_every_step_then_only_k_adapters_and_no_stale_optimizer_
     changes = []
     controller.attach(optimizer, on_change=lambda events: changes.append((controller.step, events)))
 
-    for step in range(1, warmup):
+    # step 1: every lora_B is still 0, so every gate gradient is exactly 0 and the gates are tied at 1:
+    # thresholding now would keep the first K candidates by order, so it waits
+    train_step(model, optimizer)
+    assert controller.gates.tolist() == [1.0] * 14 and not controller.gates_informed
+    for step in range(2, warmup):
         train_step(model, optimizer)
         assert int((controller.gates != 0).sum()) == k, f"step {step}"
         assert len(current_placement(model).sites) == 14  # zero-gated adapters stay until the warm-up ends
     assert controller.history_steps == [1, 2, 3]
-    assert all(sum(v != 0 for v in values) == k for values in controller.history)
+    assert [sum(v != 0 for v in values) for values in controller.history] == [14, k, k]
+    assert len(set(controller.history[1])) > 2, "the first thresholding chose among gates that had not moved"
 
     # weak references to every candidate's A (the fused qkv tensors are rebuilt anyway, so take the others)
     mlp_sites = [s for s in candidates.sites if s.kind.startswith("mlp")]
@@ -252,11 +257,12 @@ MLP = ("mlp_fc_1", "mlp_fc_2", "mlp_proj")
 def test_weightlora_plus_ends_with_the_budget_it_started_with(kinds, k):
     config = square_config()
     model = fresh_model(config)
-    rank, warmup = 2, 6
+    rank, warmup = 2, 7
     candidates = Placement.from_kinds(config, kinds, rank=rank)
     args = WeightLoRAArgs(k=k, warmup_steps=warmup, plus=True, rounds=2)
     controller = WeightLoRAController(model, candidates, args)
-    assert controller.round_at == round_steps(warmup, 2) == [2, 4]
+    # the stages share the 6 steps after the first, whose gate gradients are all zero
+    assert controller.round_at == round_steps(warmup, 2) == [3, 5]
     optimizer = adamw(model)
     start_budget = k * site_params(config, "query", rank)  # the K adapters with non-zero gates, at rank r
     if k == len(candidates.sites):
@@ -320,10 +326,11 @@ def test_saved_adapters_merge_in_stock_litgpt_during_and_after_warmup(tmp_path):
     optimizer = adamw(model)
     controller.attach(optimizer)
     train_step(model, optimizer)
+    train_step(model, optimizer)  # the gates learn from step 2 on; the WeightLoRA+ round is at step 2 too
 
     # mid-warm-up: the export holds what the gated model computes, zero-gated adapters included (as zero updates)
     assert 0 < int((controller.gates != 0).sum()) < len(sites)
-    during = merged_logits(model, controller.placement, checkpoint_dir, tmp_path / "step1")
+    during = merged_logits(model, controller.placement, checkpoint_dir, tmp_path / "step2")
     assert (during - logits(model)).abs().max() < 1e-5
 
     for _ in range(4):
@@ -440,6 +447,10 @@ def test_bad_input_is_a_clear_error(tmp_path):
         WeightLoRAController(model, empty, WeightLoRAArgs(k=1, warmup_steps=2))
     with pytest.raises(ValueError, match="halves K=2 2 times, which leaves no adapter"):
         WeightLoRAController(model, qv, WeightLoRAArgs(k=2, warmup_steps=4, plus=True))
+    with pytest.raises(ValueError, match="warmup_steps` must be at least 2 .* every lora_B is still 0"):
+        WeightLoRAArgs(k=2, warmup_steps=1)
+    with pytest.raises(ValueError, match="too short for 2 WeightLoRA\\+ rounds: it needs at least 4"):
+        WeightLoRAController(model, qv, WeightLoRAArgs(k=4, warmup_steps=3, plus=True))
     # the callback knows the run's length from the Trainer
     callback = WeightLoRACallback(WeightLoRAArgs(k=2, warmup_steps=10), candidates="qv", lora_r=2)
     with pytest.raises(ValueError, match=r"warm-up \(10 steps\) is longer than the run \(3 optimizer steps\)"):
