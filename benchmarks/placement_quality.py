@@ -742,6 +742,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny settings to check the harness end to end (numbers mean nothing)")
     p.add_argument("--dry_run", action="store_true", help="plan and print the parameter matching, train nothing")
     p.add_argument("--no_retry_failed", action="store_true", help="also skip runs recorded as failed")
+    p.add_argument("--rerun", nargs="+", default=[], metavar="METHOD", help="run these methods again where their newest ok row started before --rerun_before (after a fix in the method; the new row supersedes)")
+    p.add_argument("--rerun_before", default=None, metavar="TIME", help="local time as the rows record it, e.g. 2026-11-23T02:12:00 (needed with --rerun)")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep each run's merged lit_model.pth (~0.5 GB each)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed and recorded as failed (default 3600)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
@@ -808,9 +810,16 @@ def main(argv: list[str] | None = None) -> None:
     # seed-major: a grid stopped early still has every task x method for the first seeds
     jobs = [(task, "base", None) for task in tasks if "base" in methods]
     jobs += [(task, method, seed) for seed in seeds for task in tasks for method in finetuned]
+    if args.rerun and not args.rerun_before:
+        raise SystemExit("--rerun needs --rerun_before TIME: the rows started before it are run again")
+
+    def stale(row: dict[str, Any] | None, method: str) -> bool:
+        return method in args.rerun and row is not None and row.get("started", "") < args.rerun_before
+
     todo = [
         (task, method, seed) for task, method, seed in jobs
         if not is_done(recorded.get((config_id, task, method, seed)), method, None if method == "base" else entry_for(matches[task], method, seed))
+        or stale(recorded.get((config_id, task, method, seed)), method)
     ]  # fmt: skip
     print(f"\n{len(jobs)} runs, {len(jobs) - len(todo)} already done in {out}, {len(todo)} to go", flush=True)
 
