@@ -62,7 +62,8 @@ change with the seed too (see above).
 
 Resuming: a (task, method, seed) counts as done only if its newest ``ok`` row ran the rank (and, for the fixed
 kinds, the kinds) that the matching asks for now; a row recorded with another rank is run again and the new row
-supersedes it (``summarize.py`` uses the newest ``ok`` row of each run).
+supersedes it (``summarize.py`` uses the newest ``ok`` row of each run). After a fix in a method,
+``--rerun METHOD --rerun_before TIME`` runs that method's rows started before TIME again.
 
 Sizing (defaults, per run on 2 idle CPU cores): micro batch = global batch = 8, 100 optimizer steps (800
 training examples, one pass over ``--train_size 800``), lr 2e-3 AdamW with 10 warm-up steps then cosine, 40
