@@ -35,7 +35,8 @@ hard-thresholding, the WeightLoRA+ rounds and the end of the warm-up count from 
 Schedule (step = number of optimizer steps done, counted from 1):
 
 - every step during warm-up: SGD step of the gates (gradient norm clipped to ``gate_clip``), then keep the top K
-  (from the first step whose gate gradient is not all zero on; normally step 2);
+  (from the first step whose gate gradient is not all zero on: step 2, or step 3 under LitGPT's schedule,
+  whose linear warm-up gives the first step a learning rate of 0, so B is still 0 at the second);
 - WeightLoRA+ round j = 1..rounds at step ``1 + floor((T - 1) * j / (rounds + 1))``: K becomes ``K0 // 2**j``, the top K
   adapters survive, the rest are removed, the survivors' rank doubles (``grow_ranks``, exact);
 - step T (``warmup_steps``): removal of the zero-gated adapters, gates folded into B, gates gone.
