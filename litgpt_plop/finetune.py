@@ -59,7 +59,6 @@ PLUGINS = PLAN_METHODS + WEIGHTLORA_PLUGINS + ("none",)
 LITGPT_DEFAULT_FLAGS = {"lora_query": True, "lora_value": True}
 
 
-
 def check_lr_schedule(warmup_steps: int | None, max_steps: int | float | None) -> None:
     """LitGPT's schedule (linear warm-up, then cosine over the remaining steps) divides by both lengths."""
     if warmup_steps is None or warmup_steps < 1:
@@ -69,6 +68,7 @@ def check_lr_schedule(warmup_steps: int | None, max_steps: int | float | None) -
             f"--train.lr_warmup_steps ({warmup_steps}) must be smaller than the number of optimizer steps ({max_steps}:"
             " --train.max_steps, or --train.epochs over the data): LitGPT's cosine phase lasts the difference"
         )
+
 
 def setup(
     checkpoint_dir: Path,

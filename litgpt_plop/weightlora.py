@@ -29,8 +29,8 @@ gradient. LoRA starts with B = 0, so at the first step every gate's gradient ``<
 all gates are still tied at 1; thresholding then would keep the first K candidates in candidate order (the first
 layers), and once zeroed a gate practically never comes back: its B got one step of training, so its gradient is
 small next to the kept gates' values. Our benchmark showed exactly that (the same first-15-layers placement in
-every seed) before this rule. So the gates first learn for one step with every adapter on, and the first
-hard-thresholding, the WeightLoRA+ rounds and the end of the warm-up count from there.
+every seed) before this rule. So the gates first learn with every adapter on: the first hard-thresholding waits
+for a non-zero gate gradient, and the WeightLoRA+ rounds are spread over the steps after the first.
 
 Schedule (step = number of optimizer steps done, counted from 1):
 
@@ -531,11 +531,12 @@ class WeightLoRAController:
             return False
         if grad_scale != 1.0:
             grad.div_(grad_scale)
-        informative = bool(torch.isfinite(grad).all()) and bool(grad.abs().max() > 0)
-        if torch.isfinite(grad).all():  # an fp16 overflow step is skipped by the main optimizer too
+        finite = bool(torch.isfinite(grad).all())
+        if finite:  # an fp16 overflow step is skipped by the main optimizer too
             if self.args.gate_clip > 0:
                 torch.nn.utils.clip_grad_norm_([self.gates], self.args.gate_clip)
             self.gate_optimizer.step()
+        informative = finite and bool(grad.abs().max() > 0)
         self.gate_optimizer.zero_grad(set_to_none=True)
         return informative
 
