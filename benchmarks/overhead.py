@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 
 from calibration_overhead import PeakRss  # noqa: E402
-from placement_quality import FIXED, TASK_CONFIGS, closest_rank  # noqa: E402
+from placement_quality import FIXED, TASK_CONFIGS, closest_rank, machine  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
@@ -275,22 +274,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cpu": cpu,
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -374,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         "time_batch_tokens": int(batch["input_ids"].numel()),
         "loadavg_before": list(loadavg_before),
         "loadavg_after": list(os.getloadavg()),
-        "machine": machine_info(),
+        "machine": machine(),
         "git_commit": commit,
         "placements": rows,
     }
