@@ -51,6 +51,7 @@ from litgpt_plop.select import plan_placement
 
 # The tiny checkpoint (random LLaMA-style weights + SmolLM2's tokenizer) and the finetune helpers of the CLI tests.
 from test_cli import logged_metric, tiny_checkpoint, tiny_run  # noqa: F401  (tiny_checkpoint is a fixture)
+from test_real_model import kendall_tau
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,28 +209,6 @@ def test_guard_matters_without_it_calibration_breaks_the_4bit_model(monkeypatch)
 # ---- the real model: 4-bit vs full precision ---------------------------------------------------------------
 
 SMOLLM2_PROMPTS = 32
-
-
-def kendall_tau(a: dict[str, float], b: dict[str, float]) -> float:
-    """Kendall's tau-b between two scorings of the same keys (ties counted as neither concordant nor discordant)."""
-    keys = sorted(a)
-    assert keys == sorted(b)
-    concordant = discordant = ties_a = ties_b = 0
-    for i, k in enumerate(keys):
-        for l in keys[i + 1 :]:
-            da, db = a[k] - a[l], b[k] - b[l]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ties_a += 1
-            elif db == 0:
-                ties_b += 1
-            elif (da > 0) == (db > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denominator = ((concordant + discordant + ties_a) * (concordant + discordant + ties_b)) ** 0.5
-    return (concordant - discordant) / denominator if denominator else 1.0
 
 
 def test_kendall_tau():

@@ -29,10 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 SET_SIZE = 64
 
 
-
-
 def kendall_tau(a: dict[str, float], b: dict[str, float]) -> float:
-    """Kendall's tau-b between two scorings of the same keys."""
+    """Kendall's tau-b between two scorings of the same keys (ties counted as neither concordant nor discordant)."""
     keys = sorted(a)
     assert keys == sorted(b)
     concordant = discordant = ties_a = ties_b = 0
