@@ -6,6 +6,8 @@ Writes one section of RESULTS.md, between ``<!-- placement_quality:begin -->`` a
 * the set-up (settings, the budget and how each method's rank was matched to it),
 * per task, mean +- sample standard deviation over seeds of: held-out exact-match accuracy, mean task score,
   final validation loss, trainable parameters, calibration seconds, median training-step seconds, peak RSS, wall,
+* per task, where ``rescore.py`` has scored the same runs on more held-out items: their accuracy, the findings
+  and the paired comparison on those items,
 * a PNG plot of accuracy against trainable parameters (one point per method: mean +- std; faint: each seed),
 * "What the data says": generated statements only (which method had the highest mean, by how much, and whether
   that difference is larger than the spread over seeds), never an interpretation,
@@ -82,6 +84,22 @@ def select(rows: list[dict[str, Any]], config_id: str | None) -> tuple[str, dict
     if not latest and not failed:
         raise SystemExit(f"No rows with config_id {config_id}")
     return config_id, latest, list(failed.values()), others
+
+
+def rescored_rows(path: Path | None, config_id: str, latest: dict[tuple, dict]) -> dict[tuple, dict]:
+    """(task, method, seed) -> ``rescore.py``'s row for exactly the run in ``latest`` (the same start time),
+    the one with the most items where there are several."""
+    if path is None or not path.is_file():
+        return {}
+    out: dict[tuple, dict] = {}
+    for row in load_rows(path):
+        key = (row["task"], row["method"], row.get("seed"))
+        run = latest.get(key)
+        if row["config_id"] != config_id or run is None or row.get("run_started") != run.get("started"):
+            continue  # another settings hash, or a run trained again since it was rescored
+        if key not in out or row["items"] >= out[key]["items"]:
+            out[key] = row
+    return out
 
 
 # ---- numbers -----------------------------------------------------------------------------------------------
@@ -350,6 +368,44 @@ def paired_table(methods: dict[str, list[dict]]) -> list[str]:
     return out + [""]
 
 
+def rescored_section(task: str, methods: dict[str, list[dict]], rescored: dict[tuple, dict], eval_items: int) -> list[str]:
+    """The same trained runs on more held-out items (``rescore.py``): accuracy table, findings, paired table."""
+    larger: dict[str, list[dict]] = defaultdict(list)
+    for method, rows in methods.items():
+        for row in rows:
+            r = rescored.get((task, method, row.get("seed")))
+            if r is not None:
+                larger[method].append({**r, "seed": row.get("seed"), "method": method})
+    if not larger:
+        return []
+    counts = sorted({r["items"] for rows in larger.values() for r in rows})
+    n_items = counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    agree = sum(r["agree_first"] for rows in larger.values() for r in rows)
+    compared = sum(r["compared_first"] for rows in larger.values() for r in rows)
+    missing = sum(len(rows) for rows in methods.values()) - sum(len(rows) for rows in larger.values())
+    out = [
+        f"#### {task} on {n_items} held-out items",
+        "",
+        f"The same trained adapters answering the first {n_items} held-out items of the task (the {eval_items} above"
+        " first, then further ones that are neither training items nor repeats), from the adapters the runs saved"
+        f" (`benchmarks/rescore.py`, no retraining). Check: on the first {eval_items} items, {agree} of {compared}"
+        " answers are right or wrong exactly as the run's own scoring had them."
+        + (f" {missing} run(s) are not rescored yet." if missing else ""),
+        "",
+        f"| method | n | accuracy on {n_items} items (%) | mean score | accuracy on the first {eval_items} (%) |",
+        "|---|---|---|---|---|",
+    ]
+    for method in method_order(set(larger)):
+        rs = larger[method]
+        out.append(
+            f"| {method} | {len(rs)} | {fmt(values(rs, 'accuracy'), 1, 100)} | {fmt(values(rs, 'mean_score'), 3)}"
+            f" | {fmt(values(rs, 'run_accuracy'), 1, 100)} |"
+        )
+    items = counts[0] if len(counts) == 1 else None
+    out += ["", *[f"- {line}" for line in findings(task, larger, items)], ""]
+    return out + paired_table(larger)
+
+
 def checks(latest: dict[tuple, dict]) -> list[str]:
     lines = []
     off = [
@@ -392,7 +448,7 @@ def rel(path: Path, start: Path) -> str:
 
 def section(
     config_id: str, latest: dict, failed: list[dict], others: list[str], plot_path: Path, md_path: Path,
-    results_path: Path, summarize_command: str, notes: str,
+    results_path: Path, summarize_command: str, notes: str, rescored: dict[tuple, dict] | None = None,
 ) -> str:  # fmt: skip
     rows = list(latest.values())
     by_task: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -470,6 +526,7 @@ def section(
             )
         out.append("")
         out += paired_table(methods)
+        out += rescored_section(task, methods, rescored or {}, settings["eval_items"])
     out += [
         "### Accuracy against trainable parameters",
         "",
@@ -558,11 +615,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="Markdown file whose section is (re)written (default benchmarks/RESULTS.md)")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default benchmarks/results/placement_quality/accuracy_vs_params.png)")
     p.add_argument("--config_id", default=None, help="which settings hash to summarize (default: the newest row's)")
+    p.add_argument("--rescore", type=Path, default=None, help="rescore.py's JSONL (default: rescore.jsonl beside the results, if there)")
     args = p.parse_args(argv)
     results = args.results or RESULTS_DIR / ("smoke.jsonl" if args.smoke else "results.jsonl")
     md_path = args.out or (RESULTS_DIR / "SMOKE.md" if args.smoke else REPO_ROOT / "benchmarks" / "RESULTS.md")
     plot_path = args.plot or RESULTS_DIR / ("smoke_accuracy_vs_params.png" if args.smoke else "accuracy_vs_params.png")
     config_id, latest, failed, others = select(load_rows(results), args.config_id)
+    rescored = rescored_rows(args.rescore or results.with_name("rescore.jsonl"), config_id, latest)
 
     by_task: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for (task, method, _seed), row in latest.items():
@@ -574,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "benchmarks/summarize.py", *(argv if argv is not None else sys.argv[1:])])
     write_section(
         md_path,
-        lambda notes: section(config_id, latest, failed, others, plot_path, md_path, results, command, notes),
+        lambda notes: section(config_id, latest, failed, others, plot_path, md_path, results, command, notes, rescored),
     )
     print(f"wrote {md_path} and {plot_path} ({len(latest)} runs, settings {config_id})")
 

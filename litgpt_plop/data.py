@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 from litgpt.data import DataModule, SFTDataset, get_sft_collate_fn
-from litgpt.generate.base import generate_fn
+from litgpt.generate.base import batched_generate_fn, generate_fn
 from litgpt.model import GPT
 from litgpt.prompts import PromptStyle, model_name_to_prompt_style
 from litgpt.tokenizer import Tokenizer
@@ -243,6 +243,54 @@ def generate_completion(
     return tokenizer.decode(torch.cat(generated))
 
 
+def generate_completions(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    prompt_style: PromptStyle,
+    max_new_tokens: int,
+    batch_size: int = 1,
+) -> list[str]:
+    """Greedy completions of formatted ``prompts``, in order, up to ``batch_size`` prompts per forward pass.
+
+    A batch only ever holds prompts of the same token length, so nothing is padded and every prompt sees exactly
+    the context it would see alone; the answers can differ from one-by-one decoding only where a batched matmul's
+    rounding flips a near-tie between the two likeliest tokens. Prompt styles whose stop sequences are longer
+    than one token are decoded one by one (LitGPT's batched decoding would return the start of such a sequence).
+    The model needs a KV cache for ``min(batch_size, len(prompts))`` sequences of the longest prompt plus
+    ``max_new_tokens``.
+    """
+    stop_tokens = prompt_style.stop_tokens(tokenizer)
+    if batch_size == 1 or any(len(sequence) > 1 for sequence in stop_tokens):
+        return [generate_completion(model, tokenizer, prompt, prompt_style, max_new_tokens) for prompt in prompts]
+    device = model.transformer.wte.weight.device
+    encoded = [tokenizer.encode(prompt, device=device) for prompt in prompts]
+    by_length: dict[int, list[int]] = {}
+    for index, tokens in enumerate(encoded):
+        by_length.setdefault(len(tokens), []).append(index)
+    completions = [""] * len(prompts)
+    for length, indices in sorted(by_length.items()):
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            generated: list[list[torch.Tensor]] = [[] for _ in chunk]
+            steps = batched_generate_fn(
+                model,
+                torch.stack([encoded[index] for index in chunk]),
+                max_returned_tokens=length + max_new_tokens,
+                sample_args={"temperature": 0.0},  # greedy, as in `generate_completion`
+                stop_tokens=stop_tokens,
+                include_prompt=False,
+                include_eos=False,
+            )
+            for step in steps:  # one token per prompt, None once a prompt has stopped
+                for tokens, token in zip(generated, step):
+                    if token is not None:
+                        tokens.append(token.view(-1))
+            for index, tokens in zip(chunk, generated):
+                completions[index] = tokenizer.decode(torch.cat(tokens)) if tokens else ""
+    return completions
+
+
 @torch.no_grad()
 def evaluate_accuracy(
     model: GPT,
@@ -251,6 +299,7 @@ def evaluate_accuracy(
     scorer: Scorer | str,
     prompt_style: PromptStyle | str,
     max_new_tokens: int = 32,
+    batch_size: int = 1,
 ) -> AccuracyResult:
     """Answer every item greedily and score the answers with the task's own scorer.
 
@@ -263,6 +312,7 @@ def evaluate_accuracy(
         scorer: an object with ``score_answer`` (any reasoning-gym dataset of the task) or the task name.
         prompt_style: how questions are formatted; must match the finetuning data (``ReasoningGym.prompt_style``).
         max_new_tokens: generation budget per item; answers are short, and unfinished answers are scored as is.
+        batch_size: items answered together (see ``generate_completions``); 1 answers them one by one.
     """
     if isinstance(scorer, str):
         import reasoning_gym
@@ -272,6 +322,8 @@ def evaluate_accuracy(
         prompt_style = PromptStyle.from_name(prompt_style)
     if not items:
         raise ValueError("No items to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
     prompts = [prompt_style.apply(item["question"]) for item in items]
     cache_length = max(len(tokenizer.encode(prompt)) for prompt in prompts) + max_new_tokens
@@ -283,11 +335,10 @@ def evaluate_accuracy(
         # Only ever extend: the rope cache must cover prompt + answer; a training length may be shorter.
         model.max_seq_length = max(model.max_seq_length, cache_length)
         weight = model.transformer.wte.weight
-        model.set_kv_cache(batch_size=1, max_seq_length=cache_length, device=weight.device, dtype=weight.dtype)
-        records = []
-        for item, prompt in zip(items, prompts):
-            completion = generate_completion(model, tokenizer, prompt, prompt_style, max_new_tokens)
-            records.append(score_completion(completion, item, scorer))
+        cache_batch = min(batch_size, len(prompts))
+        model.set_kv_cache(batch_size=cache_batch, max_seq_length=cache_length, device=weight.device, dtype=weight.dtype)
+        completions = generate_completions(model, tokenizer, prompts, prompt_style, max_new_tokens, batch_size)
+        records = [score_completion(completion, item, scorer) for item, completion in zip(items, completions)]
     finally:
         model.clear_kv_cache()
         if model.max_seq_length != previous_max_seq_length:

@@ -10,6 +10,7 @@ from litgpt.utils import save_config
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import placement_quality  # noqa: E402
+import rescore  # noqa: E402
 import summarize  # noqa: E402
 
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs  # noqa: E402
@@ -77,3 +78,50 @@ def test_paired_table_counts_items_only_one_method_got_right():
     line = next(line for line in table if line.startswith("| plop |"))
     # seed 0: item 1 plop only, items 2 and 3 qv only (0.5 is not exactly right); seed 1: item 0 plop only
     assert "+2 / -2 (1.00), 2 seeds" in line
+
+
+RUN_ROW = {
+    "config_id": "abc", "task": "basic_arithmetic", "method": "plop", "seed": 0, "started": "2026-11-23T01:00:00",
+    "task_config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+    "settings": {"data_seed": 42, "train_size": 400, "eval_items": 40},
+}  # fmt: skip
+
+
+def test_rescore_items_start_with_the_runs_own_and_never_repeat_training_items():
+    from litgpt_plop.data import ReasoningGym
+
+    items = rescore.held_out_items(RUN_ROW, 120)
+    run_data = ReasoningGym(task="basic_arithmetic", task_config=RUN_ROW["task_config"], train_size=400, val_size=40, seed=42)
+    assert [i["question"] for i in items[:40]] == [i["question"] for i in run_data.items("val")]
+    extra = [i["question"] for i in items[40:]]
+    assert len(extra) == 80 and len(set(extra)) == 80
+    # some of the further items of this configuration are training items (3 in the first 120): skipping is exercised
+    assert not set(extra) & {i["question"] for i in run_data.items("train")}
+    assert not set(extra) & {i["question"] for i in items[:40]}
+    assert rescore.held_out_items(RUN_ROW, 10) == run_data.items("val")[:10]
+
+
+def test_rescore_refuses_a_task_without_enough_distinct_questions():
+    # chain_sum with two one-digit terms has a few hundred distinct questions
+    row = {**RUN_ROW, "task": "chain_sum", "task_config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}
+    with pytest.raises(RuntimeError, match="chain_sum: fewer than 1000 distinct held-out questions"):
+        rescore.held_out_items(row, 1000)
+
+
+def test_summary_uses_only_rescoring_of_the_run_it_shows(tmp_path):
+    latest = {("basic_arithmetic", "plop", 0): {**RUN_ROW, "accuracy": 0.25}}
+    lines = [
+        {"config_id": "abc", "task": "basic_arithmetic", "method": "plop", "seed": 0, "run_started": "2026-11-22T00:00:00", "items": 400,
+         "accuracy": 0.9, "agree_first": 40, "compared_first": 40},  # an earlier training of the same method and seed
+        {"config_id": "abc", "task": "basic_arithmetic", "method": "plop", "seed": 0, "run_started": RUN_ROW["started"], "items": 100,
+         "accuracy": 0.3, "mean_score": 0.4, "agree_first": 39, "compared_first": 40, "run_accuracy": 0.25},
+    ]  # fmt: skip
+    path = tmp_path / "rescore.jsonl"
+    path.write_text("".join(summarize.json.dumps(line) + "\n" for line in lines))
+    rescored = summarize.rescored_rows(path, "abc", latest)
+    assert rescored[("basic_arithmetic", "plop", 0)]["accuracy"] == 0.3
+    methods = {"plop": [latest[("basic_arithmetic", "plop", 0)]], "qv": [{**RUN_ROW, "method": "qv"}]}
+    text = "\n".join(summarize.rescored_section("basic_arithmetic", methods, rescored, 40))
+    assert "#### basic_arithmetic on 100 held-out items" in text
+    assert "39 of 40 answers are right or wrong exactly as" in text and "1 run(s) are not rescored yet" in text
+    assert "| plop | 1 | 30.0 | 0.400 | 25.0 |" in text

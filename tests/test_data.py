@@ -208,3 +208,21 @@ def test_real_generation_smoke(smollm2_checkpoint: Path, tokenizer: Tokenizer, s
     second = evaluate_accuracy(lora_model, tokenizer, items, "basic_arithmetic", "smollm2", max_new_tokens=6)
     assert [r.completion for r in second.records] == [r.completion for r in first.records]
     assert second.accuracy == first.accuracy
+
+
+@pytest.mark.slow
+def test_batched_answers_match_one_by_one(tokenizer: Tokenizer, smollm2: GPT) -> None:
+    # Questions of several token lengths, so batches are split by length and by size (5 per batch).
+    data = ReasoningGym(task="spell_backward", task_config={"min_word_len": 3, "max_word_len": 8}, val_size=12)
+    items = data.items("val")
+    lengths = {len(tokenizer.encode(item["question"])) for item in items}
+    assert len(lengths) > 1
+    smollm2.eval()
+    one_by_one = evaluate_accuracy(smollm2, tokenizer, items, data.scorer(), "smollm2", max_new_tokens=8)
+    batched = evaluate_accuracy(smollm2, tokenizer, items, data.scorer(), "smollm2", max_new_tokens=8, batch_size=5)
+    assert [r.completion for r in batched.records] == [r.completion for r in one_by_one.records]
+    assert [r.question for r in batched.records] == [item["question"] for item in items]  # input order kept
+    assert batched.mean_score == one_by_one.mean_score
+    assert all(block.attn.kv_cache is None for block in smollm2.transformer.h)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_accuracy(smollm2, tokenizer, items, data.scorer(), "smollm2", batch_size=0)
