@@ -22,7 +22,7 @@ from litgpt_plop.plan import load_checkpoint_model
 from litgpt_plop.prepare import prepare_smollm2
 
 
-def accuracy(checkpoint_dir: Path, data: ReasoningGym, num_items: int, max_new_tokens: int) -> float:
+def accuracy(checkpoint_dir: Path, data: ReasoningGym, num_items: int, max_new_tokens: int, batch_size: int = 1) -> float:
     """Exact-match accuracy on held-out items, prompted as ``litgpt generate`` would prompt this checkpoint."""
     model = load_checkpoint_model(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
@@ -30,19 +30,23 @@ def accuracy(checkpoint_dir: Path, data: ReasoningGym, num_items: int, max_new_t
         prompt_style = load_prompt_style(checkpoint_dir)
     else:
         prompt_style = PromptStyle.from_config(model.config)
-    result = evaluate_accuracy(model, tokenizer, data.items("val")[:num_items], data.task, prompt_style, max_new_tokens)
+    items = data.items("val")[:num_items]
+    result = evaluate_accuracy(model, tokenizer, items, data.task, prompt_style, max_new_tokens, batch_size=batch_size)
     for record in result.records[:3]:
         print(f"  Q: {record.question!r}  expected {record.reference!r}  got {record.answer!r}")
     return result.accuracy
 
 
-def main(finetune_config: Path = Path("configs/demo-cpu.yaml"), num_items: int = 40, max_new_tokens: int = 16) -> None:
+def main(
+    finetune_config: Path = Path("configs/demo-cpu.yaml"), num_items: int = 40, max_new_tokens: int = 16, batch_size: int = 8
+) -> None:
     """Finetune with the demo config and report held-out accuracy before and after.
 
     Arguments:
         finetune_config: A ``litgpt-plop finetune`` config file.
         num_items: How many held-out items to score.
         max_new_tokens: Generation budget per answer.
+        batch_size: Held-out questions of equal token length answered together (1: one by one).
     """
     t0 = time.perf_counter()
     settings = yaml.safe_load(Path(finetune_config).read_text())
@@ -52,14 +56,14 @@ def main(finetune_config: Path = Path("configs/demo-cpu.yaml"), num_items: int =
     data = ReasoningGym(**data_args)
 
     print(f"\n== Accuracy of the pretrained model on {num_items} held-out {data.task} items")
-    before = accuracy(checkpoint_dir, data, num_items, max_new_tokens)
+    before = accuracy(checkpoint_dir, data, num_items, max_new_tokens, batch_size)
     print(f"accuracy before finetuning: {before:.1%}")
 
     print(f"\n== litgpt-plop finetune --config {finetune_config}")
     CLI(finetune, args=["--config", str(finetune_config)])
 
     print(f"\n== Accuracy of the finetuned model (merged weights in {out_dir / 'final'})")
-    after = accuracy(out_dir / "final", data, num_items, max_new_tokens)
+    after = accuracy(out_dir / "final", data, num_items, max_new_tokens, batch_size)
     placement = Placement.load(out_dir / "final" / "placement.json")
 
     print("\n== Summary")
