@@ -417,8 +417,9 @@ def checks(latest: dict[tuple, dict]) -> list[str]:
     for (task, method, seed), r in sorted(latest.items(), key=lambda kv: str(kv[0])):
         if r.get("sites_match_plan") is False:
             lines.append(f"{task} `{method}` seed {seed}: the finetune chose other sites than the plan its rank was set from.")
-    # The harness runs one job at a time, so its own share of the load is at most about the thread count: a
-    # 1-minute load average clearly above the core count at the start or the end of a run means other work.
+    # A harness process runs one job at a time, so the grid's own load is about (processes x threads), at most
+    # the core count as the documented commands run it: a 1-minute load average clearly above the core count at
+    # the start or the end of a run means other work shared the machine.
     busy = [
         r for r in latest.values()
         if r.get("machine", {}).get("usable_cpus")
