@@ -628,7 +628,17 @@ def main(argv: list[str] | None = None) -> None:
     for (task, method, _seed), row in latest.items():
         by_task[task][method].append(row)
     smoke = any(r.get("smoke") for r in latest.values())
-    title = f"Placement quality{' (SMOKE: not evidence)' if smoke else ''}: SmolLM2-135M-Instruct, settings {config_id}"
+    # Plot the larger evaluation where every run shown has one with the same number of items.
+    counts = {r["items"] for r in rescored.values()}
+    if rescored and len(rescored) == len(latest) and len(counts) == 1:
+        for (task, method, seed), row in latest.items():
+            by_task[task][method] = [
+                {**r, "accuracy": rescored[(task, method, seed)]["accuracy"]} if r is row else r for r in by_task[task][method]
+            ]
+        items = f"{counts.pop()} held-out items"
+    else:
+        items = f"{next(iter(latest.values()))['settings']['eval_items']} held-out items" if latest else ""
+    title = f"Placement quality{' (SMOKE: not evidence)' if smoke else ''}: SmolLM2-135M-Instruct, settings {config_id}, {items}"
     if latest:
         plot(by_task, plot_path, title)
     command = shlex.join(["python", "benchmarks/summarize.py", *(argv if argv is not None else sys.argv[1:])])
