@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     todo.sort(key=lambda r: (r["task"], r.get("seed") if r.get("seed") is not None else -1, r["method"]))
     print(f"rescore: settings {config_id}, {len(rows)} runs, {len(rows) - len(todo)} already scored on {args.items} items, {len(todo)} to go", flush=True)
     info = machine()
+    command = shlex.join(["python", "benchmarks/rescore.py", *(argv if argv is not None else sys.argv[1:])])
     items_by_task: dict[str, list[dict[str, Any]]] = {}
     for index, row in enumerate(todo, 1):
         task = row["task"]
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         out = {
             "config_id": config_id, "task": task, "method": row["method"], "seed": row.get("seed"),
             "run_started": row["started"], "run_accuracy": row.get("accuracy"), **result,
-            "batch_size": args.batch_size, "machine": info, "scored": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "batch_size": args.batch_size, "machine": info, "scored": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command,
         }  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:  # one whole line per run: a kill loses at most the run in progress

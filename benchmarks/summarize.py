@@ -557,7 +557,7 @@ def section(
         out += ["**Checks**", ""] + [f"- {p}" for p in problems] + [""]
     out += ["### What the numbers do and do not show", "", NOTES_BEGIN, notes, NOTES_END, ""]
     commands = []
-    for r in rows + failed:
+    for r in rows + failed + list((rescored or {}).values()):
         if r.get("command") and r["command"] not in commands:
             commands.append(r["command"])
     out += ["### Commands", "", "```bash"] + commands + [summarize_command, "```", ""]
