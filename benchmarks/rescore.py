@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from placement_quality import DEFAULT_CHECKPOINT, RESULTS_DIR, machine, recorded_rows  # noqa: E402
+from placement_quality import DEFAULT_CHECKPOINT, REPO_ROOT, RESULTS_DIR, machine, recorded_rows  # noqa: E402
 
 
 def held_out_items(row: dict[str, Any], num_items: int) -> list[dict[str, Any]]:
@@ -83,7 +83,7 @@ def rescore_run(row: dict[str, Any], items: list[dict[str, Any]], checkpoint_dir
     from litgpt_plop.plan import load_checkpoint_model
 
     run_dir = Path(row["run_dir"])
-    run_dir = run_dir if run_dir.is_absolute() else RESULTS_DIR.parents[2] / run_dir
+    run_dir = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir
     if row["method"] == "base":
         model, style_dir = load_checkpoint_model(checkpoint_dir), checkpoint_dir
     else:

@@ -375,7 +375,7 @@ def rescored_section(task: str, methods: dict[str, list[dict]], rescored: dict[t
         for row in rows:
             r = rescored.get((task, method, row.get("seed")))
             if r is not None:
-                larger[method].append({**r, "seed": row.get("seed"), "method": method})
+                larger[method].append(r)
     if not larger:
         return []
     counts = sorted({r["items"] for rows in larger.values() for r in rows})
@@ -624,17 +624,15 @@ def main(argv: list[str] | None = None) -> None:
     config_id, latest, failed, others = select(load_rows(results), args.config_id)
     rescored = rescored_rows(args.rescore or results.with_name("rescore.jsonl"), config_id, latest)
 
-    by_task: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for (task, method, _seed), row in latest.items():
-        by_task[task][method].append(row)
-    smoke = any(r.get("smoke") for r in latest.values())
     # Plot the larger evaluation where every run shown has one with the same number of items.
     counts = {r["items"] for r in rescored.values()}
-    if rescored and len(rescored) == len(latest) and len(counts) == 1:
-        for (task, method, seed), row in latest.items():
-            by_task[task][method] = [
-                {**r, "accuracy": rescored[(task, method, seed)]["accuracy"]} if r is row else r for r in by_task[task][method]
-            ]
+    plot_rescored = bool(rescored) and len(rescored) == len(latest) and len(counts) == 1
+    by_task: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for key, row in latest.items():
+        task, method, _seed = key
+        by_task[task][method].append({**row, "accuracy": rescored[key]["accuracy"]} if plot_rescored else row)
+    smoke = any(r.get("smoke") for r in latest.values())
+    if plot_rescored:
         items = f"{counts.pop()} held-out items"
     else:
         items = f"{next(iter(latest.values()))['settings']['eval_items']} held-out items" if latest else ""
