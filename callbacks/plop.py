@@ -23,11 +23,12 @@ from torch.utils.data import DataLoader
 from litgpt_plop.adapt import apply_placement
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.calibration import data_module_prompts
+from litgpt_plop.export import write_placement_files
+from litgpt_plop.methods import get_method
 from litgpt_plop.modules import find_gpt
 from litgpt_plop.placement import Placement, PlacementError, model_kinds
-from litgpt_plop.plan import check_plan_method, decide_placement, write_outputs
 from litgpt_plop.report import summary_table
-from litgpt_plop.select import METHODS as CALIBRATED_METHODS
+from litgpt_plop.select import decide_placement
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class PLoPCallback(Callback):
         cka: CkaArgs | None = None,
         out_dir: str | Path | None = None,
     ) -> None:
-        check_plan_method(method)
+        self._method = get_method(method, "calibrated", "preset")
         if isinstance(calibration_data, int) and calibration_data <= 0:
             raise ValueError(f"calibration_data as a number of batches must be positive, got {calibration_data}")
         self.method = method
@@ -193,12 +194,12 @@ class PLoPCallback(Callback):
         else:
             self._prepare_for_calibration(trainer, pl_module)
             candidates = self.candidate_kinds or list(model_kinds(gpt.config))
-            token_ids = self._calibration_token_ids(trainer) if self.method in CALIBRATED_METHODS else None
+            token_ids = self._calibration_token_ids(trainer) if self._method.calibrates else None
             placement = decide_placement(
-                gpt, self.method, token_ids, candidates, self.lora_r, self.lora_alpha, self.calibration, self.plop, self.cka
-            )
-            placement.lora_dropout = self.lora_dropout
-            self.calibrated = self.method in CALIBRATED_METHODS
+                gpt, self.method, token_ids, candidates, self.lora_r, self.lora_alpha, self.lora_dropout,
+                calibration=self.calibration, plop=self.plop, cka=self.cka,
+            )  # fmt: skip
+            self.calibrated = self._method.calibrates
         apply_placement(gpt, placement)
         # Only the adapters train: freeze whatever else the LightningModule holds too.
         for name, param in pl_module.named_parameters():
@@ -249,7 +250,7 @@ class PLoPCallback(Callback):
         config = gpt.config
         trainable = placement.trainable_params(config)
         metrics = {"plop/trainable_params": float(trainable), "plop/num_sites": float(len(placement.sites))}
-        for kind, score in placement.scores.get("per_kind", {}).items():
+        for kind, score in placement.scores.nfn_per_kind.items():
             metrics[f"plop/score/{kind}"] = float(score)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)
@@ -257,7 +258,7 @@ class PLoPCallback(Callback):
         # ``trainer.log_dir`` broadcasts from rank 0, so every rank must ask for it
         out_dir = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            write_outputs(placement, config, out_dir)
+            write_placement_files(placement, config, out_dir)
             rank_zero_info(summary_table(placement, config))
             rank_zero_info(f"PLoPCallback: wrote placement.json, report.md and scores.png to {str(out_dir)!r}")
 

@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from litgpt.lora import LoRALayer, LoRALinear, LoRAQKVLinear
 
-from litgpt_plop.modules import KIND_TO_PATH, base_linear, find_gpt, site_module
+from litgpt_plop.modules import KIND_TO_PATH, base_linear, gpt_of, qkv_row_slices, site_module
+from litgpt_plop.quantize import disable_cpu_repack
 from litgpt_plop.placement import (
     HEAD_KIND,
     HEAD_LAYER,
@@ -42,6 +43,7 @@ from litgpt_plop.placement import (
     PlacementError,
     Site,
     model_kinds,
+    qkv_part_sizes,
     site_shape,
 )
 
@@ -95,7 +97,7 @@ class LoRAQKVMixedRankLinear(LoRAQKVLinear):
         self.n_query_groups = n_query_groups
         self.ranks = tuple(int(r) for r in ranks)
         self.enable_lora = [r > 0 for r in self.ranks]
-        self.part_sizes = (head_size * n_head, head_size * n_query_groups, head_size * n_query_groups)
+        self.part_sizes = tuple(qkv_part_sizes(self).values())
         self.qkv_shapes = [s for s, r in zip(self.part_sizes, self.ranks) if r > 0]
         for part, rank, size in zip(QKV_KINDS, self.ranks, self.part_sizes):
             if rank > 0:
@@ -143,11 +145,6 @@ class LoRAQKVMixedRankLinear(LoRAQKVLinear):
 # ---- reading what is on a model ---------------------------------------------------------------------------
 
 
-def _part_sizes(config: litgpt.Config) -> dict[str, int]:
-    q, kv = config.n_head * config.head_size, config.n_query_groups * config.head_size
-    return {"query": q, "key": kv, "value": kv}
-
-
 def _qkv_adapters(module: nn.Module) -> dict[str, SiteAdapter]:
     """The query/key/value adapters on a fused qkv module, keyed by part (absent parts left out).
 
@@ -166,18 +163,18 @@ def _qkv_adapters(module: nn.Module) -> dict[str, SiteAdapter]:
             if rank > 0
         }
     if isinstance(module, LoRAQKVLinear) and module.r > 0 and hasattr(module, "lora_A"):
-        enabled = [part for part, on in zip(QKV_KINDS, module.enable_lora) if on]
-        sizes = {"query": module.head_size * module.n_head, "key": module.head_size * module.n_query_groups}
-        sizes["value"] = sizes["key"]
-        A_chunks = module.lora_A.data.split(module.r, dim=0)
-        B_blocks = module.lora_B.data.split([sizes[p] for p in enabled], dim=0)
-        return {part: SiteAdapter(A, B, module.scaling) for part, A, B in zip(enabled, A_chunks, B_blocks)}
+        enabled = tuple(part for part, on in zip(QKV_KINDS, module.enable_lora) if on)
+        rows = qkv_row_slices(module, enabled)
+        return {
+            part: SiteAdapter(module.lora_A.data[i * module.r : (i + 1) * module.r], module.lora_B.data[rows[part]], module.scaling)
+            for i, part in enumerate(enabled)
+        }
     return {}
 
 
 def site_adapter(model: nn.Module, layer: int, kind: str) -> SiteAdapter | None:
     """The adapter at (layer, kind) of ``model``, or None when the site has none."""
-    gpt = _gpt(model)
+    gpt = gpt_of(model)
     module = site_module(gpt, layer, kind)
     if kind in QKV_KINDS:
         return _qkv_adapters(module).get(kind)
@@ -213,7 +210,7 @@ def site_parameters(model: nn.Module, layer: int, kind: str) -> SiteParameters |
     ``LoRAQKVLinear`` the i-th enabled part has the i-th chunk of ``r`` rows of ``lora_A`` and the i-th block of
     rows of ``lora_B``; ``LoRAQKVMixedRankLinear`` has one ``lora_A_<part>``/``lora_B_<part>`` per part.
     """
-    module = site_module(_gpt(model), layer, kind)
+    module = site_module(gpt_of(model), layer, kind)
     if isinstance(module, LoRAQKVMixedRankLinear):
         if kind not in QKV_KINDS or module.ranks[QKV_KINDS.index(kind)] == 0:
             return None
@@ -224,23 +221,20 @@ def site_parameters(model: nn.Module, layer: int, kind: str) -> SiteParameters |
     A, B = _raw_parameter(module, "lora_A"), _raw_parameter(module, "lora_B")
     if not isinstance(module, LoRAQKVLinear):
         return SiteParameters(A, slice(0, A.shape[0]), B, slice(0, B.shape[0]), module.scaling)
-    enabled = [part for part, on in zip(QKV_KINDS, module.enable_lora) if on]
+    enabled = tuple(part for part, on in zip(QKV_KINDS, module.enable_lora) if on)
     if kind not in enabled:
         return None
-    sizes = {"query": module.head_size * module.n_head, "key": module.head_size * module.n_query_groups}
-    sizes["value"] = sizes["key"]
     index = enabled.index(kind)
-    B_start = sum(sizes[p] for p in enabled[:index])
     A_rows = slice(index * module.r, (index + 1) * module.r)
-    return SiteParameters(A, A_rows, B, slice(B_start, B_start + sizes[kind]), module.scaling)
+    return SiteParameters(A, A_rows, B, qkv_row_slices(module, enabled)[kind], module.scaling)
 
 
-def current_placement(model: nn.Module, lora_alpha: int | None = None) -> Placement:
-    """The placement that is on ``model`` now: one site per adapter, with its rank.
+def current_placement(model: nn.Module, lora_alpha: int | None = None, method: str = "current") -> Placement:
+    """The placement that is on ``model`` now: one site per adapter, with its rank, recorded as made by ``method``.
 
     ``lora_alpha`` defaults to the adapters' own (they must agree), else the config's, else 16.
     """
-    gpt = _gpt(model)
+    gpt = gpt_of(model)
     config = gpt.config
     sites, alphas = [], set()
     locations = [(layer, kind) for layer in range(config.n_layer) for kind in model_kinds(config)]
@@ -259,7 +253,7 @@ def current_placement(model: nn.Module, lora_alpha: int | None = None) -> Placem
         sites=sites,
         lora_alpha=lora_alpha,
         lora_dropout=getattr(config, "lora_dropout", 0.0),
-        method="current",
+        method=method,
         model=config.name,
         n_layer=config.n_layer,
         n_embd=config.n_embd,
@@ -293,7 +287,7 @@ def apply_placement(model: nn.Module, placement: Placement) -> litgpt.lora.GPT:
     Raises ``PlacementError`` before anything is modified if the placement does not fit the model or the model
     is of a family this project does not adapt (mixture of experts, latent attention, unknown module types).
     """
-    gpt = _gpt(model)
+    gpt = gpt_of(model)
     placement.validate(gpt.config)  # also refuses unsupported families (check_supported)
     _check_structure(gpt)
     # ---- from here on nothing can fail for a reason the checks above did not rule out ----
@@ -330,13 +324,6 @@ def apply_placement(model: nn.Module, placement: Placement) -> litgpt.lora.GPT:
     return gpt
 
 
-def _gpt(model: nn.Module) -> litgpt.model.GPT:
-    gpt = find_gpt(model)
-    if gpt is None:
-        raise PlacementError(f"No LitGPT GPT model found in {type(model).__name__}")
-    return gpt
-
-
 def _check_structure(gpt: litgpt.model.GPT) -> None:
     """Every module ``apply_placement`` will change is one it knows, with the config's shapes. Changes nothing."""
     config = gpt.config
@@ -361,7 +348,7 @@ def _check_structure(gpt: litgpt.model.GPT) -> None:
             raise PlacementError(f"Cannot adapt {where}: {type(linear).__name__} is not a linear layer")
         d_out, d_in = site_shape(config, kind)
         if kind in QKV_KINDS:
-            d_out = sum(_part_sizes(config).values())
+            d_out = sum(qkv_part_sizes(config).values())
         if (linear.out_features, linear.in_features) != (d_out, d_in):
             raise PlacementError(
                 f"The linear for {where} has shape {(linear.out_features, linear.in_features)}, but the model's config"
@@ -393,12 +380,6 @@ def _set_dropout(module: LoRALayer, dropout: float) -> None:
     module.lora_dropout = nn.Dropout(p=dropout) if dropout > 0.0 else (lambda x: x)
 
 
-def _unguard_cpu_repack(linear: nn.Module) -> None:
-    """Stop a CPU ``Linear4bit`` from repacking its weight into its inference-only layout (see quantize.py)."""
-    if hasattr(linear, "support_avx512bf16_for_cpu"):
-        linear.support_avx512bf16_for_cpu = False
-
-
 def _placed_linear(
     module: nn.Module, rank: int, alpha: int, dropout: float, activation_dtype: torch.dtype
 ) -> LoRALinear:
@@ -408,7 +389,7 @@ def _placed_linear(
         _set_dropout(module, dropout)
         return module
     linear = base_linear(module)
-    _unguard_cpu_repack(linear)
+    disable_cpu_repack([linear])
     # Built on the meta device so that LitGPT's constructor allocates nothing; then the existing linear goes in.
     with torch.device("meta"):
         new = LoRALinear(
@@ -443,7 +424,7 @@ def _placed_qkv(
         _set_dropout(module, dropout)
         return module
     linear = base_linear(module)
-    _unguard_cpu_repack(linear)
+    disable_cpu_repack([linear])
     enabled = {r for r in ranks if r > 0}
     common = dict(
         head_size=config.head_size, n_head=config.n_head, n_query_groups=config.n_query_groups, lora_alpha=alpha,

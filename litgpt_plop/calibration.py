@@ -32,7 +32,6 @@ import json
 import random
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
@@ -46,6 +45,7 @@ from tqdm import tqdm
 
 from litgpt_plop.args import CalibrationArgs
 from litgpt_plop.modules import find_gpt
+from litgpt_plop.quantize import no_cpu_repack
 
 # ---- prompts ----------------------------------------------------------------------------------------------
 
@@ -415,40 +415,6 @@ def _stop_forward(module: nn.Module, args: tuple) -> None:
     raise _StopForward
 
 
-@contextmanager
-def linear4bit_guard(model: nn.Module) -> Iterator[None]:
-    """Keep bitsandbytes ``Linear4bit`` weights in their normal layout during an eval-mode, no-grad pass.
-
-    Sets ``support_avx512bf16_for_cpu = False`` on every ``Linear4bit`` (bitsandbytes >= 0.49 repacks the
-    weight for good on the first such forward on an avx512_bf16 CPU otherwise) and restores each previous value
-    on exit. A weight already repacked by an earlier pass is unpacked first (as bitsandbytes' own
-    ``_save_to_state_dict`` does), with a warning.
-    """
-    saved = {}
-    for name, module in model.named_modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        quant_state = getattr(module.weight, "quant_state", None)
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, quant_state
-            )
-            warnings.warn(
-                f"{name}: the 4-bit weight had been repacked into bitsandbytes' CPU inference layout by an earlier"
-                " eval-mode forward; unpacked it back to the normal layout",
-                stacklevel=3,
-            )
-        saved[module] = module.support_avx512bf16_for_cpu
-        module.support_avx512bf16_for_cpu = False
-    try:
-        yield
-    finally:
-        for module, value in saved.items():
-            module.support_avx512bf16_for_cpu = value
-
-
 def calibrate(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -475,7 +441,7 @@ def calibrate(
     samples = tokens = 0
     start = time.perf_counter()
     try:
-        with linear4bit_guard(gpt):
+        with no_cpu_repack(gpt):
             gpt.eval()
             for scorer in scorers:
                 for module, hook in scorer.hooks():

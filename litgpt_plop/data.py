@@ -24,6 +24,8 @@ from litgpt.prompts import PromptStyle, model_name_to_prompt_style
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader
 
+from litgpt_plop.quantize import disable_cpu_repack
+
 Split = Literal["train", "val"]
 
 # reasoning-gym seeds item `i` with `seed + i`, so the datasets for seeds s and s + 1 are the same list shifted by
@@ -329,7 +331,7 @@ def evaluate_accuracy(
     cache_length = max(len(tokenizer.encode(prompt)) for prompt in prompts) + max_new_tokens
     was_training = model.training
     previous_max_seq_length = model.max_seq_length
-    _keep_bnb_weights_trainable(model.modules())
+    disable_cpu_repack(model.modules())
     model.eval()
     try:
         # Only ever extend: the rope cache must cover prompt + answer; a training length may be shorter.
@@ -348,15 +350,3 @@ def evaluate_accuracy(
     accuracy = sum(record.score == 1.0 for record in records) / len(records)
     mean_score = sum(record.score for record in records) / len(records)
     return AccuracyResult(accuracy=accuracy, mean_score=mean_score, records=records)
-
-
-def _keep_bnb_weights_trainable(modules: Iterable[torch.nn.Module]) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights during evaluation.
-
-    On CPUs with avx512_bf16, a ``bnb.nn.Linear4bit`` forward in eval mode with an input that does not require grad
-    repacks the weight into a CPU-only layout for good: later training gets no input gradient and
-    ``dequantize_4bit`` returns garbage. Evaluation is exactly that situation, so switch the fast path off.
-    """
-    for module in modules:
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False

@@ -18,7 +18,7 @@ from litgpt.tokenizer import Tokenizer
 from litgpt_plop.data import ReasoningGym, evaluate_accuracy
 from litgpt_plop.finetune import setup as finetune
 from litgpt_plop.placement import Placement
-from litgpt_plop.plan import load_checkpoint_model
+from litgpt_plop.checkpoint import load_checkpoint_model
 from litgpt_plop.prepare import prepare_smollm2
 
 

@@ -6,13 +6,13 @@ Works on ``litgpt.model.GPT`` (plain ``nn.Linear`` or bitsandbytes ``Linear4bit`
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any
 
 import torch.nn as nn
 from litgpt import GPT as BaseGPT
 from litgpt.lora import LoRALinear
 
-from litgpt_plop.placement import HEAD_LAYER, check_supported
+from litgpt_plop.placement import PlacementError, qkv_part_sizes
 
 # kind -> attribute path inside a block. The fused qkv holds query, key and value as row slices.
 KIND_TO_PATH = {
@@ -40,6 +40,18 @@ def find_gpt(module: nn.Module, attr: str | None = None) -> BaseGPT | None:
     return None
 
 
+def gpt_of(module: nn.Module, attr: str | None = None) -> BaseGPT:
+    """``find_gpt``, but a missing model is a ``PlacementError`` naming what was searched."""
+    gpt = find_gpt(module, attr)
+    if gpt is None:
+        where = f" at {attr!r}" if attr else ""
+        raise PlacementError(
+            f"No LitGPT GPT model found in {type(module).__name__}{where}: pass a litgpt.model.GPT or litgpt.lora.GPT,"
+            " or a module holding one"
+        )
+    return gpt
+
+
 def site_module(model: BaseGPT, layer: int, kind: str) -> nn.Module:
     """The module that computes ``kind`` in block ``layer`` (a ``LoRALinear`` on a LoRA model)."""
     if kind == "head":
@@ -55,15 +67,17 @@ def base_linear(module: nn.Module) -> nn.Module:
     return module.linear if isinstance(module, LoRALinear) else module
 
 
-def iter_site_modules(model: BaseGPT, kinds: tuple[str, ...]) -> Iterator[tuple[int, str, nn.Module]]:
-    """``(layer, path, module)`` for each block and each distinct module path that holds one of ``kinds``.
+def qkv_row_slices(owner: Any, parts: tuple[str, ...] = ("query", "key", "value")) -> dict[str, slice]:
+    """The rows each of ``parts`` occupies when only those parts are stacked in query, key, value order.
 
-    The fused qkv is yielded once per block with path ``"attn.qkv"``; the head with layer ``HEAD_LAYER``.
+    With every part, these are the rows of the fused ``attn.qkv`` weight; with the enabled parts of a LitGPT
+    ``LoRAQKVLinear``, the rows of its ``lora_B``. ``owner`` is a config or a qkv module (anything with
+    ``n_head``, ``n_query_groups`` and ``head_size``).
     """
-    check_supported(model.config)
-    paths = list(dict.fromkeys(KIND_TO_PATH[k] for k in kinds if k != "head"))
-    for layer in range(model.config.n_layer):
-        for path in paths:
-            yield layer, path, site_module(model, layer, next(k for k in kinds if KIND_TO_PATH.get(k) == path))
-    if "head" in kinds:
-        yield HEAD_LAYER, "lm_head", model.lm_head
+    sizes = qkv_part_sizes(owner)
+    slices, start = {}, 0
+    for part in ("query", "key", "value"):
+        if part in parts:
+            slices[part] = slice(start, start + sizes[part])
+            start += sizes[part]
+    return slices

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 from litgpt import Config
 
 from litgpt_plop.atomic import write_text_atomic
+from litgpt_plop.methods import METHODS, method_names
 
 # The kinds of LoRA-able linear maps, in LitGPT terms (see methods.md).
 ATTENTION_KINDS = ("query", "key", "value", "projection")
@@ -78,10 +79,17 @@ def kinds_from_flags(config: Config, **flags: bool) -> list[str]:
     return [k for k in model_kinds(config, include_head=True) if flags.get(KIND_TO_FLAG[k], False)]
 
 
+def qkv_part_sizes(owner: Any) -> dict[str, int]:
+    """Rows of query, key and value in the fused qkv of ``owner`` (a config, or a qkv module: anything with
+    ``n_head``, ``n_query_groups`` and ``head_size``). LitGPT's layout is ``[q | k | v]`` (methods.md)."""
+    kv_size = owner.n_query_groups * owner.head_size
+    return {"query": owner.n_head * owner.head_size, "key": kv_size, "value": kv_size}
+
+
 def site_shape(config: Config, kind: str) -> tuple[int, int]:
     """(d_out, d_in) of the weight a site of this kind adapts; for q/k/v, the row slice of the fused qkv."""
-    q_size = config.n_head * config.head_size
-    kv_size = config.n_query_groups * config.head_size
+    sizes = qkv_part_sizes(config)
+    q_size, kv_size = sizes["query"], sizes["key"]
     shapes = {
         "query": (q_size, config.n_embd),
         "key": (kv_size, config.n_embd),
@@ -118,7 +126,59 @@ class Site:
         return f"{self.layer}.{self.kind}"
 
 
+SCHEMA_VERSION = 2  # of placement.json; version 1 (no field) had free-form scores, still read
+
+
 @dataclass
+class Scores:
+    """What a placement was decided from, with one fixed schema whatever the method (README, "placement.json").
+
+    Every field is always written; a score the method did not compute is empty (``{}``, ``[]`` or ``None``).
+    Layer keys are strings, as JSON has them.
+
+    Args:
+        candidate_kinds: the kinds the method could choose from.
+        candidate_layers: the layers it could choose from.
+        nfn_per_site: PLoP's NFN of each ``"<layer>.<kind>"`` site.
+        nfn_per_kind: each kind's NFN, the mean over the candidate layers (what PLoP ranks).
+        nfn_per_layer: each layer's NFN, the mean over its block kinds (for the report).
+        cka_per_layer: each layer's CKA similarity of the hidden state entering and leaving the block.
+        degenerate_layers: layers whose CKA says nothing (every calibration sample looks the same there).
+        plop: PLoP's options as used (``denominator``, ``num_kinds``, ``budget``, ``budget_params``, ``granularity``).
+        cka: CKA's options as used (``pooling``, ``ratio``, ``samples``).
+    """
+
+    candidate_kinds: list[str] = field(default_factory=list)
+    candidate_layers: list[int] = field(default_factory=list)
+    nfn_per_site: dict[str, float] = field(default_factory=dict)
+    nfn_per_kind: dict[str, float] = field(default_factory=dict)
+    nfn_per_layer: dict[str, float] = field(default_factory=dict)
+    cka_per_layer: dict[str, float] = field(default_factory=dict)
+    degenerate_layers: list[int] = field(default_factory=list)
+    plop: dict[str, Any] | None = None
+    cka: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], method: str = "") -> "Scores":
+        """Read a ``scores`` object; one of a version-1 file (``per_site``/``per_kind``/``per_layer``, whose
+        ``per_layer`` meant CKA for ``cka``) is converted."""
+        data = dict(data or {})
+        if "per_kind" in data or "per_site" in data:
+            per_layer = data.pop("per_layer", {}) or {}
+            data["nfn_per_site"] = data.pop("per_site", {}) or {}
+            data["nfn_per_kind"] = data.pop("per_kind", {}) or {}
+            if method == "cka":
+                data["cka_per_layer"] = per_layer
+            else:
+                data["nfn_per_layer"] = per_layer
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
 class Placement:
     """Which sites get an adapter, with what rank, and why.
 
@@ -130,8 +190,10 @@ class Placement:
         model: the LitGPT config name of the model it was made for.
         n_layer: the model's number of blocks (checked when the placement is applied or loaded).
         n_embd: the model's width (checked likewise).
-        scores: the scores the decision was based on (free-form, JSON-serialisable).
+        scores: the scores the decision was based on (``Scores``).
         calibration: what the calibration pass saw (samples, tokens, seconds), if there was one.
+
+    A placement is immutable: ``dataclasses.replace`` (or ``restricted``) makes a changed copy.
     """
 
     sites: list[Site]
@@ -141,11 +203,11 @@ class Placement:
     model: str = ""
     n_layer: int = 0
     n_embd: int = 0
-    scores: dict[str, Any] = field(default_factory=dict)
+    scores: Scores = field(default_factory=Scores)
     calibration: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.sites = sorted(self.sites)
+        object.__setattr__(self, "sites", sorted(self.sites))
         seen = set()
         for site in self.sites:
             if site.kind not in ALL_KINDS:
@@ -194,35 +256,6 @@ class Placement:
                 sites.extend(Site(layer, kind, rank) for layer in layers)
         return cls.from_sites(config, sites, lora_alpha=lora_alpha, **kwargs)
 
-    @classmethod
-    def from_flags(
-        cls,
-        config: Config,
-        lora_r: int = 8,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.0,
-        lora_query: bool = False,
-        lora_key: bool = False,
-        lora_value: bool = False,
-        lora_projection: bool = False,
-        lora_mlp: bool = False,
-        lora_head: bool = False,
-        **kwargs: Any,
-    ) -> "Placement":
-        """What LitGPT's flags say: each enabled kind in every block, rank ``lora_r``."""
-        flags = dict(
-            lora_query=lora_query,
-            lora_key=lora_key,
-            lora_value=lora_value,
-            lora_projection=lora_projection,
-            lora_mlp=lora_mlp,
-            lora_head=lora_head,
-        )
-        kinds = kinds_from_flags(config, **flags)
-        return cls.from_kinds(
-            config, kinds, rank=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, method="flags", **kwargs
-        )
-
     # ---- what it says -------------------------------------------------------------------------------------
 
     @property
@@ -239,13 +272,6 @@ class Placement:
     @property
     def max_rank(self) -> int:
         return max((s.rank for s in self.sites), default=0)
-
-    def site(self, layer: int, kind: str) -> Site | None:
-        """The adapter at (layer, kind), or None."""
-        for s in self.sites:
-            if s.layer == layer and s.kind == kind:
-                return s
-        return None
 
     def flags(self) -> dict[str, Any]:
         """The LitGPT ``lora_*`` flags needed to rebuild a model that can hold this placement (the union)."""
@@ -294,13 +320,14 @@ class Placement:
             for s in self.sites
             if (kinds is None or s.kind in kinds) and (layers is None or s.layer in layers or s.layer == HEAD_LAYER)
         ]
-        return Placement(**{**self.__dict__, "sites": sites})
+        return replace(self, sites=sites)
 
     # ---- JSON ---------------------------------------------------------------------------------------------
 
     def to_dict(self, config: Config | None = None) -> dict[str, Any]:
         """The ``placement.json`` schema. ``trainable_params`` needs the model config."""
         data: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
             "method": self.method,
             "model": self.model,
             "n_layer": self.n_layer,
@@ -308,7 +335,7 @@ class Placement:
             "sites": [{"layer": s.layer, "kind": s.kind, "rank": s.rank} for s in self.sites],
             "flags": self.flags(),
             "trainable_params": self.trainable_params(config) if config is not None else None,
-            "scores": self.scores,
+            "scores": self.scores.to_dict(),
         }
         if self.calibration is not None:
             data["calibration"] = self.calibration
@@ -327,7 +354,7 @@ class Placement:
                 model=data.get("model", ""),
                 n_layer=int(data.get("n_layer", 0)),
                 n_embd=int(data.get("n_embd", 0)),
-                scores=data.get("scores", {}),
+                scores=Scores.from_dict(data.get("scores", {}), data.get("method", "")),
                 calibration=data.get("calibration"),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -357,14 +384,12 @@ class Placement:
 
 # ---- the fixed placements users compare against -----------------------------------------------------------
 
-PRESETS = ("all", "attention", "qv", "mlp", "random")
-
-
 def preset(
     name: str,
     config: Config,
     rank: int = 8,
     lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
     candidates: Iterable[str] | None = None,
     num_kinds: int | None = None,
     match_params: int | None = None,
@@ -379,18 +404,18 @@ def preset(
         config: the model's config.
         rank: LoRA rank of every site.
         lora_alpha: LoRA alpha.
+        lora_dropout: LoRA dropout.
         candidates: for ``random``, the kinds to draw from (default: every kind but the head).
         num_kinds: for ``random``, how many kinds to draw (default 3, PLoP's default).
         match_params: for ``random``, draw kinds until this many trainable parameters are reached instead.
         seed: for ``random``, the seed.
     """
     kinds = model_kinds(config)
-    if name == "all":
+    method = METHODS.get(name)
+    if method is not None and method.kind == "preset" and method.kinds is not None:
+        chosen = list(method.kinds)
+    elif name == "all":
         chosen = list(kinds)
-    elif name == "attention":
-        chosen = list(ATTENTION_KINDS)
-    elif name == "qv":
-        chosen = ["query", "value"]
     elif name == "mlp":
         chosen = [k for k in kinds if k.startswith("mlp")]
     elif name == "random":
@@ -410,6 +435,6 @@ def preset(
         unknown = [k for k in chosen if k not in kinds and k != HEAD_KIND]
         if not chosen or unknown:
             raise PlacementError(
-                f"Unknown placement {name!r}: use one of {list(PRESETS)} or a comma-separated list of kinds from {list(kinds)}"
+                f"Unknown placement {name!r}: use one of {list(method_names('preset'))} or a comma-separated list of kinds from {list(kinds)}"
             )
-    return Placement.from_kinds(config, chosen, rank=rank, lora_alpha=lora_alpha, method=name)
+    return Placement.from_kinds(config, chosen, rank=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, method=name)

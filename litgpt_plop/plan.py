@@ -1,131 +1,26 @@
 """``litgpt-plop plan``: calibrate a pretrained model on task prompts and show where LoRA would go. No training.
 
-Also the pieces ``finetune`` shares with it: loading the base model (optionally 4-bit), turning a method name
-into a placement, and writing ``placement.json``, ``report.md`` and ``scores.png``.
+A thin command: it parses, loads the checkpoint (``litgpt_plop.checkpoint``), decides (``litgpt_plop.select``),
+writes (``litgpt_plop.export``) and prints (``litgpt_plop.report``).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Literal
 
-import torch
-from litgpt import Config
 from litgpt.data import DataModule
-from litgpt.model import GPT
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import check_valid_checkpoint_dir
 
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.calibration import calibration_token_ids
-from litgpt_plop.placement import PRESETS, Placement, PlacementError, kinds_from_flags, preset
-from litgpt_plop.report import summary_table, write_report
-from litgpt_plop.select import METHODS, plan_placement
-
-# Methods that calibrate, then the fixed placements they are compared against.
-PLAN_METHODS = METHODS + PRESETS
-QuantizeChoice = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq"]
-PRECISION_DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
-
-
-def check_plan_method(method: str) -> None:
-    if method not in PLAN_METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {list(PLAN_METHODS)}")
-
-
-def load_checkpoint_model(
-    checkpoint_dir: Path, precision: str | None = None, quantize: QuantizeChoice | None = None
-) -> GPT:
-    """A frozen ``litgpt.model.GPT`` with the checkpoint's weights, on the GPU if there is one.
-
-    ``quantize`` swaps the block linears for bitsandbytes 4-bit ones (this works on CPU as well as GPU).
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    try:
-        check_valid_checkpoint_dir(checkpoint_dir, verbose=False, raise_error=True, ignore_tokenizer_files=True)
-    except FileNotFoundError:
-        raise ValueError(
-            f"{str(checkpoint_dir)!r} is not a LitGPT checkpoint directory: it needs lit_model.pth and"
-            " model_config.yaml (make one with `litgpt download` or `litgpt convert_to_litgpt`)"
-        ) from None
-    if precision is not None and precision not in PRECISION_DTYPES:
-        raise ValueError(f"Unsupported --precision {precision!r}; choose one of {list(PRECISION_DTYPES)}")
-    config = Config.from_file(checkpoint_dir / "model_config.yaml")
-    with torch.device("meta"):
-        model = GPT(config)
-    state_dict = torch.load(checkpoint_dir / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
-    state_dict = state_dict.get("model", state_dict)
-    model.load_state_dict(state_dict, assign=True)
-    # the rope cache is a non-persistent buffer, so it is still on the meta device: build it for real
-    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
-    if precision is not None:
-        model.to(PRECISION_DTYPES[precision])
-    model.requires_grad_(False)
-    if quantize is not None:
-        from litgpt_plop.quantize import quantize_linears_4bit
-
-        quant_type = quantize[len("bnb.") :].removesuffix("-dq")
-        quantize_linears_4bit(model, quant_type=quant_type, double_quant=quantize.endswith("-dq"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device)
-
-
-def decide_placement(
-    model: torch.nn.Module,
-    method: str,
-    token_ids: list[torch.Tensor] | None,
-    candidate_kinds: list[str],
-    lora_r: int,
-    lora_alpha: int,
-    calibration: CalibrationArgs,
-    plop: PlopArgs,
-    cka: CkaArgs,
-    seed: int | None = None,
-) -> Placement:
-    """Calibrate and decide for the scoring methods; build the named placement for the fixed presets.
-
-    ``seed`` draws the ``random`` preset's kinds (default: ``calibration.seed``).
-    """
-    check_plan_method(method)
-    if method in PRESETS:
-        config = model.config
-        seed = calibration.seed if seed is None else seed
-        placement = preset(method, config, rank=lora_r, lora_alpha=lora_alpha, candidates=candidate_kinds, seed=seed)
-        if method != "random":
-            placement = placement.restricted(kinds=candidate_kinds)
-        placement.validate(config)
-        return placement
-    if not token_ids:
-        raise ValueError("Calibration data is empty: no prompts to score on")
-    return plan_placement(
-        model,
-        token_ids,
-        method=method,
-        rank=lora_r,
-        lora_alpha=lora_alpha,
-        candidate_kinds=candidate_kinds,
-        plop=plop,
-        cka=cka,
-        calibration=calibration,
-    )
-
-
-def write_outputs(placement: Placement, config: Config, out_dir: Path) -> None:
-    """``placement.json``, ``report.md`` and ``scores.png``: built in a temporary directory, then moved into place."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".plan-"))
-    try:
-        placement.save(staging / "placement.json", config)
-        write_report(placement, config, staging)
-        for file in sorted(staging.iterdir()):
-            os.replace(file, out_dir / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+from litgpt_plop.checkpoint import load_checkpoint_model
+from litgpt_plop.export import write_placement_files
+from litgpt_plop.methods import get_method
+from litgpt_plop.placement import Placement, PlacementError, kinds_from_flags
+from litgpt_plop.quantize import QuantizeChoice
+from litgpt_plop.report import summary_table
+from litgpt_plop.select import decide_placement
 
 
 def plan(
@@ -171,7 +66,7 @@ def plan(
         precision: ``32-true``, ``bf16-true`` or ``16-true``: the dtype the model is scored in.
         quantize: Score the model with its block linears in bitsandbytes 4-bit, as a QLoRA finetune would.
     """
-    check_plan_method(method)
+    spec = get_method(method, "calibrated", "preset")
     checkpoint_dir = Path(checkpoint_dir)
     model = load_checkpoint_model(checkpoint_dir, precision, quantize)
     candidate_kinds = kinds_from_flags(
@@ -186,12 +81,13 @@ def plan(
     if not candidate_kinds:
         raise PlacementError("Every --lora_* flag is off: there are no candidate kinds to choose from")
     token_ids = None
-    if method not in PRESETS:
-        tokenizer = Tokenizer(checkpoint_dir)
-        token_ids = calibration_token_ids(calibration, tokenizer, data)
+    if spec.calibrates:
+        token_ids = calibration_token_ids(calibration, Tokenizer(checkpoint_dir), data)
     t0 = time.perf_counter()
-    placement = decide_placement(model, method, token_ids, candidate_kinds, lora_r, lora_alpha, calibration, plop, cka)
-    write_outputs(placement, model.config, out_dir)
+    placement = decide_placement(
+        model, method, token_ids, candidate_kinds, lora_r, lora_alpha, calibration=calibration, plop=plop, cka=cka
+    )
+    write_placement_files(placement, model.config, out_dir)
     print(summary_table(placement, model.config))
     print(f"Decided in {time.perf_counter() - t0:.1f}s. Wrote placement.json, report.md and scores.png to {str(out_dir)!r}")
     return placement

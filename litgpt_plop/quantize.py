@@ -14,11 +14,63 @@ module made here gets it set to False, and ``apply_placement`` does the same for
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Literal, get_args
+
 import torch
 import torch.nn as nn
 
-from litgpt_plop.modules import find_gpt
-from litgpt_plop.placement import PlacementError
+from litgpt_plop.modules import gpt_of
+
+QuantizeChoice = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq"]
+QUANTIZE_CHOICES = get_args(QuantizeChoice)
+
+
+def disable_cpu_repack(modules: Iterable[nn.Module]) -> None:
+    """Stop every bitsandbytes ``Linear4bit`` among ``modules`` from repacking its weight into the CPU-only
+    inference layout (the hazard in the module docstring). Other modules are left alone."""
+    for module in modules:
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+@contextmanager
+def no_cpu_repack(model: nn.Module) -> Iterator[None]:
+    """Keep bitsandbytes ``Linear4bit`` weights in their normal layout during an eval-mode, no-grad pass.
+
+    Applies ``disable_cpu_repack`` to every ``Linear4bit`` of ``model`` and restores each previous value on exit. A
+    weight already repacked by an earlier pass is unpacked first (as bitsandbytes' own ``_save_to_state_dict``
+    does), with a warning.
+    """
+    saved = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        quant_state = getattr(module.weight, "quant_state", None)
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, quant_state
+            )
+            warnings.warn(
+                f"{name}: the 4-bit weight had been repacked into bitsandbytes' CPU inference layout by an earlier"
+                " eval-mode forward; unpacked it back to the normal layout",
+                stacklevel=3,
+            )
+        saved[module] = module.support_avx512bf16_for_cpu
+    disable_cpu_repack(saved)
+    try:
+        yield
+    finally:
+        for module, value in saved.items():
+            module.support_avx512bf16_for_cpu = value
+
+
+def quantize_choice(quantize: str) -> tuple[str, bool]:
+    """``bnb.nf4-dq`` -> (``nf4``, double quantization on)."""
+    return quantize[len("bnb.") :].removesuffix("-dq"), quantize.endswith("-dq")
 
 
 def quantize_linears_4bit(
@@ -43,9 +95,7 @@ def quantize_linears_4bit(
     """
     import bitsandbytes as bnb
 
-    gpt = find_gpt(model)
-    if gpt is None:
-        raise PlacementError(f"No LitGPT GPT model found in {type(model).__name__}")
+    gpt = gpt_of(model)
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     count = 0
@@ -76,7 +126,7 @@ def quantize_linears_4bit(
             # Params4bit quantizes on its first move to a real device (CPU included); it returns itself.
             quantized.weight = quantized.weight.to(weight.device)
             quantized.bias = linear.bias
-            quantized.support_avx512bf16_for_cpu = False  # the CPU repack hazard, see the module docstring
+            disable_cpu_repack([quantized])
             parent_name, _, attr = name.rpartition(".")
             setattr(block.get_submodule(parent_name) if parent_name else block, attr, quantized)
             count += 1

@@ -77,20 +77,6 @@ def monte_carlo_denominator(weight: torch.Tensor, num_samples: int, seed: int) -
     return float((r.to(weight.device) @ weight.double().T).norm(dim=1).mean())
 
 
-def nfn(linear: nn.Module, inputs: torch.Tensor, denominator: str = "closed_form", mc_samples: int = 4096, seed: int = 0) -> float:
-    """The NFN of one linear on one batch of inputs ``(N, d_in)`` (every row a real token), exactly as the
-    scorer computes it for a site: the mean normalised output norm over the denominator."""
-    with torch.no_grad():
-        outputs = linear(inputs)
-        if linear.bias is not None:
-            outputs = outputs - linear.bias
-        numerator = float(normalized_output_norms(inputs, outputs).double().mean())
-        weight = weight_matrix(linear)
-    if denominator == "closed_form":
-        return numerator / closed_form_denominator(weight)
-    return numerator / monte_carlo_denominator(weight, mc_samples, seed)
-
-
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA with the biased HSIC between ``x`` ``(n, d1)`` and ``y`` ``(n, d2)`` (rows are samples):
     centre the columns, then ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``. 0.0 when a centred matrix is zero."""
@@ -167,9 +153,6 @@ class PlopScores:
     denominator: str = "closed_form"
     tokens: int = 0
     batches: int = 0
-
-    def site(self, layer: int, kind: str) -> float:
-        return self.per_site[f"{layer}.{kind}"]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Turning calibration scores into a ``Placement``, and the one call that does it all: ``plan_placement``.
+"""Turning calibration scores into a ``Placement``; ``plan_placement`` (calibrate, then choose) and
+``decide_placement`` (any method of the registry but the gated ones) are the calls the commands and callbacks use.
 
 Methods:
     ``plop``: the ``num_kinds`` candidate kinds with the LOWEST NFN, on every candidate layer; or, with a
@@ -18,6 +19,7 @@ fails with a ``PlacementError`` saying what to change.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -26,17 +28,27 @@ from litgpt import Config
 
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.calibration import CalibrationStats, run_calibration
-from litgpt_plop.modules import find_gpt
-from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, Placement, PlacementError, model_kinds, site_params
+from litgpt_plop.methods import Method, get_method
+from litgpt_plop.modules import gpt_of
+from litgpt_plop.placement import (
+    HEAD_KIND,
+    HEAD_LAYER,
+    Placement,
+    PlacementError,
+    Scores,
+    model_kinds,
+    preset,
+    site_params,
+)
 from litgpt_plop.scoring import CkaScorer, CkaScores, PlopScorer, PlopScores
 
-METHODS = ("plop", "plop-inverse", "cka", "plop+cka")
 
-
-def check_method(method: str) -> None:
-    """Raise ``PlacementError`` naming the choices for an unknown method."""
-    if method not in METHODS:
-        raise PlacementError(f"Unknown placement method {method!r}; choose one of {list(METHODS)}")
+def calibrated_method(name: str) -> Method:
+    """The calibrated method called ``name``; ``PlacementError`` naming the choices otherwise."""
+    try:
+        return get_method(name, "calibrated", what="placement method")
+    except ValueError as e:
+        raise PlacementError(str(e)) from None
 
 
 def resolve_candidates(
@@ -189,75 +201,68 @@ def select_placement(
     cka_scores: CkaScores | None = None,
     rank: int = 8,
     lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
     candidate_kinds: Sequence[str] | None = None,
     candidate_layers: Sequence[int] | None = None,
     plop: PlopArgs | None = None,
     cka: CkaArgs | None = None,
     calibration: dict[str, Any] | None = None,
 ) -> Placement:
-    """The placement ``method`` makes of the scores (see the module docstring for the rules).
-
-    The placement records ``method``, the ``scores`` it was based on (``per_site``, ``per_kind``,
-    ``per_layer``; for ``cka`` ``per_layer`` is the CKA similarity, for ``plop+cka`` the CKA goes under
-    ``cka_per_layer``; plus the options used) and the ``calibration`` record.
-    """
-    check_method(method)
+    """The placement ``method`` makes of the scores (see the module docstring for the rules). It records
+    ``method``, the ``Scores`` it was based on (with the options used) and the ``calibration`` record."""
+    spec = calibrated_method(method)
     plop = PlopArgs() if plop is None else plop
     cka = CkaArgs() if cka is None else cka
     kinds, layers = resolve_candidates(config, candidate_kinds, candidate_layers)
-    uses_plop = method in ("plop", "plop-inverse", "plop+cka")
-    uses_cka = method in ("cka", "plop+cka")
-    if uses_plop and plop_scores is None:
+    if spec.uses_plop and plop_scores is None:
         raise PlacementError(f"Method {method!r} needs PLoP scores")
-    if uses_cka and cka_scores is None:
+    if spec.uses_cka and cka_scores is None:
         raise PlacementError(f"Method {method!r} needs CKA scores")
 
-    scores: dict[str, Any] = {
-        "per_site": {},
-        "per_kind": {},
-        "per_layer": {},
-        "candidate_kinds": kinds,
-        "candidate_layers": layers,
-    }
+    scores = Scores(candidate_kinds=kinds, candidate_layers=layers)
     placed_layers = layers
-    if uses_cka:
+    if spec.uses_cka:
         placed_layers = choose_layers(cka_scores, layers, cka)
-        cka_per_layer = {str(l): cka_scores.per_layer[l] for l in layers}
-        scores["cka_per_layer" if uses_plop else "per_layer"] = cka_per_layer
-        scores["degenerate_layers"] = [l for l in layers if l in cka_scores.degenerate_layers]
-        scores["cka"] = {"pooling": cka_scores.pooling, "ratio": cka.ratio, "samples": cka_scores.samples}
-    if uses_plop:
-        block_kinds = [k for k in kinds if k != HEAD_KIND]
-        scores["per_site"] = {
-            f"{l}.{k}": _plop_site_score(plop_scores, l, k) for k in kinds for l in _site_layers(k, layers)
-        }
-        scores["per_kind"] = plop_kind_scores(plop_scores, kinds, layers)
-        scores["per_layer"] = {
-            str(l): sum(_plop_site_score(plop_scores, l, k) for k in block_kinds) / len(block_kinds)
-            for l in layers
-            if block_kinds
-        }
-        scores["plop"] = {
+        scores = replace(
+            scores,
+            cka_per_layer={str(l): cka_scores.per_layer[l] for l in layers},
+            degenerate_layers=[l for l in layers if l in cka_scores.degenerate_layers],
+            cka={"pooling": cka_scores.pooling, "ratio": cka.ratio, "samples": cka_scores.samples},
+        )
+    if spec.uses_plop:
+        scores = _with_nfn(scores, config, plop_scores, kinds, layers, rank, plop)
+
+    common = dict(lora_alpha=lora_alpha, lora_dropout=lora_dropout, method=method, scores=scores, calibration=calibration)
+    if spec.uses_plop and plop.granularity == "site":
+        sites = choose_sites(config, plop_scores, kinds, placed_layers, rank, plop, inverse=spec.inverse)
+        return Placement.from_sites(config, [(l, k, rank) for l, k in sites], **common)
+    chosen = kinds
+    if spec.uses_plop:
+        chosen = choose_kinds(config, plop_scores, kinds, layers, placed_layers, rank, plop, spec.inverse)
+    return Placement.from_kinds(config, chosen, layers=placed_layers, rank=rank, **common)
+
+
+def _with_nfn(
+    scores: Scores, config: Config, plop_scores: PlopScores, kinds: list[str], layers: list[int], rank: int, plop: PlopArgs
+) -> Scores:
+    """``scores`` with PLoP's NFN per site, kind and layer over the candidates, and PLoP's options as used."""
+    block_kinds = [k for k in kinds if k != HEAD_KIND]
+    per_layer = {}
+    if block_kinds:
+        per_layer = {str(l): sum(_plop_site_score(plop_scores, l, k) for k in block_kinds) / len(block_kinds) for l in layers}
+    return replace(
+        scores,
+        nfn_per_site={f"{l}.{k}": _plop_site_score(plop_scores, l, k) for k in kinds for l in _site_layers(k, layers)},
+        nfn_per_kind=plop_kind_scores(plop_scores, kinds, layers),
+        nfn_per_layer=per_layer,
+        plop={
             "denominator": plop_scores.denominator,
             "num_kinds": plop.num_kinds if plop.budget is None else None,
             "budget": plop.budget,
             "budget_params": budget_params(config, plop.budget, rank) if plop.budget is not None else None,
             "granularity": plop.granularity,
-        }
-
-    inverse = method == "plop-inverse"
-    if uses_plop and plop.granularity == "site":
-        sites = choose_sites(config, plop_scores, kinds, placed_layers, rank, plop, inverse=inverse)
-        placement = Placement.from_sites(
-            config, [(l, k, rank) for l, k in sites], lora_alpha=lora_alpha, method=method, scores=scores, calibration=calibration
-        )
-    else:
-        chosen_kinds = choose_kinds(config, plop_scores, kinds, layers, placed_layers, rank, plop, inverse) if uses_plop else kinds
-        placement = Placement.from_kinds(
-            config, chosen_kinds, layers=placed_layers, rank=rank, lora_alpha=lora_alpha, method=method,
-            scores=scores, calibration=calibration,
-        )  # fmt: skip
-    return placement
+        },
+    )
 
 
 def plan_placement(
@@ -266,6 +271,7 @@ def plan_placement(
     method: str = "plop",
     rank: int = 8,
     lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
     candidate_kinds: Sequence[str] | None = None,
     candidate_layers: Sequence[int] | None = None,
     plop: PlopArgs | None = None,
@@ -281,9 +287,10 @@ def plan_placement(
         token_ids: tokenized prompts (see ``litgpt_plop.calibration.calibration_token_ids``). At most
             ``calibration.num_samples`` are used; prompts longer than ``calibration.max_seq_length`` are
             truncated with a warning.
-        method: one of ``METHODS``.
+        method: a calibrated method of the registry (``litgpt_plop.methods``).
         rank: LoRA rank of every site.
         lora_alpha: LoRA alpha.
+        lora_dropout: LoRA dropout (recorded in the placement).
         candidate_kinds: the kinds the method may choose from (default: every kind but the head).
         candidate_layers: the layers it may choose from (default: all).
         plop: PLoP options (``--plop.*``).
@@ -292,24 +299,17 @@ def plan_placement(
         shard: under ``torch.distributed``, give each rank its share of the batches of ``token_ids`` (pass the
             same prompts on every rank). Every rank returns the same placement.
     """
-    check_method(method)
+    spec = calibrated_method(method)
     plop = PlopArgs() if plop is None else plop
     cka = CkaArgs() if cka is None else cka
     calibration = CalibrationArgs() if calibration is None else calibration
-    gpt = find_gpt(model)
-    if gpt is None:
-        raise ValueError(f"No LitGPT GPT model inside {type(model).__name__}")
-    config = gpt.config
-    kinds, layers = resolve_candidates(config, candidate_kinds, candidate_layers)
-    uses_plop = method in ("plop", "plop-inverse", "plop+cka")
-    uses_cka = method in ("cka", "plop+cka")
-    if uses_plop and plop.granularity == "site" and plop.budget is None:
+    gpt = gpt_of(model)
+    kinds, layers = resolve_candidates(gpt.config, candidate_kinds, candidate_layers)
+    if spec.uses_plop and plop.granularity == "site" and plop.budget is None:
         raise PlacementError("--plop.granularity site chooses sites until a budget is used: set --plop.budget")
 
-    plop_scorer = (
-        PlopScorer(gpt, kinds, layers, plop.denominator, plop.mc_samples, calibration.seed) if uses_plop else None
-    )
-    cka_scorer = CkaScorer(gpt, layers, cka.pooling, cka.degenerate_tol) if uses_cka else None
+    plop_scorer = PlopScorer(gpt, kinds, layers, plop.denominator, plop.mc_samples, calibration.seed) if spec.uses_plop else None
+    cka_scorer = CkaScorer(gpt, layers, cka.pooling, cka.degenerate_tol) if spec.uses_cka else None
     scorers = [s for s in (plop_scorer, cka_scorer) if s is not None]
     stats: CalibrationStats = run_calibration(model, token_ids, scorers, calibration, shard=shard)
     record = {
@@ -321,12 +321,13 @@ def plan_placement(
         "seed": calibration.seed,
     }
     return select_placement(
-        config,
+        gpt.config,
         method,
         plop_scores=plop_scorer.result() if plop_scorer is not None else None,
         cka_scores=cka_scorer.result() if cka_scorer is not None else None,
         rank=rank,
         lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
         candidate_kinds=kinds,
         candidate_layers=layers,
         plop=plop,
@@ -334,3 +335,39 @@ def plan_placement(
         calibration=record,
     )
 
+
+def decide_placement(
+    model: nn.Module,
+    method: str,
+    token_ids: Sequence[torch.Tensor] | None,
+    candidate_kinds: Sequence[str],
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float = 0.0,
+    calibration: CalibrationArgs | None = None,
+    plop: PlopArgs | None = None,
+    cka: CkaArgs | None = None,
+    seed: int | None = None,
+) -> Placement:
+    """The placement of a calibrated method (calibrating on ``token_ids``) or of a preset (no data needed).
+
+    ``seed`` draws the ``random`` preset's kinds (default: ``calibration.seed``).
+    """
+    spec = get_method(method, "calibrated", "preset")
+    calibration = CalibrationArgs() if calibration is None else calibration
+    if spec.calibrates:
+        if not token_ids:
+            raise ValueError("Calibration data is empty: no prompts to score on")
+        return plan_placement(
+            model, token_ids, method=method, rank=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            candidate_kinds=candidate_kinds, plop=plop, cka=cka, calibration=calibration,
+        )  # fmt: skip
+    config = gpt_of(model).config
+    seed = calibration.seed if seed is None else seed
+    placement = preset(
+        method, config, rank=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, candidates=candidate_kinds, seed=seed
+    )
+    if method != "random":
+        placement = placement.restricted(kinds=candidate_kinds)
+    placement.validate(config)
+    return placement

@@ -16,7 +16,7 @@ from litgpt.lora import LoRALinear, LoRAQKVLinear
 
 from litgpt_plop.adapt import LoRAQKVMixedRankLinear, apply_placement, current_placement, site_adapter
 from litgpt_plop.modules import base_linear, site_module
-from litgpt_plop.placement import HEAD_LAYER, QKV_KINDS, Placement, PlacementError, Site, model_kinds
+from litgpt_plop.placement import HEAD_LAYER, QKV_KINDS, Placement, PlacementError, Site, kinds_from_flags, model_kinds
 from litgpt_plop.quantize import quantize_linears_4bit
 
 VOCAB = 96
@@ -202,7 +202,7 @@ def test_model_inside_a_wrapper_is_adapted_in_place() -> None:
 def test_flag_placement_is_stock_lora_gpt(family: str) -> None:
     """A placement LitGPT's flags can express gives the very model ``litgpt.lora.GPT`` builds from them."""
     config = FAMILIES[family]()
-    placement = Placement.from_flags(config, lora_r=4, lora_query=True, lora_value=True, lora_mlp=True)
+    placement = Placement.from_kinds(config, kinds_from_flags(config, lora_query=True, lora_value=True, lora_mlp=True), rank=4)
     model, base = build(config, "plain")
     apply_placement(model, placement)
     stock = litgpt.lora.GPT(litgpt.lora.Config(**asdict(config), **placement.flags()))
@@ -292,7 +292,7 @@ def test_stock_qkv_layout_is_read_per_part(n_query_groups: int) -> None:
     for part in ("query", "value"):
         adapter = site_adapter(model, 0, part)
         torch.testing.assert_close(adapter.scaling * adapter.B @ adapter.A, delta[rows[part]])
-    expected = Placement.from_flags(config, lora_r=3, lora_query=True, lora_value=True)
+    expected = Placement.from_kinds(config, kinds_from_flags(config, lora_query=True, lora_value=True), rank=3)
     assert current_placement(model).sites == expected.sites
 
 

@@ -161,7 +161,7 @@ def _data_parallel_worker(rank: int, world_size: int, tmp: str) -> None:
             "scores": results(scorers),
             "stats": [stats.samples, stats.tokens, stats.batches],
             "sites": [list(s.__dict__.values()) for s in placement.sites],
-            "placement_scores": placement.scores,
+            "placement_scores": placement.scores.to_dict(),
         }
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -265,7 +265,7 @@ def test_prompts_ending_with_the_same_token_flag_layer_0_as_degenerate():
     assert scores.degenerate_layers == [0]
     with pytest.warns(UserWarning):
         placement = plan_placement(gpt, data, "cka", cka=CkaArgs(ratio=0.5), calibration=QUIET)
-    assert 0 not in placement.layers and placement.scores["degenerate_layers"] == [0]
+    assert 0 not in placement.layers and placement.scores.degenerate_layers == [0]
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="degenerate"):
         plan_placement(gpt, data, "cka", cka=CkaArgs(ratio=1.0), calibration=QUIET)
 

@@ -1,6 +1,7 @@
 """`litgpt-plop`: passthrough to LitGPT, `plan`, `finetune --plugin ...`, the configs, and bad input."""
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from litgpt.utils import save_config
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.data import ReasoningGym
 from litgpt_plop.finetune import setup as finetune
-from litgpt_plop.placement import Placement
+from litgpt_plop.placement import Placement, Scores
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -249,15 +250,18 @@ def test_plan_writes_the_placement_and_its_report(tiny_checkpoint, tmp_path, pro
     )
     assert sorted(p.name for p in out_dir.iterdir()) == ["placement.json", "report.md", "scores.png"]
     saved = json.loads((out_dir / "placement.json").read_text())
-    assert {"method", "model", "sites", "flags", "trainable_params", "scores"} <= saved.keys()
+    assert {"schema_version", "method", "model", "sites", "flags", "trainable_params", "scores"} <= saved.keys()
+    assert saved["schema_version"] == 2 and set(saved["scores"]) == {f.name for f in dataclasses.fields(Scores)}
     assert saved["method"] == method and saved["model"] == "tiny-llama"
     assert saved["trainable_params"] == placement.trainable_params(Config.from_file(tiny_checkpoint / "model_config.yaml"))
     assert Placement.load(out_dir / "placement.json").sites == placement.sites
     if method != "qv":
         assert saved["calibration"]["samples"] == 16 and saved["calibration"]["tokens"] > 16
-        assert set(saved["scores"]) >= {"per_site", "per_kind", "per_layer"}
     if "plop" in method:
-        assert len(saved["scores"]["per_kind"]) == 7 and len(saved["scores"]["per_site"]) == 14
+        assert len(saved["scores"]["nfn_per_kind"]) == 7 and len(saved["scores"]["nfn_per_site"]) == 14
+        assert len(saved["scores"]["nfn_per_layer"]) == 2
+    if "cka" in method:
+        assert len(saved["scores"]["cka_per_layer"]) == 2 and saved["scores"]["cka"]["ratio"] == 0.5
     printed = capsys.readouterr().out
     assert "Trainable parameters" in printed and str(out_dir) in printed
 
@@ -282,7 +286,8 @@ def test_plan_bad_input(tiny_checkpoint, tmp_path, prompts_file):
 
 def test_random_plugin_draws_with_the_run_seed(tiny_checkpoint):
     from litgpt_plop.args import CalibrationArgs as Cal
-    from litgpt_plop.plan import decide_placement, load_checkpoint_model
+    from litgpt_plop.checkpoint import load_checkpoint_model
+    from litgpt_plop.select import decide_placement
 
     model = load_checkpoint_model(tiny_checkpoint)
     kinds = ["query", "key", "value", "projection", "mlp_fc_1", "mlp_fc_2", "mlp_proj"]

@@ -20,8 +20,9 @@ from litgpt.utils import save_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from litgpt_plop.adapt import apply_placement, current_placement, site_adapter
-from litgpt_plop.export import LORA_FILE, load_adapter, load_stock_state_dict, save_adapter
-from litgpt_plop.placement import HEAD_LAYER, Placement, PlacementError
+from litgpt_plop.export import LORA_FILE, load_adapter, save_adapter
+from litgpt_plop.stock import load_stock_state_dict
+from litgpt_plop.placement import HEAD_LAYER, Placement, PlacementError, Scores
 
 VOCAB = 96
 
@@ -65,7 +66,7 @@ def mixed_placement(config: litgpt.Config) -> Placement:
     ranks 8, 6, 4, 2 (6 is not a power-of-two fraction of 8: the folding rounds)."""
     sites = [(0, "query", 8), (0, "value", 2), (0, "mlp_fc_2", 4), (2, "key", 6), (2, "projection", 2)]
     sites += [(2, "mlp_proj", 8), (HEAD_LAYER, "head", 4)]
-    return Placement.from_sites(config, sites, lora_alpha=16, method="test", scores={"note": "hand-made"})
+    return Placement.from_sites(config, sites, lora_alpha=16, method="test", scores=Scores(candidate_kinds=["value"]))
 
 
 def train(model: torch.nn.Module, steps: int = 3, seed: int = 3) -> None:
@@ -133,7 +134,7 @@ def test_load_adapter_recreates_the_model(trained, tmp_path: Path) -> None:
     checkpoint_dir, model, placement = trained
     out_dir = save_adapter(model, placement, tmp_path / "out", checkpoint_dir=checkpoint_dir)
     saved = Placement.load(out_dir / "placement.json")
-    assert saved.sites == placement.sites and saved.method == "test" and saved.scores == {"note": "hand-made"}
+    assert saved.sites == placement.sites and saved.method == "test" and saved.scores == Scores(candidate_kinds=["value"])
 
     for source in (checkpoint_dir, None, base_model(checkpoint_dir)):  # a directory, hyperparameters.yaml, a model
         loaded = load_adapter(source, out_dir)
@@ -253,7 +254,9 @@ def test_a_failed_save_leaves_nothing_half_written(trained, tmp_path: Path) -> N
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["out"]
 
 
-def test_saving_again_replaces_a_stale_merge(trained, tmp_path: Path) -> None:
+def test_saving_again_replaces_the_whole_directory(trained, tmp_path: Path) -> None:
+    """A second save leaves nothing of the first: not a stale merge (``merge_lora`` would say "already merged" and
+    skip), not any other file."""
     checkpoint_dir, model, placement = trained
     out_dir = save_adapter(model, placement, tmp_path / "out", checkpoint_dir=checkpoint_dir)
     (out_dir / "notes.txt").write_text("kept")
@@ -261,8 +264,8 @@ def test_saving_again_replaces_a_stale_merge(trained, tmp_path: Path) -> None:
         merge_lora(checkpoint_dir=out_dir)
     train(model, steps=2, seed=7)
     save_adapter(model, placement, out_dir, checkpoint_dir=checkpoint_dir)
-    assert not (out_dir / "lit_model.pth").exists()  # else merge_lora would say "already merged" and skip
-    assert (out_dir / "notes.txt").read_text() == "kept"
+    assert not (out_dir / "lit_model.pth").exists()
+    assert not (out_dir / "notes.txt").exists()
     with contextlib.redirect_stdout(io.StringIO()):
         merge_lora(checkpoint_dir=out_dir)
     assert (logits(base_model(out_dir)) - logits(model)).abs().max() < 1e-5

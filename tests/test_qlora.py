@@ -44,7 +44,7 @@ from litgpt_plop.data import ReasoningGym
 from litgpt_plop.export import load_adapter
 from litgpt_plop.modules import KIND_TO_PATH
 from litgpt_plop.placement import Placement, model_kinds
-from litgpt_plop.plan import load_checkpoint_model
+from litgpt_plop.checkpoint import load_checkpoint_model
 from litgpt_plop.quantize import quantize_linears_4bit
 from litgpt_plop.scoring import CkaScorer, PlopScorer
 from litgpt_plop.select import plan_placement
@@ -162,14 +162,14 @@ def test_calibration_on_4bit_model_keeps_weights_and_training_gradients():
 
 
 def test_guard_matters_without_it_calibration_breaks_the_4bit_model(monkeypatch):
-    """The same pass with ``linear4bit_guard`` replaced by a no-op does the damage the guard exists for."""
+    """The same pass with ``no_cpu_repack`` replaced by a no-op does the damage the guard exists for."""
     model = tiny_4bit_lora_model()
     weights = dequantized(model)
     reference = training_gradients(model)
     force_avx512bf16_path(model)
 
     with monkeypatch.context() as patch:
-        patch.setattr(calibration_module, "linear4bit_guard", lambda model: contextlib.nullcontext())
+        patch.setattr(calibration_module, "no_cpu_repack", lambda model: contextlib.nullcontext())
         gpt = model
         kinds, layers = model_kinds(gpt.config), list(range(gpt.config.n_layer))
         plop = PlopScorer(gpt, kinds, layers)
@@ -247,7 +247,7 @@ def smollm2_kind_scores(checkpoint: Path, token_ids: list[torch.Tensor], precisi
     if key not in _scores:
         model = load_checkpoint_model(checkpoint, precision, quantize)
         placement = plan_placement(model, token_ids, method="plop", calibration=CalibrationArgs(num_samples=len(token_ids), progress=False))
-        _scores[key] = dict(placement.scores["per_kind"])
+        _scores[key] = dict(placement.scores.nfn_per_kind)
         del model
     return _scores[key]
 
@@ -358,6 +358,6 @@ def test_plan_cli_quantize_nf4_writes_placement(tiny_checkpoint, tmp_path):
     assert placement["method"] == "plop"
     assert len({s["kind"] for s in placement["sites"]}) == 2
     assert placement["calibration"]["samples"] == 12
-    assert set(placement["scores"]["per_kind"]) == {"query", "key", "value", "projection", "mlp_fc_1", "mlp_fc_2", "mlp_proj"}
+    assert set(placement["scores"]["nfn_per_kind"]) == {"query", "key", "value", "projection", "mlp_fc_1", "mlp_fc_2", "mlp_proj"}
     for name in ("report.md", "scores.png"):
         assert (out_dir / name).is_file(), name

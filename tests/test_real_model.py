@@ -20,7 +20,7 @@ from litgpt_plop.calibration import tokenize_prompts
 from litgpt_plop.data import ReasoningGym
 from litgpt_plop.modules import base_linear, site_module
 from litgpt_plop.placement import QKV_KINDS, model_kinds, site_shape
-from litgpt_plop.plan import load_checkpoint_model
+from litgpt_plop.checkpoint import load_checkpoint_model
 from litgpt_plop.scoring import closed_form_denominator, monte_carlo_denominator, weight_matrix
 from litgpt_plop.select import plan_placement
 
@@ -73,7 +73,7 @@ def placements(smollm2, disjoint_sets):
 
 
 def test_kind_ranking_agrees_across_disjoint_calibration_sets(smollm2, placements):
-    first, second = (p.scores["per_kind"] for p in placements)
+    first, second = (p.scores.nfn_per_kind for p in placements)
     assert set(first) == set(second) == set(model_kinds(smollm2.config))  # 7 kinds: q, k, v, o, gate, up, down
     tau = kendall_tau(first, second)
     assert tau >= 0.9, (tau, first, second)
@@ -81,7 +81,7 @@ def test_kind_ranking_agrees_across_disjoint_calibration_sets(smollm2, placement
 
 
 def test_nfn_separates_kinds(placements):
-    per_kind = placements[0].scores["per_kind"]
+    per_kind = placements[0].scores.nfn_per_kind
     assert min(per_kind.values()) < 0.8, per_kind  # value: ~0.62
     assert max(per_kind.values()) > 1.3, per_kind  # key: ~1.6
     assert min(per_kind, key=per_kind.get) in placements[0].kinds

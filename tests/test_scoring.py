@@ -22,11 +22,27 @@ from litgpt_plop.scoring import (
     closed_form_denominator,
     linear_cka,
     monte_carlo_denominator,
-    nfn,
     normalized_output_norms,
+    weight_matrix,
     unbiased_hsic,
 )
-from litgpt_plop.select import METHODS, budget_params, plan_placement, select_placement
+from litgpt_plop.methods import method_names
+from litgpt_plop.select import budget_params, plan_placement, select_placement
+
+
+def nfn(linear: nn.Module, inputs: torch.Tensor, denominator: str = "closed_form", mc_samples: int = 4096, seed: int = 0) -> float:
+    """Reference NFN of one linear on one batch of inputs ``(N, d_in)`` (every row a real token), written
+    independently of the scorer: the mean normalised output norm over the denominator."""
+    with torch.no_grad():
+        outputs = linear(inputs)
+        if linear.bias is not None:
+            outputs = outputs - linear.bias
+        numerator = float(normalized_output_norms(inputs, outputs).double().mean())
+        weight = weight_matrix(linear)
+    if denominator == "closed_form":
+        return numerator / closed_form_denominator(weight)
+    return numerator / monte_carlo_denominator(weight, mc_samples, seed)
+
 
 
 def tiny_config(n_layer: int = 4, **kwargs) -> Config:
@@ -147,11 +163,11 @@ def test_fused_qkv_slices_score_like_separate_linears():
             separate.bias.copy_(qkv.bias[start:stop])
         # mean over batches of the per-batch NFN
         expected = sum(nfn(separate, inputs[batch.mask]) for inputs, batch in zip(captured, batches)) / len(captured)
-        assert scores.site(1, kind) == pytest.approx(expected, rel=1e-5), kind
+        assert scores.per_site[f"1.{kind}"] == pytest.approx(expected, rel=1e-5), kind
     assert set(scores.per_site) == {f"{l}.{k}" for l in (0, 1) for k in ("query", "key", "value", "mlp_proj")}
-    assert scores.per_kind["key"] == pytest.approx((scores.site(0, "key") + scores.site(1, "key")) / 2)
+    assert scores.per_kind["key"] == pytest.approx((scores.per_site["0.key"] + scores.per_site["1.key"]) / 2)
     assert scores.per_layer[1] == pytest.approx(
-        sum(scores.site(1, k) for k in ("query", "key", "value", "mlp_proj")) / 4
+        sum(scores.per_site[f"1.{k}"] for k in ("query", "key", "value", "mlp_proj")) / 4
     )
 
 
@@ -253,8 +269,9 @@ def test_plop_chooses_the_three_lowest_kinds_on_every_layer():
     assert set(placement.kinds) == {"projection", "value", "mlp_proj"}
     assert placement.layers == [0, 1, 2, 3]
     assert placement.method == "plop"
-    assert {"per_site", "per_kind", "per_layer"} <= set(placement.scores)
-    assert placement.scores["per_kind"]["value"] == pytest.approx(synthetic_plop(config).per_kind["value"])
+    assert placement.scores.nfn_per_kind["value"] == pytest.approx(synthetic_plop(config).per_kind["value"])
+    assert len(placement.scores.nfn_per_site) == 4 * len(model_kinds(config)) and placement.scores.nfn_per_layer
+    assert placement.scores.cka_per_layer == {} and placement.scores.cka is None  # the fixed schema: empty, not absent
     assert Placement.from_dict(placement.to_dict(config)).scores == placement.scores  # JSON-friendly keys
 
 
@@ -291,7 +308,7 @@ def test_plop_site_granularity_respects_the_budget_and_takes_the_lowest_sites():
     placement = select_placement(config, "plop", plop_scores=scores, plop=PlopArgs(budget=limit, granularity="site"))
     assert 0 < placement.trainable_params(config) <= limit
     chosen = {(s.layer, s.kind) for s in placement.sites}
-    chosen_scores = [scores.site(l, k) for l, k in chosen]
+    chosen_scores = [scores.per_site[f"{l}.{k}"] for l, k in chosen]
     others = [v for key, v in scores.per_site.items() if tuple((int(key.split(".")[0]), key.split(".")[1])) not in chosen]
     assert max(chosen_scores) <= min(others)
     assert len({k for _, k in chosen}) >= 1 and len(placement.layers) > 1
@@ -304,7 +321,8 @@ def test_cka_keeps_the_lowest_ratio_of_layers_with_every_kind():
     placement = select_placement(config, "cka", cka_scores=synthetic_cka())
     assert placement.layers == [1, 3]
     assert set(placement.kinds) == set(model_kinds(config))
-    assert placement.scores["per_layer"] == {"0": 0.95, "1": 0.80, "2": 0.90, "3": 0.70}
+    assert placement.scores.cka_per_layer == {"0": 0.95, "1": 0.80, "2": 0.90, "3": 0.70}
+    assert placement.scores.nfn_per_layer == {} and placement.scores.nfn_per_kind == {}
     assert select_placement(config, "cka", cka_scores=synthetic_cka(), cka=CkaArgs(ratio=0.25)).layers == [3]
 
 
@@ -313,7 +331,7 @@ def test_cka_never_selects_degenerate_layers():
     with pytest.warns(UserWarning, match=r"layer\(s\) \[3\]"):
         placement = select_placement(config, "cka", cka_scores=synthetic_cka(degenerate=[3]))
     assert placement.layers == [1, 2]
-    assert placement.scores["degenerate_layers"] == [3]
+    assert placement.scores.degenerate_layers == [3]
     with pytest.raises(PlacementError, match="degenerate"):
         select_placement(config, "cka", cka_scores=synthetic_cka(degenerate=[0, 1, 3]))
 
@@ -324,8 +342,8 @@ def test_plop_plus_cka_puts_plop_kinds_on_cka_layers():
     assert set(placement.kinds) == {"projection", "value", "mlp_proj"}
     assert placement.layers == [1, 3]
     assert len(placement.sites) == 6
-    assert placement.scores["cka_per_layer"]["3"] == 0.70
-    assert {"per_site", "per_kind", "per_layer"} <= set(placement.scores)
+    assert placement.scores.cka_per_layer["3"] == 0.70
+    assert placement.scores.nfn_per_kind and placement.scores.nfn_per_site and placement.scores.nfn_per_layer
 
 
 def test_methods_respect_candidate_kinds_and_layers():
@@ -363,7 +381,7 @@ def test_selection_errors_name_the_problem():
         PlopArgs(budget=1.5)
     with pytest.raises(ValueError, match="ratio"):
         CkaArgs(ratio=0.0)
-    assert METHODS == ("plop", "plop-inverse", "cka", "plop+cka")
+    assert method_names("calibrated") == ("plop", "plop-inverse", "cka", "plop+cka")
 
 
 def test_plan_placement_rejects_an_unknown_method_before_calibrating():

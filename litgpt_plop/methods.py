@@ -1,0 +1,104 @@
+"""The method registry: what each placement method is, in one table that every command, callback and report reads.
+
+A method is one of four kinds:
+
+- ``calibrated``: runs a calibration pass over task prompts and chooses from the scores (``plop``,
+  ``plop-inverse``, ``cka``, ``plop+cka``);
+- ``preset``: a fixed placement the calibrated ones are compared against (``all``, ``attention``, ``qv``,
+  ``mlp``, ``random``);
+- ``gated``: learned while training, from a gate on every candidate adapter (``weightlora``, ``weightlora+``);
+- ``none``: exactly what LitGPT's own ``lora_*`` flags say.
+
+Adding a method means adding a row here and, for a new scorer, the scorer and its selection rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+MethodKind = Literal["calibrated", "preset", "gated", "none"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One placement method.
+
+    Args:
+        name: what the user types (``--plugin``, ``--method``).
+        kind: ``calibrated``, ``preset``, ``gated`` or ``none`` (see the module docstring).
+        title: how reports and terminal tables name it.
+        scorers: the scores a calibrated method needs, in the order they are computed: ``plop``, ``cka``.
+        inverse: choose the HIGHEST PLoP scores first (PLoP's ablation baseline).
+        kinds: for a preset, the kinds it puts LoRA on (``None``: decided per model or at random).
+    """
+
+    name: str
+    kind: MethodKind
+    title: str
+    scorers: tuple[str, ...] = ()
+    inverse: bool = False
+    kinds: tuple[str, ...] | None = None
+
+    @property
+    def uses_plop(self) -> bool:
+        return "plop" in self.scorers
+
+    @property
+    def uses_cka(self) -> bool:
+        return "cka" in self.scorers
+
+    @property
+    def calibrates(self) -> bool:
+        return self.kind == "calibrated"
+
+    @property
+    def option_groups(self) -> tuple[str, ...]:
+        """The ``--<group>.*`` option groups this method reads."""
+        if self.kind == "calibrated":
+            return ("calibration", *self.scorers)
+        if self.kind == "gated":
+            return ("weightlora",)
+        return ()
+
+
+_ALL = (
+    Method("plop", "calibrated", "PLoP", scorers=("plop",)),
+    Method("plop-inverse", "calibrated", "PLoP^-1 (highest NFN, ablation baseline)", scorers=("plop",), inverse=True),
+    Method("cka", "calibrated", "layer-wise CKA", scorers=("cka",)),
+    Method("plop+cka", "calibrated", "PLoP kinds on CKA layers", scorers=("plop", "cka")),
+    Method("all", "preset", "all linears"),
+    Method("attention", "preset", "attention only", kinds=("query", "key", "value", "projection")),
+    Method("qv", "preset", "query and value (LitGPT's default)", kinds=("query", "value")),
+    Method("mlp", "preset", "MLP only"),
+    Method("random", "preset", "random kinds"),
+    Method("weightlora", "gated", "WeightLoRA"),
+    Method("weightlora+", "gated", "WeightLoRA+"),
+    Method("none", "none", "LitGPT's flags"),
+)
+METHODS: dict[str, Method] = {m.name: m for m in _ALL}
+OPTION_GROUPS = ("calibration", "plop", "cka", "weightlora")
+
+
+def method_names(*kinds: MethodKind) -> tuple[str, ...]:
+    """The names of the methods of the given kinds (all methods when none is given), in registry order."""
+    return tuple(m.name for m in _ALL if not kinds or m.kind in kinds)
+
+
+def get_method(name: str, *kinds: MethodKind, what: str = "method") -> Method:
+    """The method called ``name``; with ``kinds``, it must be of one of them. Raises ``ValueError`` naming the choices."""
+    allowed = method_names(*kinds)
+    if name not in allowed:
+        raise ValueError(f"Unknown {what} {name!r}; choose one of {list(allowed)}")
+    return METHODS[name]
+
+
+def title(name: str) -> str:
+    """How reports name a method (the name itself for one not in the registry, e.g. a list of kinds)."""
+    method = METHODS.get(name)
+    return method.title if method is not None else name
+
+
+def groups_users(group: str) -> tuple[str, ...]:
+    """The methods that read the option group ``group`` (for hints such as "use --plugin plop")."""
+    return tuple(m.name for m in _ALL if group in m.option_groups)
