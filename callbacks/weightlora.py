@@ -8,6 +8,7 @@ on those (WeightLoRA; WeightLoRA+ also spends the freed budget on higher ranks),
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from litgpt_plop.adapt import current_placement
+from litgpt_plop.atomic import write_bytes_atomic
+from litgpt_plop.export import PLACEMENT_FILE
 from litgpt_plop.modules import find_gpt
 from litgpt_plop.placement import Placement, PlacementError, preset
 from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController
@@ -190,8 +193,7 @@ class WeightLoRACallback(Callback):
         if isinstance(source, Path) or (isinstance(source, str) and source.endswith(".json")):
             return Placement.load(Path(source), gpt.config)
         if source == "current":
-            placement = current_placement(gpt)
-            placement.method = "current"
+            placement = dataclasses.replace(current_placement(gpt), method="current")
             if not placement.sites:
                 raise PlacementError(
                     "WeightLoRACallback(candidates='current'): the model has no adapters when this callback's setup"
@@ -201,8 +203,7 @@ class WeightLoRACallback(Callback):
                 )
             return placement
         placement = preset(source, gpt.config, rank=self.lora_r, lora_alpha=self.lora_alpha)
-        placement.lora_dropout = self.lora_dropout
-        return placement
+        return dataclasses.replace(placement, lora_dropout=self.lora_dropout)  # a Placement may be frozen
 
     def _log(self, trainer: pl.Trainer, controller: WeightLoRAController) -> None:
         metrics = {
@@ -218,7 +219,10 @@ class WeightLoRACallback(Callback):
         if self.controller is None or not trainer.is_global_zero:
             return
         out_dir = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
-        self.controller.write_outputs(out_dir)
+        controller = self.controller
+        controller.placement.save(out_dir / PLACEMENT_FILE, controller.gpt.config)
+        for name, data in controller.report_files(controller.gpt.config).items():  # gates.json, gates.png
+            write_bytes_atomic(out_dir / name, data)
 
     # ---- finding things ------------------------------------------------------------------------------------
 

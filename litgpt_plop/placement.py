@@ -146,6 +146,7 @@ class Scores:
         degenerate_layers: layers whose CKA says nothing (every calibration sample looks the same there).
         plop: PLoP's options as used (``denominator``, ``num_kinds``, ``budget``, ``budget_params``, ``granularity``).
         cka: CKA's options as used (``pooling``, ``ratio``, ``samples``).
+        weightlora: WeightLoRA's record (K, the schedule, the gates at the last step, the events), for its methods.
     """
 
     candidate_kinds: list[str] = field(default_factory=list)
@@ -157,6 +158,7 @@ class Scores:
     degenerate_layers: list[int] = field(default_factory=list)
     plop: dict[str, Any] | None = None
     cka: dict[str, Any] | None = None
+    weightlora: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,16 +13,8 @@ from typing import Any
 from litgpt import Config
 
 from litgpt_plop.atomic import write_bytes_atomic
-from litgpt_plop.placement import HEAD_LAYER, Placement, model_kinds, site_params
-
-_METHOD_NAMES = {
-    "plop": "PLoP",
-    "plop-inverse": "PLoP^-1 (highest NFN, ablation baseline)",
-    "cka": "layer-wise CKA",
-    "plop+cka": "PLoP kinds on CKA layers",
-    "weightlora": "WeightLoRA",
-    "weightlora+": "WeightLoRA+",
-}
+from litgpt_plop.methods import METHODS, title
+from litgpt_plop.placement import HEAD_LAYER, Placement, Scores, model_kinds, site_params
 _WEIGHTLORA_MEANING = (
     "WeightLoRA gave every candidate adapter a trainable gate and, after every optimizer step, kept only the K"
     " gates of largest magnitude; at the end of the warm-up the others were removed and the gates folded into B."
@@ -85,12 +77,12 @@ def _params_line(placement: Placement, config: Config) -> str:
 
 def _why(placement: Placement) -> str:
     scores = placement.scores
-    plop = scores.get("plop") or {}
-    cka = scores.get("cka") or {}
+    plop, cka = scores.plop or {}, scores.cka or {}
+    spec = METHODS.get(placement.method)
     lines = []
-    if placement.method in ("plop", "plop-inverse", "plop+cka"):
+    if spec is not None and spec.uses_plop:
         lines.append(_NFN_MEANING)
-        order = "highest" if placement.method == "plop-inverse" else "lowest"
+        order = "highest" if spec.inverse else "lowest"
         if plop.get("granularity") == "site":
             lines.append(
                 f"It chose single (layer, kind) sites by their own NFN, {order} first, until the budget of"
@@ -102,20 +94,20 @@ def _why(placement: Placement) -> str:
             )
         else:
             lines.append(f"It chose the {plop.get('num_kinds')} kinds with the {order} NFN.")
-        if placement.method == "plop-inverse":
+        if spec.inverse:
             lines.append("This is PLoP's ablation baseline, expected to do worse than PLoP.")
-    if placement.method in ("cka", "plop+cka"):
+    if spec is not None and spec.uses_cka:
         lines.append(_CKA_MEANING)
         lines.append(
             f"It kept the {cka.get('ratio', 0.5):g} fraction of candidate layers with the lowest CKA"
             f" ({cka.get('pooling', 'last')} pooling, {cka.get('samples', 0)} samples)."
         )
-        if scores.get("degenerate_layers"):
+        if scores.degenerate_layers:
             lines.append(
-                f"Layer(s) {scores['degenerate_layers']} were not considered: every calibration sample looks the same"
+                f"Layer(s) {scores.degenerate_layers} were not considered: every calibration sample looks the same"
                 " there (e.g. every prompt ends with the same template token), so their CKA means nothing."
             )
-    if placement.method in ("weightlora", "weightlora+"):
+    if spec is not None and spec.kind == "gated":
         lines.append(_WEIGHTLORA_MEANING)
     if not lines:
         lines.append(f"`{placement.method}` is a fixed placement: it was not calibrated and has no scores.")
@@ -123,11 +115,8 @@ def _why(placement: Placement) -> str:
 
 
 def _markdown(placement: Placement, config: Config) -> str:
-    scores = placement.scores
-    chosen = _chosen(placement)
-    name = _METHOD_NAMES.get(placement.method, placement.method)
     out = [
-        f"# Where LoRA goes: {name}",
+        f"# Where LoRA goes: {title(placement.method)}",
         "",
         f"Model `{config.name}` ({config.n_layer} layers, width {config.n_embd}) · method `{placement.method}` ·"
         f" rank {placement.max_rank} · alpha {placement.lora_alpha}",
@@ -143,54 +132,67 @@ def _markdown(placement: Placement, config: Config) -> str:
         _why(placement),
         "",
     ]
-    per_kind = scores.get("per_kind") or {}
-    if per_kind:
-        layers_of = {kind: sum(1 for (l, k) in chosen if k == kind) for kind in per_kind}
-        ranked = sorted(per_kind, key=per_kind.get)
-        out += ["## Scores per kind", "", "| kind | NFN (mean over layers) | rank, lowest first | LoRA |", "|---|---|---|---|"]
-        for kind in per_kind:
-            lora = f"yes ({_coverage(layers_of[kind], _n_sites(scores, kind))})" if layers_of[kind] else "no"
-            out.append(f"| {kind} | {per_kind[kind]:.3f} | {ranked.index(kind) + 1} | {lora} |")
-        out.append("")
-    nfn_layers = scores.get("per_layer") if placement.method != "cka" else {}
-    cka_layers = scores.get("cka_per_layer") if placement.method == "plop+cka" else (scores.get("per_layer") if placement.method == "cka" else {})
-    layer_keys = list(dict.fromkeys([*(nfn_layers or {}), *(cka_layers or {})]))
-    if layer_keys:
-        header = ["layer"] + (["NFN (mean over kinds)"] if nfn_layers else []) + (["CKA"] if cka_layers else []) + ["LoRA"]
-        out += ["## Scores per layer", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        degenerate = set(scores.get("degenerate_layers") or [])
-        placed = {l for (l, k) in chosen}
-        for key in layer_keys:
-            row = [key]
-            if nfn_layers:
-                row.append(f"{nfn_layers[key]:.3f}")
-            if cka_layers:
-                row.append(f"{cka_layers[key]:.4f}" + (" (degenerate)" if int(key) in degenerate else ""))
-            row.append("yes" if int(key) in placed else "no")
-            out.append("| " + " | ".join(row) + " |")
-        out.append("")
-    calibration = placement.calibration
-    if calibration:
-        out += [
-            "## Calibration",
-            "",
-            f"{calibration.get('samples', 0):,} prompts, {calibration.get('tokens', 0):,} tokens, {calibration.get('batches', 0)}"
-            f" batches, {calibration.get('seconds', 0):.1f} s"
-            + (f", on {calibration['world_size']} processes" if calibration.get("world_size", 1) > 1 else "")
-            + (f"; {calibration['truncated']} prompts truncated to {calibration.get('max_seq_length')} tokens" if calibration.get("truncated") else "")
-            + ".",
-            "",
-        ]
+    out += _kind_table(placement) + _layer_table(placement) + _calibration_section(placement.calibration)
     out += ["![scores](scores.png)", ""]
     return "\n".join(out)
+
+
+def _kind_table(placement: Placement) -> list[str]:
+    per_kind = placement.scores.nfn_per_kind
+    if not per_kind:
+        return []
+    chosen = _chosen(placement)
+    layers_of = {kind: sum(1 for (l, k) in chosen if k == kind) for kind in per_kind}
+    ranked = sorted(per_kind, key=per_kind.get)
+    out = ["## Scores per kind", "", "| kind | NFN (mean over layers) | rank, lowest first | LoRA |", "|---|---|---|---|"]
+    for kind in per_kind:
+        lora = f"yes ({_coverage(layers_of[kind], _n_sites(placement.scores, kind))})" if layers_of[kind] else "no"
+        out.append(f"| {kind} | {per_kind[kind]:.3f} | {ranked.index(kind) + 1} | {lora} |")
+    return out + [""]
+
+
+def _layer_table(placement: Placement) -> list[str]:
+    scores = placement.scores
+    nfn_layers, cka_layers = scores.nfn_per_layer, scores.cka_per_layer
+    layer_keys = list(dict.fromkeys([*nfn_layers, *cka_layers]))
+    if not layer_keys:
+        return []
+    header = ["layer"] + (["NFN (mean over kinds)"] if nfn_layers else []) + (["CKA"] if cka_layers else []) + ["LoRA"]
+    out = ["## Scores per layer", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    degenerate = set(scores.degenerate_layers)
+    placed = {l for (l, k) in _chosen(placement)}
+    for key in layer_keys:
+        row = [key]
+        if nfn_layers:
+            row.append(f"{nfn_layers[key]:.3f}")
+        if cka_layers:
+            row.append(f"{cka_layers[key]:.4f}" + (" (degenerate)" if int(key) in degenerate else ""))
+        row.append("yes" if int(key) in placed else "no")
+        out.append("| " + " | ".join(row) + " |")
+    return out + [""]
+
+
+def _calibration_section(calibration: dict[str, Any] | None) -> list[str]:
+    if not calibration:
+        return []
+    return [
+        "## Calibration",
+        "",
+        f"{calibration.get('samples', 0):,} prompts, {calibration.get('tokens', 0):,} tokens, {calibration.get('batches', 0)}"
+        f" batches, {calibration.get('seconds', 0):.1f} s"
+        + (f", on {calibration['world_size']} processes" if calibration.get("world_size", 1) > 1 else "")
+        + (f"; {calibration['truncated']} prompts truncated to {calibration.get('max_seq_length')} tokens" if calibration.get("truncated") else "")
+        + ".",
+        "",
+    ]
 
 
 def _coverage(count: int, total: int) -> str:
     return "all layers" if count == total else f"{count} of {total} layers"
 
 
-def _n_sites(scores: dict[str, Any], kind: str) -> int:
-    return sum(1 for key in scores.get("per_site", {}) if key.split(".", 1)[1] == kind)
+def _n_sites(scores: Scores, kind: str) -> int:
+    return sum(1 for key in scores.nfn_per_site if key.split(".", 1)[1] == kind)
 
 
 def _figure_png(placement: Placement, config: Config) -> bytes:
@@ -199,78 +201,89 @@ def _figure_png(placement: Placement, config: Config) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch, Rectangle
 
     scores = placement.scores
-    chosen = _chosen(placement)
-    per_site = scores.get("per_site") or {}
-    cka_layers = scores.get("cka_per_layer") if placement.method == "plop+cka" else (scores.get("per_layer") if placement.method == "cka" else None)
-    kinds = list(scores.get("per_kind") or {})
-    block_kinds = [k for k in kinds if k != "head"]
-    layers = sorted({int(key.split(".", 1)[0]) for key in per_site if not key.startswith("-")} | {int(l) for l in (cka_layers or {})})
-    panels = (1 if block_kinds else 0) + (1 if cka_layers else 0)
+    block_kinds = [k for k in scores.nfn_per_kind if k != "head"]
+    site_layers = {int(key.split(".", 1)[0]) for key in scores.nfn_per_site if not key.startswith("-")}
+    layers = sorted(site_layers | {int(l) for l in scores.cka_per_layer})
+    panels = (1 if block_kinds else 0) + (1 if scores.cka_per_layer else 0)
     if panels == 0:
         return _placement_map_png(placement, config)
-    widths = ([1.0 + 0.75 * len(block_kinds)] if block_kinds else []) + ([3.0] if cka_layers else [])
+    widths = ([1.0 + 0.75 * len(block_kinds)] if block_kinds else []) + ([3.0] if scores.cka_per_layer else [])
     height = max(3.0, 0.3 * len(layers) + 1.8)
     fig, axes = plt.subplots(1, panels, figsize=(sum(widths) + 1.5, height), gridspec_kw={"width_ratios": widths}, squeeze=False)
     axes = list(axes[0])
-    fig.suptitle(f"{config.name}: {_METHOD_NAMES.get(placement.method, placement.method)}", fontsize=11)
-
+    fig.suptitle(f"{config.name}: {title(placement.method)}", fontsize=11)
     if block_kinds:
-        ax = axes.pop(0)
-        import numpy as np
-
-        grid = np.full((len(layers), len(block_kinds)), np.nan)
-        for i, layer in enumerate(layers):
-            for j, kind in enumerate(block_kinds):
-                grid[i, j] = per_site.get(f"{layer}.{kind}", np.nan)
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label="NFN (lower = more in need of LoRA)")
-        for i, layer in enumerate(layers):
-            for j, kind in enumerate(block_kinds):
-                if (layer, kind) in chosen:
-                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-                if len(layers) * len(block_kinds) <= 120 and not np.isnan(grid[i, j]):
-                    shade = image.norm(grid[i, j])  # dark text on the light (yellow) end of viridis
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="black" if shade > 0.6 else "white")
-        ax.set_xticks(range(len(block_kinds)), block_kinds, rotation=45, ha="right")
-        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
-        ax.set_ylabel("layer")
-        ax.set_title("NFN per site (red box = LoRA)", fontsize=10)
-
-    if cka_layers:
-        ax = axes.pop(0)
-        degenerate = set(scores.get("degenerate_layers") or [])
-        placed = {l for (l, k) in chosen}
-        # Bars show 1 - CKA: the similarities of real blocks sit close to 1, their differences would not show.
-        # A degenerate layer's CKA is meaningless (often ~0): drawn as an empty hatched stub, not a long bar.
-        values = [0.0 if l in degenerate else 1.0 - cka_layers[str(l)] for l in layers]
-        longest = max(max(values), 1e-12)
-        colors = ["tab:red" if l in placed else "lightgrey" for l in layers]
-        bars = ax.barh(range(len(layers)), values, color=colors, edgecolor="black", linewidth=0.5)
-        for bar, layer in zip(bars, layers):
-            label = f" {cka_layers[str(layer)]:.3f}"
-            if layer in degenerate:
-                bar.set_width(0.04 * longest)
-                bar.set_hatch("//")
-                bar.set_facecolor("white")
-                label = " degenerate"
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=7)
-        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
-        ax.set_ylim(len(layers) - 0.5, -0.5)  # layer 0 on top, rows aligned with the heatmap
-        ax.set_xlim(0, longest * 1.4)
-        ax.set_xlabel("1 - CKA (longer = block changes more)")
-        ax.set_title("CKA per layer (value at bar end)", fontsize=10)
-        legend = [Patch(facecolor="tab:red", label="LoRA"), Patch(facecolor="lightgrey", label="no LoRA")]
-        if degenerate:
-            legend.append(Patch(facecolor="white", hatch="//", edgecolor="black", label="degenerate (ignored)"))
-        ax.legend(handles=legend, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1 - 0.3 / height), ncol=len(legend))
+        _nfn_heatmap(fig, axes.pop(0), placement, layers, block_kinds)
+    if scores.cka_per_layer:
+        _cka_bars(axes.pop(0), placement, layers, height)
     fig.tight_layout()
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _nfn_heatmap(fig: Any, ax: Any, placement: Placement, layers: list[int], block_kinds: list[str]) -> None:
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    per_site, chosen = placement.scores.nfn_per_site, _chosen(placement)
+    grid = np.full((len(layers), len(block_kinds)), np.nan)
+    for i, layer in enumerate(layers):
+        for j, kind in enumerate(block_kinds):
+            grid[i, j] = per_site.get(f"{layer}.{kind}", np.nan)
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label="NFN (lower = more in need of LoRA)")
+    for i, layer in enumerate(layers):
+        for j, kind in enumerate(block_kinds):
+            if (layer, kind) in chosen:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            if len(layers) * len(block_kinds) <= 120 and not np.isnan(grid[i, j]):
+                shade = image.norm(grid[i, j])  # dark text on the light (yellow) end of viridis
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="black" if shade > 0.6 else "white")
+    ax.set_xticks(range(len(block_kinds)), block_kinds, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_ylabel("layer")
+    ax.set_title("NFN per site (red box = LoRA)", fontsize=10)
+
+
+def _cka_bars(ax: Any, placement: Placement, layers: list[int], height: float) -> None:
+    from matplotlib.patches import Patch
+
+    cka_layers = placement.scores.cka_per_layer
+    degenerate = set(placement.scores.degenerate_layers)
+    placed = {l for (l, k) in _chosen(placement)}
+    # Bars show 1 - CKA: the similarities of real blocks sit close to 1, their differences would not show.
+    # A degenerate layer's CKA is meaningless (often ~0): drawn as an empty hatched stub, not a long bar.
+    values = [0.0 if l in degenerate else 1.0 - cka_layers[str(l)] for l in layers]
+    longest = max(max(values), 1e-12)
+    colors = ["tab:red" if l in placed else "lightgrey" for l in layers]
+    bars = ax.barh(range(len(layers)), values, color=colors, edgecolor="black", linewidth=0.5)
+    for bar, layer in zip(bars, layers):
+        label = f" {cka_layers[str(layer)]:.3f}"
+        if layer in degenerate:
+            bar.set_width(0.04 * longest)
+            bar.set_hatch("//")
+            bar.set_facecolor("white")
+            label = " degenerate"
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=7)
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_ylim(len(layers) - 0.5, -0.5)  # layer 0 on top, rows aligned with the heatmap
+    ax.set_xlim(0, longest * 1.4)
+    ax.set_xlabel("1 - CKA (longer = block changes more)")
+    ax.set_title("CKA per layer (value at bar end)", fontsize=10)
+    legend = [Patch(facecolor="tab:red", label="LoRA"), Patch(facecolor="lightgrey", label="no LoRA")]
+    if degenerate:
+        legend.append(Patch(facecolor="white", hatch="//", edgecolor="black", label="degenerate (ignored)"))
+    ax.legend(handles=legend, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1 - 0.3 / height), ncol=len(legend))
 
 
 def _placement_map_png(placement: Placement, config: Config) -> bytes:
@@ -291,10 +304,7 @@ def _placement_map_png(placement: Placement, config: Config) -> bytes:
     ax.set_ylabel("layer")
     ax.set_title(f"{config.name}: fixed placement {placement.method!r} (red = LoRA; no scores)", fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def write_report(placement: Placement, config: Config, out_dir: Path | str) -> tuple[Path, Path]:
@@ -313,20 +323,20 @@ def summary_table(placement: Placement, config: Config) -> str:
     scores = placement.scores
     chosen = _chosen(placement)
     lines = [
-        f"{_METHOD_NAMES.get(placement.method, placement.method)} placement for {config.name}"
+        f"{title(placement.method)} placement for {config.name}"
         f" (rank {placement.max_rank}): {_choice_in_words(placement, config)}",
         _params_line(placement, config),
     ]
-    per_kind = scores.get("per_kind") or {}
+    per_kind = scores.nfn_per_kind
     if per_kind:
         lines += ["", f"{'kind':<12} {'NFN':>7}  LoRA"]
         for kind, value in sorted(per_kind.items(), key=lambda item: item[1]):
             count = sum(1 for (l, k) in chosen if k == kind)
             mark = _coverage(count, _n_sites(scores, kind)) if count else ""
             lines.append(f"{kind:<12} {value:>7.3f}  {mark}")
-    cka_layers = scores.get("cka_per_layer") if placement.method == "plop+cka" else (scores.get("per_layer") if placement.method == "cka" else None)
+    cka_layers = scores.cka_per_layer
     if cka_layers:
-        degenerate = set(scores.get("degenerate_layers") or [])
+        degenerate = set(scores.degenerate_layers)
         placed = {l for (l, k) in chosen}
         lines += ["", f"{'layer':<6} {'CKA':>7}  LoRA"]
         for key, value in cka_layers.items():
@@ -335,3 +345,65 @@ def summary_table(placement: Placement, config: Config) -> str:
                 note = "degenerate, ignored"
             lines.append(f"{key:<6} {value:>7.4f}  {note}")
     return "\n".join(lines)
+
+
+# ---- WeightLoRA gates ----
+
+
+def gates_json(
+    method: str,
+    sites: list[str],
+    steps: list[int],
+    gates: list[list[float]],
+    events: list[dict[str, Any]],
+    kept: list[str],
+) -> str:
+    """``gates.json``: every candidate's gate (``gates[i][j]``: site ``sites[j]`` after optimizer step ``steps[i]``),
+    the WeightLoRA+ rounds and the end of the warm-up (``events``) and the sites ``kept``."""
+    import json
+
+    history = {"method": method, "sites": sites, "steps": steps, "gates": gates, "events": events, "kept": kept}
+    return json.dumps(history) + "\n"
+
+
+def gates_png(
+    method: str,
+    sites: list[str],
+    steps: list[int],
+    gates: list[list[float]],
+    kept: dict[str, int],
+    round_steps: list[int],
+    warmup_steps: int,
+    step: int,
+    finished: bool,
+) -> bytes:
+    """``gates.png``: each candidate's gate over the warm-up, the ``kept`` sites (key -> rank) in colour, the
+    removed ones in grey; the rounds run so far (``round_steps``) dotted, the end of the warm-up dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, site in enumerate(sites):  # grey first, so that the kept adapters are drawn on top
+        if site not in kept:
+            ax.plot(steps, [row[i] for row in gates], color="0.75", linewidth=0.8)
+    for i, site in enumerate(sites):
+        if site in kept:
+            label = f"{site} (r={kept[site]})"
+            ax.plot(steps, [row[i] for row in gates], linewidth=1.6, label=label if len(kept) <= 16 else None)
+    for round_step in round_steps:
+        ax.axvline(round_step, color="0.4", linestyle=":", linewidth=1)
+    if finished:
+        ax.axvline(warmup_steps, color="0.2", linestyle="--", linewidth=1)
+    ax.axhline(0.0, color="0.5", linewidth=0.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("gate w")
+    state = "final" if finished else f"step {step} of the {warmup_steps}-step warm-up"
+    ax.set_title(f"{method}: {len(kept)} of {len(sites)} adapters kept ({state})")
+    if kept and len(kept) <= 16:
+        ax.legend(fontsize=7, loc="best")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()

@@ -22,13 +22,18 @@ from litgpt.scripts.merge_lora import merge_lora
 from litgpt.utils import save_config
 from torch.utils.data import DataLoader
 
-from litgpt_plop.adapt import LoRAQKVMixedRankLinear, apply_placement, current_placement, site_adapter, site_parameters
+from litgpt_plop.adapt import (
+    LoRAQKVMixedRankLinear, SiteParameters, apply_placement, current_placement, site_adapter, site_parameters,
+)  # fmt: skip
 from litgpt_plop.callbacks import WeightLoRACallback
 from litgpt_plop.export import save_adapter
 from litgpt_plop.modules import site_module
 from litgpt_plop.placement import HEAD_LAYER, Placement, site_params
 from litgpt_plop.placement import preset as preset_placement
-from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController, grow_ranks, round_steps
+from litgpt_plop.weightlora import (
+    WeightLoRAArgs, WeightLoRAController, WeightLoRASchedule, grow_ranks, remap_optimizer, rescale_state_rows,
+    round_steps,
+)  # fmt: skip
 
 VOCAB = 64
 
@@ -291,6 +296,86 @@ def test_weightlora_plus_ends_with_the_budget_it_started_with(kinds, k):
     assert sum(p.numel() for p in trainable(model).values()) == start_budget
 
 
+# ---- the schedule and the optimizer surgery on their own ---------------------------------------------------
+
+
+def test_schedule_says_which_step_does_what():
+    schedule = WeightLoRASchedule(warmup_steps=7, rounds=2, k=8)
+    assert [(e.name, e.step, e.k) for e in schedule.events()] == [("round 1", 3, 4), ("round 2", 5, 2), ("final", 7, 2)]
+    assert schedule.rounds_due(2, rounds_done=0) == []
+    # rounds that waited for the gates' first informative gradient all run at once, in order
+    assert [e.name for e in schedule.rounds_due(6, rounds_done=0)] == ["round 1", "round 2"]
+    assert [e.name for e in schedule.rounds_due(6, rounds_done=1)] == ["round 2"]
+    assert not schedule.is_final(6) and schedule.is_final(7)
+    assert [e.name for e in WeightLoRASchedule(warmup_steps=4, rounds=0, k=3).events()] == ["final"]
+
+
+def stepped_adamw(groups: list[list[torch.nn.Parameter]], steps: int = 2) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (one param group each) after ``steps`` steps on random gradients: it has state."""
+    optimizer = torch.optim.AdamW([{"params": group} for group in groups], lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        for p in (p for group in groups for p in group):
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    return optimizer
+
+
+def test_remap_optimizer_on_plain_tensors_frees_the_removed_and_carries_the_rows_of_the_replaced():
+    """Adapters x and y share a fused A (rows 0:2 and 2:4) and a fused B (rows 0:2 and 2:6), as the parts of
+    LitGPT's qkv do; x is removed, so y moves to tensors of its own. No model: the surgery is on tensors."""
+    fused_A, fused_B, other = (torch.nn.Parameter(torch.randn(shape)) for shape in ((4, 3), (6, 2), (3, 3)))
+    optimizer = stepped_adamw([[other, fused_A], [fused_B]])
+    old_state = {p: {name: value.clone() for name, value in optimizer.state[p].items()} for p in (fused_A, fused_B)}
+    before = {
+        "x": SiteParameters(fused_A, slice(0, 2), fused_B, slice(0, 2), 1.0),
+        "y": SiteParameters(fused_A, slice(2, 4), fused_B, slice(2, 6), 1.0),
+    }
+    new_A = torch.nn.Parameter(fused_A.detach()[2:4].clone())
+    new_B = torch.nn.Parameter(fused_B.detach()[2:6].clone())
+    remap_optimizer(optimizer, before, {"y": SiteParameters(new_A, slice(0, 2), new_B, slice(0, 4), 1.0)})
+
+    # the new tensors take the old ones' places in their groups; the old ones and their state are gone
+    groups = [[id(p) for p in group["params"]] for group in optimizer.param_groups]
+    assert groups == [[id(other), id(new_A)], [id(new_B)]]
+    assert {id(p) for p in optimizer.state} == {id(other), id(new_A), id(new_B)}
+    for new, old, rows in ((new_A, fused_A, slice(2, 4)), (new_B, fused_B, slice(2, 6))):
+        assert optimizer.state[new].keys() == old_state[old].keys()
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[new][name], old_state[old][name][rows]), name
+        assert float(optimizer.state[new]["step"]) == float(old_state[old]["step"]) == 2.0
+    for p in (other, new_A, new_B):
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # and it trains on
+
+    # a grown adapter (in ``reset``) starts with no state
+    grown_A, grown_B = torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(4, 4))
+    after = {"y": SiteParameters(grown_A, slice(0, 4), grown_B, slice(0, 4), 1.0)}
+    remap_optimizer(optimizer, {"y": SiteParameters(new_A, slice(0, 2), new_B, slice(0, 4), 1.0)}, after, reset={"y"})
+    groups = [[id(p) for p in group["params"]] for group in optimizer.param_groups]
+    assert groups == [[id(other), id(grown_A)], [id(grown_B)]]
+    assert {id(p) for p in optimizer.state} == {id(other)}
+
+
+def test_rescale_state_rows_divides_exp_avg_by_w_and_exp_avg_sq_by_w_squared():
+    param = torch.nn.Parameter(torch.zeros(4, 2))
+    optimizer = stepped_adamw([[param]], steps=1)
+    state = optimizer.state[param]
+    state["exp_avg"].copy_(torch.arange(8.0).reshape(4, 2))
+    state["exp_avg_sq"].copy_(torch.full((4, 2), 2.0))
+    rescale_state_rows(optimizer, param, slice(1, 3), -0.5)  # after param[1:3] *= -0.5
+    assert state["exp_avg"].tolist() == [[0, 1], [-4, -6], [-8, -10], [6, 7]]
+    assert state["exp_avg_sq"].tolist() == [[2, 2], [8, 8], [8, 8], [2, 2]]
+    rescale_state_rows(optimizer, param, slice(0, 1), 0.0)  # a zero gate: the rows' history is meaningless
+    assert state["exp_avg"][0].tolist() == [0, 0] and state["exp_avg_sq"][0].tolist() == [0, 0]
+    # an optimizer whose state it does not know (Adagrad's "sum") is reset rather than left wrong
+    adagrad = torch.optim.Adagrad([param])
+    param.grad = torch.ones_like(param)
+    adagrad.step()
+    rescale_state_rows(adagrad, param, slice(0, 1), 2.0)
+    assert not adagrad.state[param]
+
+
 # ---- export ------------------------------------------------------------------------------------------------
 
 
@@ -399,7 +484,7 @@ def test_trainer_fit_end_to_end_with_gradient_accumulation(tmp_path):
     assert {id(p) for p in t.optimizers[0].state} <= params.keys()
     log_dir = Path(t.log_dir)
     saved = json.loads((log_dir / "placement.json").read_text())
-    assert saved["method"] == "weightlora" and len(saved["sites"]) == 3 and saved["scores"]["final"]
+    assert saved["method"] == "weightlora" and len(saved["sites"]) == 3 and saved["scores"]["weightlora"]["final"]
     assert (log_dir / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = json.loads((log_dir / "gates.json").read_text())
     assert history["steps"] == [1, 2, 3, 4] and len(history["gates"][0]) == 14
