@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from litgpt_plop.adapt import apply_placement
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
-from litgpt_plop.calibration import data_module_prompts
+from litgpt_plop.prompts import data_module_prompts
 from litgpt_plop.export import write_placement_files
 from litgpt_plop.methods import get_method
 from litgpt_plop.modules import find_gpt

@@ -221,7 +221,7 @@ class WeightLoRACallback(Callback):
         out_dir = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
         controller = self.controller
         controller.placement.save(out_dir / PLACEMENT_FILE, controller.gpt.config)
-        for name, data in controller.report_files(controller.gpt.config).items():  # gates.json, gates.png
+        for name, data in controller.report_files().items():  # gates.json, gates.png
             write_bytes_atomic(out_dir / name, data)
 
     # ---- finding things ------------------------------------------------------------------------------------

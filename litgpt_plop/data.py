@@ -12,7 +12,7 @@ In Python::
     print(result.accuracy)
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 

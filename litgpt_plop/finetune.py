@@ -40,7 +40,7 @@ from litgpt.utils import (
 from litgpt_plop.adapt import apply_placement, current_placement
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.atomic import recover_directory, write_bytes_atomic
-from litgpt_plop.calibration import calibration_token_ids
+from litgpt_plop.prompts import calibration_token_ids
 from litgpt_plop.checkpoint import PRECISION_DTYPES, check_checkpoint_dir
 from litgpt_plop.export import save_adapter, write_placement_files
 from litgpt_plop.methods import OPTION_GROUPS, Method, get_method, groups_users
@@ -412,7 +412,7 @@ def save_final(
     extra_files = {}
     if controller is not None:
         saver.placement = controller.placement
-        extra_files = controller.report_files(model.config)
+        extra_files = controller.report_files()
         if fabric.global_rank == 0:
             write_run_outputs(run.out_dir, saver.placement, model.config, extra_files)
     final_dir = run.out_dir / "final"

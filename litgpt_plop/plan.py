@@ -13,7 +13,7 @@ from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
-from litgpt_plop.calibration import calibration_token_ids
+from litgpt_plop.prompts import calibration_token_ids
 from litgpt_plop.checkpoint import load_checkpoint_model
 from litgpt_plop.export import write_placement_files
 from litgpt_plop.methods import get_method

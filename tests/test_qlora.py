@@ -231,7 +231,7 @@ def bf16_is_fast() -> bool:
 
 @pytest.fixture(scope="module")
 def smollm2_prompts(smollm2_checkpoint) -> list[torch.Tensor]:
-    from litgpt_plop.calibration import tokenize_prompts
+    from litgpt_plop.prompts import tokenize_prompts
 
     tokenizer = Tokenizer(smollm2_checkpoint)
     prompts = ReasoningGym(train_size=SMOLLM2_PROMPTS, val_size=8).prompts("train", tokenizer)

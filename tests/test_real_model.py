@@ -16,7 +16,7 @@ import torch
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_plop.args import CalibrationArgs
-from litgpt_plop.calibration import tokenize_prompts
+from litgpt_plop.prompts import tokenize_prompts
 from litgpt_plop.data import ReasoningGym
 from litgpt_plop.modules import base_linear, site_module
 from litgpt_plop.placement import QKV_KINDS, model_kinds, site_shape

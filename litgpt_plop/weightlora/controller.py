@@ -289,10 +289,9 @@ class WeightLoRAController:
 
     # ---- outputs -------------------------------------------------------------------------------------------
 
-    def report_files(self, config: Config | None = None) -> dict[str, bytes]:
+    def report_files(self) -> dict[str, bytes]:
         """``gates.json`` (every gate at every warm-up step) and ``gates.png`` (their plot), as bytes to write; the
-        placement itself is ``placement``. ``config`` is accepted for symmetry with ``Placement.save``: the gate
-        files do not depend on the model's config."""
+        placement itself is ``placement``."""
         keys = [s.key for s in self.sites]
         kept = {s.key: self.ranks[(s.layer, s.kind)] for s, alive in zip(self.sites, self.alive) if alive}
         text = gates_json(self.args.method, keys, self.history_steps, self.history, self.events, list(kept))
