@@ -24,32 +24,26 @@ largest batches (it must stay below).
 
 Growth: the same memory and time measurements at several prompt counts (one run each).
 
-    python benchmarks/calibration_overhead.py                       # full run, writes benchmarks/results/
-    python benchmarks/calibration_overhead.py --sizes --skip_4bit --reps 1 --num_prompts 32   # a quick look
+    python -m benchmarks.calibration_overhead                       # full run, writes benchmarks/results/
+    python -m benchmarks.calibration_overhead --sizes --skip_4bit --reps 1 --num_prompts 32   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
-import re
 import statistics
-import subprocess
-import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+from benchmarks.common import RESULTS_ROOT, PeakRss, answer_worker, benchmark_parser, json_worker, machine, write_results
+from benchmarks.stats import median_ratio, ratio
+from litgpt_plop.methods import get_method
 
 FORWARDS = ("forward", "forward_blocks")
 METHODS = {
-    # name: (plan_placement method, CKA pooling)
+    # what this benchmark measures: name -> (calibrated method of litgpt_plop.methods, CKA pooling)
     "plop": ("plop", "last"),
     "cka_last": ("cka", "last"),
     "cka_tokens": ("cka", "tokens"),
@@ -65,7 +59,7 @@ TIME_GOAL, MEMORY_GOAL, MEMORY_GOAL_4BIT = 1.15, 1.10, 1.05
 def token_ids(checkpoint_dir: Path, num_prompts: int, seed: int = 42) -> list:
     from litgpt.tokenizer import Tokenizer
 
-    from litgpt_plop.calibration import tokenize_prompts
+    from litgpt_plop.prompts import tokenize_prompts
     from litgpt_plop.data import ReasoningGym
 
     tokenizer = Tokenizer(checkpoint_dir)
@@ -90,7 +84,7 @@ def load_model(checkpoint_dir: Path, quantize: str | None):
     checkpoint file, where touching it during the pass would count as the pass's memory)."""
     import torch
 
-    from litgpt_plop.plan import load_checkpoint_model
+    from litgpt_plop.checkpoint import load_checkpoint_model
 
     model = load_checkpoint_model(checkpoint_dir, quantize=quantize)
     with torch.no_grad():
@@ -164,46 +158,6 @@ def run_train_steps(model, batches: list, kinds: list[str]) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
-class PeakRss:
-    """Peak RSS over a region: the kernel's own high-water mark after a reset when allowed, else sampling."""
-
-    def __enter__(self) -> "PeakRss":
-        gc.collect()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            self.method = "VmHWM after clear_refs"
-        except OSError:
-            self.method = "sampling every 1 ms"
-        self.baseline = _status_kib("VmRSS")
-        self._sampled = self.baseline
-        self._running = True
-        if self.method.startswith("sampling"):
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        self.start = time.perf_counter()
-        return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self._sampled = max(self._sampled, _status_kib("VmRSS"))
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.start
-        self._running = False
-        if self.method.startswith("sampling"):
-            self._thread.join()
-            self.peak = self._sampled
-        else:
-            self.peak = _status_kib("VmHWM")
-
-
 def worker(spec: dict) -> dict:
     """One measurement in this (fresh) process: ``spec`` has mode, checkpoint_dir, num_prompts, batch_size,
     quantize, and for ``train`` the kinds and the number of largest batches."""
@@ -230,10 +184,7 @@ def worker(spec: dict) -> dict:
         "kinds": kinds,
         **spec,
         "seconds": rss.seconds,
-        "peak_rss_mib": rss.peak / 1024,
-        "baseline_rss_mib": rss.baseline / 1024,
-        "increase_mib": (rss.peak - rss.baseline) / 1024,
-        "memory_method": rss.method,
+        **rss.figures(),
         "tokens": int(sum(int(b.mask.sum()) for b in batches)),
         "batches": len(batches),
     }
@@ -262,21 +213,13 @@ def measure_memory(specs: dict[str, dict], reps: int, log, label: str = "") -> d
 
 
 def in_subprocess(spec: dict) -> dict:
-    env = dict(os.environ)
-    if spec.get("threads"):
-        env["OMP_NUM_THREADS"] = str(spec["threads"])  # bitsandbytes' CPU kernels too
-    if spec.get("malloc_mmap_threshold"):
-        env["MALLOC_MMAP_THRESHOLD_"] = str(spec["malloc_mmap_threshold"])
-    result = subprocess.run(
-        [sys.executable, __file__, "--_worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        env=env,
+    return json_worker(
+        "benchmarks.calibration_overhead",
+        spec,
+        f"measurement {spec}",
+        threads=spec.get("threads"),
+        malloc_mmap_threshold=spec.get("malloc_mmap_threshold"),
     )
-    if result.returncode != 0:
-        raise RuntimeError(f"measurement {spec} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------
@@ -290,9 +233,9 @@ def make_scorers(model, mode: str) -> list:
     method, pooling = METHODS[mode]
     layers = list(range(model.config.n_layer))
     scorers = []
-    if method in ("plop", "plop+cka"):
+    if get_method(method).uses_plop:
         scorers.append(PlopScorer(model, model_kinds(model.config), layers))
-    if method in ("cka", "plop+cka"):
+    if get_method(method).uses_cka:
         scorers.append(CkaScorer(model, layers, pooling))
     return scorers
 
@@ -372,17 +315,8 @@ def measure_time(args, log) -> tuple[dict, dict, dict, list[str]]:
     return samples, finish_samples, batch_samples, plop_kinds
 
 
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT, help="LitGPT checkpoint (default: %(default)s)")
+    parser = benchmark_parser("benchmarks.calibration_overhead", __doc__)
     parser.add_argument("--num_prompts", type=int, default=128, help="calibration prompts for the main table (default: %(default)s)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[32, 64, 128, 256], help="prompt counts for the growth table; none to skip (default: %(default)s)")
     parser.add_argument("--growth_modes", nargs="*", default=["forward_blocks", "plop+cka"], choices=MODES, help="modes measured at every size (default: %(default)s)")
@@ -399,18 +333,19 @@ def main(argv: list[str] | None = None) -> dict:
                         " dynamic default). A fixed threshold (e.g. 65536) makes large blocks go back to the system when freed,"
                         " so RSS follows the memory actually held instead of what malloc keeps for reuse (default: %(default)s)")
     parser.add_argument("--tag", default="", help="suffix of the result files: calibration_overhead_<tag>.{json,md}")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory for calibration_overhead.{json,md} (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS_ROOT, help="directory for calibration_overhead.{json,md} (default: %(default)s)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args._worker:
-        print(json.dumps(worker(json.loads(args._worker))))
+        answer_worker(args._worker, worker)
         return {}
 
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    host = machine()
     started = time.perf_counter()
 
     def log(text: str) -> None:
@@ -461,18 +396,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "mode": mode,
                 "time_s": time_median[mode],
                 "finish_s": statistics.median(finish_samples[mode]),
-                "time_vs_forward": statistics.median(
-                    ratio(a, b) for a, b in zip(time_samples[mode], time_samples["forward"])
-                ),
-                "time_vs_forward_blocks": statistics.median(
-                    ratio(a, b) for a, b in zip(time_samples[mode], time_samples["forward_blocks"])
-                ),
-                "batch_time_vs_forward": statistics.median(
-                    ratio(a, b) for a, b in zip(batch_samples[mode], batch_samples["forward"])
-                ),
-                "batch_time_vs_forward_blocks": statistics.median(
-                    ratio(a, b) for a, b in zip(batch_samples[mode], batch_samples["forward_blocks"])
-                ),
+                "time_vs_forward": median_ratio(time_samples[mode], time_samples["forward"]),
+                "time_vs_forward_blocks": median_ratio(time_samples[mode], time_samples["forward_blocks"]),
+                "batch_time_vs_forward": median_ratio(batch_samples[mode], batch_samples["forward"]),
+                "batch_time_vs_forward_blocks": median_ratio(batch_samples[mode], batch_samples["forward_blocks"]),
                 "peak_vs_forward": ratio(memory[mode]["peak_rss_mib"], memory["forward"]["peak_rss_mib"]),
                 "peak_vs_forward_blocks": ratio(memory[mode]["peak_rss_mib"], memory["forward_blocks"]["peak_rss_mib"]),
                 "increase_mib": memory[mode]["increase_mib"],
@@ -483,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     md = [
         f"# Calibration overhead: {args.checkpoint_dir.name}, {args.num_prompts} reasoning-gym prompts, batch {args.batch_size}",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__},"
+        f"Machine: {host['cpu']}, {host['logical_cpus']} CPUs, torch {torch.__version__},"
         f" {torch.get_num_threads()} threads; memory method: {memory['forward']['memory_method']};"
         f" MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset (glibc dynamic)'} in the memory subprocesses.",
         (f"Time: {args.reps} in-process repetitions interleaved batch by batch; ratios are medians of per-repetition ratios."
@@ -569,12 +496,9 @@ def main(argv: list[str] | None = None) -> dict:
         "four_bit": four_bit,
         "plop_kinds": plop_kinds,
         "goals": {"time": TIME_GOAL, "memory": MEMORY_GOAL, "memory_4bit": MEMORY_GOAL_4BIT},
+        "machine": host,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "calibration_overhead" + (f"_{args.tag}" if args.tag else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (args.out / f"{stem}.md").write_text(text + "\n")
-    print(f"\nWrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
+    write_results(args.out, "calibration_overhead" + (f"_{args.tag}" if args.tag else ""), results, text)
     return results
 
 

@@ -1,6 +1,6 @@
 """What a placement costs to train: LoRA training-step time and peak memory per placement, relative to ``all``.
 
-The placements are the ones the placement-quality grid (``benchmarks/placement_quality.py``) trains on one task,
+The placements are the ones the placement-quality grid (``benchmarks.placement_quality``) trains on one task,
 with the same parameter matching: every method's rank is the one whose trainable-parameter count is closest
 to PLoP's at rank 8 (``all`` gets rank 4), plus ``all@r8``, every linear at rank 8 (what "all-linear, r=8"
 costs). PLoP, PLoP^-1, CKA and PLoP+CKA are decided here by a calibration pass on the task's prompts, exactly as
@@ -19,35 +19,40 @@ can be added with ``--placement NAME=PATH``.
   (activations, gradients, optimizer state).
 
 The cost of the calibration pass itself (time and memory relative to a plain forward, as the number of
-calibration prompts grows) is measured by ``benchmarks/calibration_overhead.py``; both scripts write to
+calibration prompts grows) is measured by ``benchmarks.calibration_overhead``; both scripts write to
 ``benchmarks/results/``.
 
-    python benchmarks/overhead.py                                  # writes benchmarks/results/overhead.{json,md}
-    python benchmarks/overhead.py --rounds 3 --mem_steps 1         # a quick look
-    python benchmarks/overhead.py --placement weightlora=path/to/final/placement.json
+    python -m benchmarks.overhead                                  # writes benchmarks/results/overhead.{json,md}
+    python -m benchmarks.overhead --rounds 3 --mem_steps 1         # a quick look
+    python -m benchmarks.overhead --placement weightlora=path/to/final/placement.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from benchmarks.calibration_overhead import load_model
+from benchmarks.common import (
+    RESULTS_ROOT,
+    PeakRss,
+    answer_worker,
+    benchmark_parser,
+    command_line,
+    git_commit,
+    json_worker,
+    machine,
+    write_json,
+    write_text,
+)
+from benchmarks.placement_quality import CALIBRATED, FIXED, TASK_CONFIGS, closest_rank
+from benchmarks.stats import median_ratio
 
-from calibration_overhead import PeakRss  # noqa: E402
-from placement_quality import FIXED, TASK_CONFIGS, closest_rank, machine  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
 REFERENCE, REFERENCE_RANK = "plop", 8  # the budget: PLoP's decision at rank 8, as in the placement-quality grid
-CALIBRATED = ("plop", "plop-inverse", "cka", "plop+cka")
 
 
 # ---- placements -------------------------------------------------------------------------------------------
@@ -62,7 +67,7 @@ def task_data(task: str, train_size: int):
 def decide_placements(model, tokenizer, task: str, calibration_samples: int, cka_ratio: float) -> dict[str, dict]:
     """name -> placement dict (``Placement.to_dict``) of every grid method, rank-matched to PLoP at rank 8."""
     from litgpt_plop.args import CalibrationArgs, CkaArgs
-    from litgpt_plop.calibration import tokenize_prompts
+    from litgpt_plop.prompts import tokenize_prompts
     from litgpt_plop.placement import Placement, model_kinds, preset
     from litgpt_plop.select import plan_placement
 
@@ -112,8 +117,6 @@ def training_batches(tokenizer, task: str, count: int, batch_size: int = 8) -> l
 
 def load_resident_model(checkpoint_dir: Path):
     """The checkpoint's plain GPT with every weight copied out of the memory-mapped file (for memory figures)."""
-    from calibration_overhead import load_model
-
     return load_model(checkpoint_dir, quantize=None)
 
 
@@ -147,7 +150,7 @@ def train_step(gpt, optimizer, batch: dict) -> float:
 
 def measure_time(checkpoint_dir: Path, placements: dict[str, dict], batch: dict, rounds: int, warmup: int, log) -> dict:
     """Median step seconds per placement, placements taking turns (one step each per round)."""
-    from litgpt_plop.plan import load_checkpoint_model
+    from litgpt_plop.checkpoint import load_checkpoint_model
 
     models = {}
     for name, placement in placements.items():
@@ -184,30 +187,21 @@ def memory_worker(spec: dict) -> dict:
         for batch in batches:
             train_step(gpt, optimizer, batch)
     return {
-        "peak_rss_mib": rss.peak / 1024,
-        "baseline_rss_mib": rss.baseline / 1024,
-        "increase_mib": (rss.peak - rss.baseline) / 1024,
-        "memory_method": rss.method,
+        **rss.figures(),
         "tokens_per_batch": [int(b["input_ids"].numel()) for b in batches],
     }
 
 
 def measure_memory(spec: dict, placements: dict[str, dict], log) -> dict:
     results = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    if spec["malloc_mmap_threshold"]:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(spec["malloc_mmap_threshold"])
     for name, placement in placements.items():
-        result = subprocess.run(
-            [sys.executable, __file__, "--_worker", json.dumps({**spec, "placement": placement})],
-            capture_output=True,
-            text=True,
-            cwd=REPO_ROOT,
-            env=env,
+        results[name] = json_worker(
+            "benchmarks.overhead",
+            {**spec, "placement": placement},
+            f"memory measurement of {name}",
+            threads=spec["threads"],
+            malloc_mmap_threshold=spec["malloc_mmap_threshold"],
         )
-        if result.returncode != 0:
-            raise RuntimeError(f"memory measurement of {name} failed:\n{result.stderr[-3000:]}")
-        results[name] = json.loads(result.stdout.strip().splitlines()[-1])
         r = results[name]
         log(f"  {name:13s} peak {r['peak_rss_mib']:8.1f} MiB  +{r['increase_mib']:7.1f} MiB over {r['baseline_rss_mib']:.1f}")
     return results
@@ -256,7 +250,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {name} | {r['where']} | {r['trainable_params']:,} | {r['median_step_s']:.3f}"
             f" | {r['median_step_s'] / ref['median_step_s']:.3f}"
-            f" | {statistics.median(per_round):.3f} [{min(per_round):.2f}, {max(per_round):.2f}]"
+            f" | {median_ratio(r['steps_s'], ref['steps_s']):.3f} [{min(per_round):.2f}, {max(per_round):.2f}]"
             f" | {r['median_step_s'] / ref8['median_step_s']:.3f}"
             f" | {r['peak_rss_mib']:.0f} | {r['increase_mib']:.0f} | {r['increase_mib'] / ref['increase_mib']:.3f}"
             f" | {r['increase_mib'] / ref8['increase_mib']:.3f} |"
@@ -273,15 +267,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT, help="LitGPT checkpoint (default: %(default)s)")
+    parser = benchmark_parser("benchmarks.overhead", __doc__)
     parser.add_argument("--task", default="basic_arithmetic", help="reasoning-gym task for calibration and training batches (default: %(default)s)")
     parser.add_argument("--calibration_samples", type=int, default=64, help="calibration prompts (default: %(default)s)")
     parser.add_argument("--cka_ratio", type=float, default=0.5, help="fraction of layers CKA keeps (default: %(default)s)")
@@ -292,21 +279,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--malloc_mmap_threshold", type=int, default=65536, help="glibc MALLOC_MMAP_THRESHOLD_ for the memory subprocesses, so freed blocks go back to the system and each peak is what the step holds"
                         " (bytes; 0: glibc's adaptive default, whose retained memory made peaks non-monotone in the adapter count; default: %(default)s)")
     parser.add_argument("--placement", action="append", default=[], metavar="NAME=PATH", help="an extra placement.json to measure (repeatable)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory for overhead.{json,md} (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS_ROOT, help="directory for overhead.{json,md} (default: %(default)s)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
-        print(json.dumps(memory_worker(json.loads(args._worker))))
+        answer_worker(args._worker, memory_worker)
         return {}
 
     import torch
     from litgpt.tokenizer import Tokenizer
 
+    from litgpt_plop.checkpoint import load_checkpoint_model
     from litgpt_plop.placement import Placement
-    from litgpt_plop.plan import load_checkpoint_model
 
     torch.set_num_threads(args.threads)
-    command = " ".join(["python", "benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("benchmarks.overhead", argv)
     log = lambda text: print(text, flush=True)  # noqa: E731
     loadavg_before = os.getloadavg()
     tokenizer = Tokenizer(args.checkpoint_dir)
@@ -341,10 +328,6 @@ def main(argv: list[str] | None = None) -> dict:
             **memory[name],
             "placement": placement,
         }
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
     report = {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -357,13 +340,12 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_before": list(loadavg_before),
         "loadavg_after": list(os.getloadavg()),
         "machine": machine(),
-        "git_commit": commit,
+        "git_commit": git_commit(),
         "placements": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "overhead.json", json.dumps(report, indent=2))
     text = markdown(report)
-    write_atomic(args.out / "overhead.md", text)
+    write_json(args.out / "overhead.json", report)
+    write_text(args.out / "overhead.md", text)
     print("\n" + text)
     return report
 

@@ -5,7 +5,7 @@ Finetunes SmolLM2-135M-Instruct (the embedded checkpoint) with ``litgpt_plop.fin
 timeout in one run is recorded and does not stop the grid), then scores held-out items with greedy generation.
 Results are appended as JSON lines to ``--out``; a rerun skips every (task, method, seed, settings) already
 recorded as ``ok`` (failed runs are retried), so the grid can be stopped and resumed at any time.
-``benchmarks/summarize.py`` turns the file into ``benchmarks/RESULTS.md`` and a plot.
+``python -m benchmarks.summarize`` turns the file into ``benchmarks/RESULTS.md`` and a plot.
 
 Methods (``--methods``): the ``litgpt-plop finetune --plugin`` of the same name, all candidates = every linear
 but the head (7 kinds x 30 layers on SmolLM2-135M):
@@ -18,8 +18,8 @@ but the head (7 kinds x 30 layers on SmolLM2-135M):
     all@r0                               ``all`` at the reference rank r0: the unmatched "everything" reference
     base                                 no finetuning: the pretrained model's accuracy (once per task, no seed)
 
-Matching trainable parameters (methods.md: "at matched trainable-parameter counts (rank adjusted)")
-----------------------------------------------------------------------------------------------------
+Matching trainable parameters (docs/methods.md section 1: "at matched trainable-parameter counts (rank adjusted)")
+------------------------------------------------------------------------------------------------------------------
 * The budget B of a task is what ``--reference`` costs at rank r0 (``--rank``, default 8). Default reference:
   ``plop``, PLoP's default decision (its 3 lowest-NFN kinds on all 30 layers) at r0, as in the paper, where PLoP
   runs at its usual rank and the baselines are rank-adjusted to it. B therefore depends on the task (PLoP may
@@ -62,7 +62,7 @@ change with the seed too (see above).
 
 Resuming: a (task, method, seed) counts as done only if its newest ``ok`` row ran the rank (and, for the fixed
 kinds, the kinds) that the matching asks for now; a row recorded with another rank is run again and the new row
-supersedes it (``summarize.py`` uses the newest ``ok`` row of each run). After a fix in a method,
+supersedes it (``benchmarks.summarize`` uses the newest ``ok`` row of each run). After a fix in a method,
 ``--rerun METHOD --rerun_before TIME`` runs that method's rows started before TIME again.
 
 Sizing (defaults, per run on 2 idle CPU cores): micro batch = global batch = 8, 100 optimizer steps (800
@@ -76,23 +76,23 @@ chain_sum): 2 tasks x 12 methods x 3 seeds = 72 runs + 2 base evaluations: rough
 What RESULTS.md reports was run at half that length, two harness processes side by side with one torch thread
 each (about 4-6 minutes per run on 2 cores, 2 runs at a time):
 
-    python benchmarks/placement_quality.py --tasks basic_arithmetic chain_sum --steps 50 --train_size 400 --threads 1 \
+    python -m benchmarks.placement_quality --tasks basic_arithmetic chain_sum --steps 50 --train_size 400 --threads 1 \
         --methods base qv attention mlp all random all@r0 &
-    python benchmarks/placement_quality.py --tasks basic_arithmetic chain_sum --steps 50 --train_size 400 --threads 1 \
+    python -m benchmarks.placement_quality --tasks basic_arithmetic chain_sum --steps 50 --train_size 400 --threads 1 \
         --methods plop plop-inverse cka plop+cka weightlora weightlora+      # start once the first has planned
-    python benchmarks/rescore.py --items 200         # the same trained runs on 200 held-out items (no training)
-    python benchmarks/summarize.py
+    python -m benchmarks.rescore --items 200         # the same trained runs on 200 held-out items (no training)
+    python -m benchmarks.summarize
 
     # the full grid (resumable; Ctrl-C and rerun the same command to continue)
-    python benchmarks/placement_quality.py
-    python benchmarks/summarize.py                       # -> benchmarks/RESULTS.md + plot
+    python -m benchmarks.placement_quality
+    python -m benchmarks.summarize                       # -> benchmarks/RESULTS.md + plot
 
     # a smoke check of the harness (base, qv and plop, 1 seed, 5 steps, 8 items: minutes, numbers mean nothing)
-    python benchmarks/placement_quality.py --smoke
-    python benchmarks/summarize.py --smoke
+    python -m benchmarks.placement_quality --smoke
+    python -m benchmarks.summarize --smoke
 
     # only print the parameter matching (runs the three cheap PLoP/CKA plans per task, no training)
-    python benchmarks/placement_quality.py --dry_run
+    python -m benchmarks.placement_quality --dry_run
 """
 
 from __future__ import annotations
@@ -103,20 +103,28 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
-import shlex
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" / "placement_quality"
+from benchmarks.common import (
+    DEFAULT_CHECKPOINT,
+    REPO_ROOT,
+    RESULTS_ROOT,
+    append_jsonl,
+    command_line,
+    git_commit,
+    machine,
+    read_jsonl,
+    run_worker,
+    self_peak_rss_mib,
+    write_text,
+)
+from litgpt_plop.methods import get_method, method_names
+
+RESULTS_DIR = RESULTS_ROOT / "placement_quality"
 
 # The task configs: basic_arithmetic as in configs/demo-cpu.yaml (two terms of 1-2 digits); chain_sum with three
 # one-digit terms (about 20% after 50 steps: room both ways). Tried and not in the default grid (RESULTS.md says
@@ -133,12 +141,21 @@ TASK_CONFIGS: dict[str, dict[str, Any] | None] = {
     "chain_sum": {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1},
     "gsm_symbolic": None,
 }
-FIXED = ("qv", "attention", "mlp", "all", "random")
-CALIBRATED = ("plop", "plop-inverse", "cka", "plop+cka")
-PLANNED = ("plop", "plop-inverse", "plop+cka")  # sites known only after calibration: planned first
-WEIGHTLORA = ("weightlora", "weightlora+")
+# What the grid runs, in the order it runs and reports them. What each one is comes from the project's method
+# registry (litgpt_plop.methods); ``all@r0`` and ``base`` exist only here (see the module docstring).
 METHODS = ("qv", "attention", "mlp", "all", "random", "plop", "plop-inverse", "cka", "plop+cka", "weightlora", "weightlora+", "all@r0")
 EXTRA_METHODS = ("base",)
+
+
+def _registered(*kinds: str) -> tuple[str, ...]:
+    """The grid's methods that the registry lists as one of ``kinds``, in the grid's order."""
+    return tuple(m for m in METHODS if m in method_names(*kinds))
+
+
+FIXED = _registered("preset")
+CALIBRATED = _registered("calibrated")
+PLANNED = tuple(m for m in CALIBRATED if get_method(m).uses_plop)  # sites known only after calibration: planned first
+WEIGHTLORA = _registered("gated")
 REFERENCES = ("plop", "qv")
 
 
@@ -189,57 +206,6 @@ SMOKE = {
 }
 
 
-# ---- the machine -------------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    try:
-        import torch
-
-        from importlib.metadata import version
-
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), litgpt=version("litgpt"))
-    except Exception:  # noqa: BLE001 - informational only
-        pass
-    try:
-        import lightning
-
-        info["lightning"] = lightning.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        info["mem_total_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    return info
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 # ---- parameter matching ------------------------------------------------------------------------------------
 
 
@@ -288,7 +254,9 @@ def matching(task: str, settings: Settings, plans: dict[str, Any], checkpoint_di
         plan = plans[method]
         shapes[method] = {"kinds": plan["kinds"], "layers": plan["layers"]}
     n_cka = max(1, int(settings.cka_ratio * config.n_layer + 0.5))  # litgpt_plop.select.choose_layers
-    shapes["cka"] = {"kinds": list(model_kinds(config)), "layers": None, "n_layers": n_cka}
+    for method in CALIBRATED:
+        if method not in PLANNED:  # CKA alone: every kind on n_cka layers, a cost known without calibration
+            shapes[method] = {"kinds": list(model_kinds(config)), "layers": None, "n_layers": n_cka}
     for shape in shapes.values():
         layers = shape["layers"]
         shape.setdefault("n_layers", len(layers) if layers is not None else None)
@@ -388,8 +356,8 @@ def evaluate(checkpoint_dir: Path, data, num_items: int, max_new_tokens: int, re
     from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
     from litgpt.tokenizer import Tokenizer
 
+    from litgpt_plop.checkpoint import load_checkpoint_model
     from litgpt_plop.data import evaluate_accuracy
-    from litgpt_plop.plan import load_checkpoint_model
 
     model = load_checkpoint_model(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
@@ -435,12 +403,6 @@ def read_metrics(out_dir: Path) -> dict[str, Any]:
     }
 
 
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def worker(spec_path: Path) -> None:
     """One job in this process: ``plan`` (PLoP/CKA decisions), ``base`` (evaluate the pretrained model) or
     ``finetune`` (finetune + evaluate). Writes ``spec["result_path"]``."""
@@ -477,7 +439,7 @@ def worker(spec_path: Path) -> None:
                 "layers": placement.layers,
                 "sites": [[s.layer, s.kind] for s in placement.sites],
                 "calibration_s": (placement.calibration or {}).get("seconds"),
-                "per_kind": placement.scores.get("per_kind"),
+                "per_kind": placement.scores.nfn_per_kind,
             }
 
     elif spec["mode"] == "base":
@@ -488,6 +450,7 @@ def worker(spec_path: Path) -> None:
 
         import litgpt_plop.finetune as finetune
         from litgpt_plop.args import CkaArgs
+        from litgpt_plop.placement import ALL_KINDS
         from litgpt_plop.weightlora import WeightLoRAArgs
 
         # Fabric never finalizes its loggers, so the CSV logger's last rows could stay unwritten (log_interval=1
@@ -502,12 +465,13 @@ def worker(spec_path: Path) -> None:
 
         finetune.choose_logger = keep_logger
         plugin = spec["plugin"]
+        groups = get_method(plugin).option_groups  # the --<group>.* options this plugin reads
         options: dict[str, Any] = {}
-        if plugin in CALIBRATED:
+        if "calibration" in groups:
             options["calibration"] = calibration_args(spec)
-        if plugin in ("cka", "plop+cka"):
+        if "cka" in groups:
             options["cka"] = CkaArgs(ratio=spec["cka_ratio"])
-        if plugin in WEIGHTLORA:
+        if "weightlora" in groups:
             options["weightlora"] = WeightLoRAArgs(k=spec["k"], warmup_steps=spec["warmup_steps"])
         data = make_data(spec)
         t_train = time.perf_counter()
@@ -544,14 +508,14 @@ def worker(spec_path: Path) -> None:
             for logger in loggers:
                 logger.finalize("success")
         result["finetune_s"] = round(time.perf_counter() - t_train, 2)
-        result["peak_rss_finetune_mb"] = round(peak_rss_mb(), 1)
+        result["peak_rss_finetune_mb"] = round(self_peak_rss_mib(), 1)
         result.update(read_metrics(run_dir))
         final = run_dir / "final"
         placement = json.loads((final / "placement.json").read_text())
         sites = placement["sites"]
         result.update(
             trainable_params=placement["trainable_params"],
-            kinds=sorted({s["kind"] for s in sites}, key=["query", "key", "value", "projection", "mlp_fc_1", "mlp_fc_2", "mlp_fc", "mlp_proj", "head"].index),
+            kinds=sorted({s["kind"] for s in sites}, key=ALL_KINDS.index),
             n_layers=len({s["layer"] for s in sites}),
             n_sites=len(sites),
             ranks=sorted({s["rank"] for s in sites}),
@@ -564,10 +528,8 @@ def worker(spec_path: Path) -> None:
             (final / "lit_model.pth").unlink(missing_ok=True)
 
     result["worker_s"] = round(time.perf_counter() - t0, 2)
-    result["peak_rss_self_mb"] = round(peak_rss_mb(), 1)
-    tmp = Path(spec["result_path"]).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, spec["result_path"])
+    result["peak_rss_self_mb"] = round(self_peak_rss_mib(), 1)
+    write_text(Path(spec["result_path"]), json.dumps(result))
 
 
 def run_subprocess(spec: dict[str, Any], timeout: float, quiet: bool) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -579,40 +541,20 @@ def run_subprocess(spec: dict[str, Any], timeout: float, quiet: bool) -> tuple[d
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2))
     log_path = run_dir / "log.txt"
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-            cwd=REPO_ROOT,
-            stdout=log if quiet else None,
-            stderr=subprocess.STDOUT if quiet else None,
-            start_new_session=True,  # its own process group: a timeout kills it and nothing else
-        )
-        deadline = t0 + timeout
-        timed_out = False
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                timed_out = True
-                os.killpg(proc.pid, signal.SIGKILL)
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.5)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    run = run_worker(
+        "benchmarks.placement_quality", ["--worker", str(spec_path)], log=log_path if quiet else None, console=not quiet, timeout=timeout
+    )
     facts = {
-        "returncode": proc.returncode,
-        "timed_out": timed_out,
-        "wall_s": round(time.perf_counter() - t0, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "cpu_user_s": round(usage.ru_utime, 1),
-        "cpu_sys_s": round(usage.ru_stime, 1),
-        # CPU seconds per wall second: about the thread count on an idle machine; far lower means it was starved
-        "cpu_per_wall": round((usage.ru_utime + usage.ru_stime) / max(time.perf_counter() - t0, 1e-9), 2),
+        "returncode": run.returncode,
+        "timed_out": run.timed_out,
+        "wall_s": round(run.wall_s, 2),
+        "peak_rss_mb": round(run.peak_rss_mib, 1),
+        "cpu_user_s": round(run.cpu_user_s, 1),
+        "cpu_sys_s": round(run.cpu_sys_s, 1),
+        "cpu_per_wall": round(run.cpu_per_wall, 2),
         "log": str(log_path.relative_to(REPO_ROOT)) if log_path.is_relative_to(REPO_ROOT) else str(log_path),
     }
-    if proc.returncode != 0 or not result_path.is_file():
+    if run.returncode != 0 or not result_path.is_file():
         try:
             facts["error_tail"] = log_path.read_text()[-3000:] if quiet else "(see the console)"
         except OSError:
@@ -688,14 +630,9 @@ def entry_for(match: dict[str, Any], method: str, seed: int | None) -> dict[str,
 def recorded_rows(path: Path, include_failed: bool = False) -> dict[tuple, dict[str, Any]]:
     """(config_id, task, method, seed) -> the newest row recorded as ok (or any row, with ``include_failed``)."""
     rows: dict[tuple, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill: that run is simply run again
-            if row.get("status") == "ok" or include_failed:
-                rows[(row["config_id"], row["task"], row["method"], row.get("seed"))] = row
+    for row in read_jsonl(path):  # a line cut short by a kill is skipped: that run is simply run again
+        if row.get("status") == "ok" or include_failed:
+            rows[(row["config_id"], row["task"], row["method"], row.get("seed"))] = row
     return rows
 
 
@@ -710,16 +647,9 @@ def is_done(row: dict[str, Any] | None, method: str, m: dict[str, Any] | None) -
     return method not in FIXED or row.get("kinds") is None or sorted(row["kinds"]) == sorted(m["kinds"])
 
 
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        prog="python -m benchmarks.placement_quality",
         description=(
             "Placement-quality grid: finetune SmolLM2-135M-Instruct on reasoning-gym tasks with each LoRA placement at"
             " matched trainable parameters, over seeds; one subprocess per run; results as JSON lines (resumable)."
@@ -798,7 +728,7 @@ def main(argv: list[str] | None = None) -> None:
     for task in tasks:
         if task not in TASK_CONFIGS:
             print(f"note: {task!r} has no preset config here; using reasoning-gym's defaults", flush=True)
-    command = shlex.join(["python", "benchmarks/placement_quality.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("benchmarks.placement_quality", argv)
     info = machine()
     commit = git_commit()
     print(f"placement_quality: config {config_id} ({name}); results -> {out}; runs -> {work_dir}", flush=True)
@@ -886,7 +816,7 @@ def main(argv: list[str] | None = None) -> None:
         if result is not None and method != "base":
             row["params_vs_budget"] = round(row["trainable_params"] / row["budget_params"] - 1, 4)
         row.pop("sites", None)
-        append_row(out, row)
+        append_jsonl(out, row)
         if result is None:
             print(f"    {row['status']} (exit {facts['returncode']}) after {facts['wall_s']:.0f}s; log: {facts['log']}", flush=True)
             tail = (facts.get("error_tail") or "").strip().splitlines()[-5:]
@@ -906,7 +836,7 @@ def main(argv: list[str] | None = None) -> None:
                     parts.append("SITES DIFFER FROM THE PLAN")
             parts += [f"peak RSS {row['peak_rss_mb']:.0f} MB", f"{row['wall_s']:.0f}s"]
             print("    " + ", ".join(parts), flush=True)
-    print(f"\ndone; summarize with: python benchmarks/summarize.py{' --smoke' if args.smoke else ''} --results {out}", flush=True)
+    print(f"\ndone; summarize with: python -m benchmarks.summarize{' --smoke' if args.smoke else ''} --results {out}", flush=True)
 
 
 def plans_cache(work_dir: Path, task: str) -> dict[str, Any]:

@@ -24,8 +24,8 @@ Figures per run:
 * on CUDA: ``torch.cuda.max_memory_allocated`` over the whole run and over the training loop, and the GPU's name;
 * step time: median of ``iter_time`` in the CSV log (one micro-batch = one step here).
 
-    python benchmarks/qlora_memory.py                  # CPU: ~10 steps per run, writes benchmarks/results/
-    python benchmarks/qlora_memory.py --max_steps 4 --out /tmp/q
+    python -m benchmarks.qlora_memory                  # CPU: ~10 steps per run, writes benchmarks/results/
+    python -m benchmarks.qlora_memory --max_steps 4 --out /tmp/q
 """
 
 from __future__ import annotations
@@ -35,21 +35,12 @@ import csv
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+from benchmarks.common import REPO_ROOT, RESULTS_ROOT, PeakRss, benchmark_parser, machine, run_worker, write_results
 
 
 def child(argv: list[str], report: Path) -> None:
@@ -61,24 +52,20 @@ def child(argv: list[str], report: Path) -> None:
     fit = litgpt_lora.fit
 
     def measured_fit(*args, **kwargs):
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            measured["fit_rss_method"] = "VmHWM after clear_refs"
-        except OSError:
-            measured["fit_rss_method"] = "VmHWM (not reset: includes everything before the loop)"
-        measured["fit_baseline_rss_mib"] = _status_kib("VmRSS") / 1024
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             measured["fit_baseline_cuda_mib"] = torch.cuda.memory_allocated() / 2**20
             measured["peak_cuda_before_fit_mib"] = torch.cuda.max_memory_allocated() / 2**20
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        rss = PeakRss()
         try:
-            return fit(*args, **kwargs)
+            with rss:
+                return fit(*args, **kwargs)
         finally:
-            measured["fit_seconds"] = time.perf_counter() - start
-            measured["fit_peak_rss_mib"] = _status_kib("VmHWM") / 1024
+            measured["fit_seconds"] = rss.seconds
+            measured["fit_rss_method"] = rss.method
+            measured["fit_baseline_rss_mib"] = rss.baseline / 1024
+            measured["fit_peak_rss_mib"] = rss.peak / 1024
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 measured["fit_peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -149,23 +136,14 @@ def run(kind: str, args, cuda: bool, log) -> dict:
     report = args.work_dir / f"{kind}.json"
     log_file = args.work_dir / f"{kind}.log"
     argv = command(kind, args, out_dir, cuda)
-    start = time.perf_counter()
-    with open(log_file, "w") as f:
-        env = dict(os.environ)
-        if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)
-        if args.malloc_mmap_threshold:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-        process = subprocess.Popen(
-            [sys.executable, __file__, "--_child", json.dumps({"argv": argv, "report": str(report)})],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=env,
-        )
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
+    process = run_worker(
+        "benchmarks.qlora_memory",
+        ["--_child", json.dumps({"argv": argv, "report": str(report)})],
+        threads=args.threads,
+        malloc_mmap_threshold=args.malloc_mmap_threshold,
+        log=log_file,
+    )
+    seconds = process.wall_s
     if process.returncode != 0:
         raise RuntimeError(f"{kind} failed (exit {process.returncode}); see {log_file}:\n{log_file.read_text()[-3000:]}")
     measured = json.loads(report.read_text())
@@ -178,7 +156,7 @@ def run(kind: str, args, cuda: bool, log) -> dict:
         "kind": kind,
         "command": " ".join(argv),
         "wall_s": seconds,
-        "process_peak_rss_mib": usage.ru_maxrss / 1024,  # Linux: KiB
+        "process_peak_rss_mib": process.peak_rss_mib,
         **measured,
         "fit_adds_rss_mib": measured.get("fit_peak_rss_mib", 0.0) - measured.get("fit_baseline_rss_mib", 0.0),
         "median_iter_time_s": statistics.median(iter_times) if iter_times else None,
@@ -198,19 +176,14 @@ def run(kind: str, args, cuda: bool, log) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT, help="LitGPT checkpoint (default: %(default)s)")
+    parser = benchmark_parser("benchmarks.qlora_memory", __doc__)
     parser.add_argument("--max_steps", type=int, default=10, help="optimizer steps per run (default: %(default)s)")
     parser.add_argument("--micro_batch_size", type=int, default=2, help="micro-batch = global batch (default: %(default)s)")
     parser.add_argument("--train_size", type=int, default=64, help="training items (default: %(default)s)")
     parser.add_argument("--calibration_samples", type=int, default=32, help="PLoP calibration prompts (default: %(default)s)")
     parser.add_argument("--runs", nargs="*", default=None, help="which runs (default: CPU: plop-nf4 qv-nf4 none-dense; CUDA: litgpt-nf4 plop-nf4 qv-nf4)")
     parser.add_argument("--work_dir", type=Path, default=REPO_ROOT / "out" / "benchmarks" / "qlora_memory", help="finetune outputs and logs (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory for qlora_memory.{json,md} (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS_ROOT, help="directory for qlora_memory.{json,md} (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run; 0: leave it unset. On a 2-core machine shared with other jobs a LoRA"
                         " step took 30 s with 2 threads and 1.3 s with 1 (OpenMP threads waiting on each other), so 1 is the default"
                         " (default: %(default)s)")
@@ -284,12 +257,11 @@ def main(argv: list[str] | None = None) -> dict:
     text = "\n".join(md)
     print()
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "qlora_memory" + (f"_{args.tag}" if args.tag else "")
-    payload = {"device": device, "cuda": cuda, "threads": args.threads, "malloc_mmap_threshold": args.malloc_mmap_threshold, "runs": results}
-    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-    (args.out / f"{stem}.md").write_text(text + "\n")
-    print(f"\nWrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
+    payload = {
+        "device": device, "cuda": cuda, "threads": args.threads, "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        "machine": machine(), "runs": results,
+    }  # fmt: skip
+    write_results(args.out, "qlora_memory" + (f"_{args.tag}" if args.tag else ""), payload, text)
     return results
 
 

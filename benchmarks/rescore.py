@@ -1,6 +1,6 @@
 """Score the placement-quality runs again on more held-out items, from the adapters they saved: no retraining.
 
-``placement_quality.py`` scores each run on the task's first ``eval_items`` (40) held-out items, where one item
+``benchmarks.placement_quality`` scores each run on the task's first ``eval_items`` (40) held-out items, where one item
 is 2.5 accuracy points and most differences between placements are one to three items. Every run directory keeps
 its adapter (``final/``: ``lit_model.pth.lora``, ``placement.json`` and the configs), so the same trained models
 can answer many more held-out items for the cost of generation alone.
@@ -16,26 +16,22 @@ by one, which can flip a near-tie, nothing more.
 
 Output: one JSON line per run in ``benchmarks/results/placement_quality/rescore.jsonl``, keyed by the run's row
 (settings hash, task, method, seed and the time the run started), so a run trained again is scored again and a
-finished grid resumes where it stopped. ``summarize.py`` reads the file and adds the larger evaluation to
+finished grid resumes where it stopped. ``benchmarks.summarize`` reads the file and adds the larger evaluation to
 RESULTS.md.
 
-    python benchmarks/rescore.py --items 200 --threads 2
-    python benchmarks/rescore.py --tasks basic_arithmetic --methods plop qv --items 200
+    python -m benchmarks.rescore --items 200 --threads 2
+    python -m benchmarks.rescore --tasks basic_arithmetic --methods plop qv --items 200
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from placement_quality import DEFAULT_CHECKPOINT, REPO_ROOT, RESULTS_DIR, machine, recorded_rows  # noqa: E402
+from benchmarks.common import DEFAULT_CHECKPOINT, REPO_ROOT, append_jsonl, command_line, machine, read_jsonl
+from benchmarks.placement_quality import RESULTS_DIR, recorded_rows
 
 
 def held_out_items(row: dict[str, Any], num_items: int) -> list[dict[str, Any]]:
@@ -78,9 +74,9 @@ def rescore_run(row: dict[str, Any], items: list[dict[str, Any]], checkpoint_dir
     from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
     from litgpt.tokenizer import Tokenizer
 
+    from litgpt_plop.checkpoint import load_checkpoint_model
     from litgpt_plop.data import ReasoningGym, evaluate_accuracy
     from litgpt_plop.export import load_adapter
-    from litgpt_plop.plan import load_checkpoint_model
 
     run_dir = Path(row["run_dir"])
     run_dir = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir
@@ -113,19 +109,12 @@ def rescore_run(row: dict[str, Any], items: list[dict[str, Any]], checkpoint_dir
 
 
 def rescored_keys(path: Path) -> set[tuple]:
-    keys = set()
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill: scored again
-            keys.add((r["config_id"], r["task"], r["method"], r.get("seed"), r["run_started"], r["items"]))
-    return keys
+    # a line cut short by a kill is skipped: that run is scored again
+    return {(r["config_id"], r["task"], r["method"], r.get("seed"), r["run_started"], r["items"]) for r in read_jsonl(path)}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Score placement_quality.py's runs again on more held-out items.")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.rescore", description="Score benchmarks.placement_quality's runs again on more held-out items.")
     p.add_argument("--results", type=Path, default=RESULTS_DIR / "results.jsonl", help="the harness's JSONL (default: results.jsonl)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "rescore.jsonl", help="JSONL written here (default: rescore.jsonl)")
     p.add_argument("--config_id", default=None, help="settings hash to rescore (default: the newest row's)")
@@ -157,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     todo.sort(key=lambda r: (r["task"], r.get("seed") if r.get("seed") is not None else -1, r["method"]))
     print(f"rescore: settings {config_id}, {len(rows)} runs, {len(rows) - len(todo)} already scored on {args.items} items, {len(todo)} to go", flush=True)
     info = machine()
-    command = shlex.join(["python", "benchmarks/rescore.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("benchmarks.rescore", argv)
     items_by_task: dict[str, list[dict[str, Any]]] = {}
     for index, row in enumerate(todo, 1):
         task = row["task"]
@@ -174,9 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             "run_started": row["started"], "run_accuracy": row.get("accuracy"), **result,
             "batch_size": args.batch_size, "machine": info, "scored": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command,
         }  # fmt: skip
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:  # one whole line per run: a kill loses at most the run in progress
-            f.write(json.dumps(out) + "\n")
+        append_jsonl(args.out, out)  # one whole line per run: a kill loses at most the run in progress
         print(
             f"{label}: acc {result['accuracy']:.3f} on {result['items']} items (was {row.get('accuracy', float('nan')):.3f}"
             f" on {result['compared_first']}; {result['agree_first']}/{result['compared_first']} agree), {result['eval_s']:.0f}s",

@@ -1,4 +1,4 @@
-"""Summarize ``benchmarks/placement_quality.py``'s JSON lines into ``benchmarks/RESULTS.md`` and a plot.
+"""Summarize ``benchmarks.placement_quality``'s JSON lines into ``benchmarks/RESULTS.md`` and a plot.
 
 Writes one section of RESULTS.md, between ``<!-- placement_quality:begin -->`` and ``<!-- placement_quality:end -->``
 (the rest of the file, e.g. other benchmarks' sections, is left alone; the section is appended when absent):
@@ -6,7 +6,7 @@ Writes one section of RESULTS.md, between ``<!-- placement_quality:begin -->`` a
 * the set-up (settings, the budget and how each method's rank was matched to it),
 * per task, mean +- sample standard deviation over seeds of: held-out exact-match accuracy, mean task score,
   final validation loss, trainable parameters, calibration seconds, median training-step seconds, peak RSS, wall,
-* per task, where ``rescore.py`` has scored the same runs on more held-out items: their accuracy, the findings
+* per task, where ``benchmarks.rescore`` has scored the same runs on more held-out items: their accuracy, the findings
   and the paired comparison on those items,
 * a PNG plot of accuracy against trainable parameters (one point per method: mean +- std; faint: each seed),
 * "What the data says": generated statements only (which method had the highest mean, by how much, and whether
@@ -18,25 +18,26 @@ Writes one section of RESULTS.md, between ``<!-- placement_quality:begin -->`` a
 Only the newest ``ok`` row of each (task, method, seed) of one settings hash (``config_id``; default: the one
 of the newest row) is used; failed runs without a later success are listed.
 
-    python benchmarks/summarize.py                       # results.jsonl -> benchmarks/RESULTS.md
-    python benchmarks/summarize.py --smoke               # smoke.jsonl -> benchmarks/results/placement_quality/SMOKE.md
+    python -m benchmarks.summarize                       # results.jsonl -> benchmarks/RESULTS.md
+    python -m benchmarks.summarize --smoke               # smoke.jsonl -> benchmarks/results/placement_quality/SMOKE.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
-import shlex
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" / "placement_quality"
+from benchmarks.common import REPO_ROOT, command_line, read_jsonl, save_figure, write_text
+from benchmarks.placement_quality import CALIBRATED, EXTRA_METHODS, FIXED, METHODS, RESULTS_DIR, WEIGHTLORA
+from benchmarks.stats import mean_std, paired_counts, sign_test
+from litgpt_plop.methods import get_method
+
 BEGIN, END = "<!-- placement_quality:begin -->", "<!-- placement_quality:end -->"
 NOTES_BEGIN, NOTES_END = "<!-- placement_quality:notes:begin -->", "<!-- placement_quality:notes:end -->"
 NOTES_PLACEHOLDER = (
@@ -44,24 +45,22 @@ NOTES_PLACEHOLDER = (
     " (e.g. differences inside the spread over seeds, one model, two tasks, short CPU runs, three `random`"
     " draws), and what would settle it. Until then, nothing here is a conclusion._"
 )
-ORDER = ("base", "qv", "attention", "mlp", "all", "random", "plop", "plop-inverse", "cka", "plop+cka", "weightlora", "weightlora+", "all@r0")
-AUTOMATIC = ("plop", "cka", "plop+cka", "weightlora", "weightlora+")
-UNMATCHED = ("base", "all@r0")
+ORDER = EXTRA_METHODS + METHODS  # the order of the tables: the grid's
+# automatic placement: calibrated or learned, except the inverse ablation (it is a baseline)
+AUTOMATIC = tuple(m for m in CALIBRATED + WEIGHTLORA if not get_method(m).inverse)
+# the baselines the automatic methods are compared with item by item: the presets and the inverse ablation
+PAIRED_BASELINES = FIXED + tuple(m for m in CALIBRATED if get_method(m).inverse)
+UNMATCHED = ("base", "all@r0")  # benchmark-only: the pretrained model, and `all` at r0 (more parameters)
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"warning: {path}:{number} is not JSON (a run killed while writing?); skipped", file=sys.stderr)
-    return rows
+    def warn(number: int) -> None:
+        print(f"warning: {path}:{number} is not JSON (a run killed while writing?); skipped", file=sys.stderr)
+
+    return read_jsonl(path, on_bad_line=warn)
 
 
 def select(rows: list[dict[str, Any]], config_id: str | None) -> tuple[str, dict, list[dict], list[str]]:
@@ -87,7 +86,7 @@ def select(rows: list[dict[str, Any]], config_id: str | None) -> tuple[str, dict
 
 
 def rescored_rows(path: Path | None, config_id: str, latest: dict[tuple, dict]) -> dict[tuple, dict]:
-    """(task, method, seed) -> ``rescore.py``'s row for exactly the run in ``latest`` (the same start time),
+    """(task, method, seed) -> ``benchmarks.rescore``'s row for exactly the run in ``latest`` (the same start time),
     the one with the most items where there are several."""
     if path is None or not path.is_file():
         return {}
@@ -107,12 +106,6 @@ def rescored_rows(path: Path | None, config_id: str, latest: dict[tuple, dict]) 
 
 def values(rows: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key) is not None]
-
-
-def mean_std(xs: list[float]) -> tuple[float | None, float | None]:
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
 def fmt(xs: list[float], digits: int = 3, scale: float = 1.0, suffix: str = "") -> str:
@@ -226,10 +219,7 @@ def plot(by_task: dict[str, dict[str, list[dict]]], path: Path, title: str) -> N
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -310,18 +300,6 @@ def item_scores(row: dict[str, Any]) -> list[float] | None:
     return scores
 
 
-def sign_test(wins: int, losses: int) -> float:
-    """Exact two-sided sign test: the chance of a split at least this uneven if either side were equally likely."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
-PAIRED_BASELINES = ("qv", "attention", "mlp", "all", "random", "plop-inverse")
-
-
 def paired_table(methods: dict[str, list[dict]]) -> list[str]:
     """Item-level paired comparison of each automatic method with each fixed baseline at matched parameters.
 
@@ -356,9 +334,8 @@ def paired_table(methods: dict[str, list[dict]]) -> list[str]:
             seeds = sorted(set(scores[a]) & set(scores[b]), key=str)
             wins = losses = 0
             for seed in seeds:
-                for x, y in zip(scores[a][seed], scores[b][seed]):
-                    wins += x == 1.0 and y != 1.0
-                    losses += y == 1.0 and x != 1.0
+                w, l = paired_counts(scores[a][seed], scores[b][seed])
+                wins, losses = wins + w, losses + l
             if not seeds:
                 cells.append("n/a")
                 continue
@@ -369,7 +346,7 @@ def paired_table(methods: dict[str, list[dict]]) -> list[str]:
 
 
 def rescored_section(task: str, methods: dict[str, list[dict]], rescored: dict[tuple, dict], eval_items: int) -> list[str]:
-    """The same trained runs on more held-out items (``rescore.py``): accuracy table, findings, paired table."""
+    """The same trained runs on more held-out items (``benchmarks.rescore``): accuracy table, findings, paired table."""
     larger: dict[str, list[dict]] = defaultdict(list)
     for method, rows in methods.items():
         for row in rows:
@@ -558,8 +535,8 @@ def section(
     out += ["### What the numbers do and do not show", "", NOTES_BEGIN, notes, NOTES_END, ""]
     commands = []
     for r in rows + failed + list((rescored or {}).values()):
-        if r.get("command") and r["command"] not in commands:
-            commands.append(r["command"])
+        if r.get("command") and module_command(r["command"]) not in commands:
+            commands.append(module_command(r["command"]))
     out += ["### Commands", "", "```bash"] + commands + [summarize_command, "```", ""]
     machines = []
     for r in rows:
@@ -586,6 +563,12 @@ def section(
     return "\n".join(out) + "\n"
 
 
+def module_command(command: str) -> str:
+    """A recorded command as it runs today: ``python benchmarks/<script>.py ARGS`` (how runs before the scripts
+    became the ``benchmarks`` package recorded themselves) is ``python -m benchmarks.<script> ARGS``."""
+    return re.sub(r"^python benchmarks/(\w+)\.py(?=\s|$)", r"python -m benchmarks.\1", command)
+
+
 def existing_notes(text: str) -> str | None:
     match = re.search(re.escape(NOTES_BEGIN) + r"\n(.*?)\n?" + re.escape(NOTES_END), text, re.S)
     if match and match.group(1).strip() and match.group(1).strip() != NOTES_PLACEHOLDER:
@@ -603,20 +586,17 @@ def write_section(md_path: Path, build) -> None:
         new = text.rstrip("\n") + "\n\n" + block
     else:
         new = "# Benchmark results\n\n" + block
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md_path.with_name(md_path.name + ".tmp")
-    tmp.write_text(new if new.endswith("\n") else new + "\n")
-    tmp.replace(md_path)
+    write_text(md_path, new)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Summarize placement_quality.py's JSONL into RESULTS.md and a plot.")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.summarize", description="Summarize benchmarks.placement_quality's JSONL into RESULTS.md and a plot.")
     p.add_argument("--smoke", action="store_true", help="default to the smoke files (smoke.jsonl -> results/placement_quality/SMOKE.md)")
     p.add_argument("--results", type=Path, default=None, help="JSONL file (default benchmarks/results/placement_quality/results.jsonl)")
     p.add_argument("--out", type=Path, default=None, help="Markdown file whose section is (re)written (default benchmarks/RESULTS.md)")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default benchmarks/results/placement_quality/accuracy_vs_params.png)")
     p.add_argument("--config_id", default=None, help="which settings hash to summarize (default: the newest row's)")
-    p.add_argument("--rescore", type=Path, default=None, help="rescore.py's JSONL (default: rescore.jsonl beside the results, if there)")
+    p.add_argument("--rescore", type=Path, default=None, help="benchmarks.rescore's JSONL (default: rescore.jsonl beside the results, if there)")
     args = p.parse_args(argv)
     results = args.results or RESULTS_DIR / ("smoke.jsonl" if args.smoke else "results.jsonl")
     md_path = args.out or (RESULTS_DIR / "SMOKE.md" if args.smoke else REPO_ROOT / "benchmarks" / "RESULTS.md")
@@ -639,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     title = f"Placement quality{' (SMOKE: not evidence)' if smoke else ''}: SmolLM2-135M-Instruct, settings {config_id}, {items}"
     if latest:
         plot(by_task, plot_path, title)
-    command = shlex.join(["python", "benchmarks/summarize.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("benchmarks.summarize", argv)
     write_section(
         md_path,
         lambda notes: section(config_id, latest, failed, others, plot_path, md_path, results, command, notes, rescored),

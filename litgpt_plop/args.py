@@ -21,7 +21,7 @@ class CalibrationArgs:
     ``instruction`` field per line, plus an optional ``input``). Without it, the prompts of the data module's
     training set are used."""
     num_samples: int = 128
-    """How many prompts to use (a seeded random subset when there are more). methods.md: ~100 for PLoP (its
+    """How many prompts to use (a seeded random subset when there are more). docs/methods.md: ~100 for PLoP (its
     kind ranking is stable from ~64), ~128 for CKA; 128 serves both in one pass."""
     batch_size: int = 8
     """Prompts per forward pass (per data-parallel rank)."""
@@ -46,7 +46,7 @@ class CalibrationArgs:
 
 @dataclass
 class PlopArgs:
-    """PLoP (methods.md section 1): which module kinds get LoRA, from their normalised feature norms (NFN)."""
+    """PLoP (docs/methods.md section 1): which module kinds get LoRA, from their normalised feature norms (NFN)."""
 
     num_kinds: int = 3
     """How many kinds to choose (the lowest NFN; the highest for ``plop-inverse``). Ignored when ``budget``
@@ -87,7 +87,7 @@ class PlopArgs:
 
 @dataclass
 class CkaArgs:
-    """Layer-wise CKA (methods.md section 2): which layers get LoRA, from how much each block changes its input."""
+    """Layer-wise CKA (docs/methods.md section 2): which layers get LoRA, from how much each block changes its input."""
 
     pooling: Literal["last", "tokens"] = "last"
     """``last``: one vector per prompt (its last non-padding token), linear CKA with the biased HSIC (the

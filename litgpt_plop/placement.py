@@ -19,7 +19,7 @@ from litgpt import Config
 from litgpt_plop.atomic import write_text_atomic
 from litgpt_plop.methods import METHODS, method_names
 
-# The kinds of LoRA-able linear maps, in LitGPT terms (see methods.md).
+# The kinds of LoRA-able linear maps, in LitGPT terms (see docs/methods.md).
 ATTENTION_KINDS = ("query", "key", "value", "projection")
 LLAMA_MLP_KINDS = ("mlp_fc_1", "mlp_fc_2", "mlp_proj")
 NEOX_MLP_KINDS = ("mlp_fc", "mlp_proj")  # GPT-NeoX (Pythia): dense_h_to_4h, dense_4h_to_h
@@ -81,7 +81,7 @@ def kinds_from_flags(config: Config, **flags: bool) -> list[str]:
 
 def qkv_part_sizes(owner: Any) -> dict[str, int]:
     """Rows of query, key and value in the fused qkv of ``owner`` (a config, or a qkv module: anything with
-    ``n_head``, ``n_query_groups`` and ``head_size``). LitGPT's layout is ``[q | k | v]`` (methods.md)."""
+    ``n_head``, ``n_query_groups`` and ``head_size``). LitGPT's layout is ``[q | k | v]`` (docs/methods.md)."""
     kv_size = owner.n_query_groups * owner.head_size
     return {"query": owner.n_head * owner.head_size, "key": kv_size, "value": kv_size}
 

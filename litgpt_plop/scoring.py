@@ -1,4 +1,4 @@
-"""The two scores a calibration pass computes (methods.md sections 1 and 2) and the scorers that compute them.
+"""The two scores a calibration pass computes (docs/methods.md sections 1 and 2) and the scorers that compute them.
 
 PLoP, per site (one LoRA-able linear map in one block)::
 

@@ -1,21 +1,30 @@
-"""The placement-quality harness predicts what the finetune will train, and the summary's statistics are right."""
+"""The placement-quality harness predicts what the finetune will train, and the benchmarks' statistics are right."""
 
-import sys
-from pathlib import Path
+import json
+import math
 
 import litgpt
 import pytest
 from litgpt.utils import save_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import placement_quality  # noqa: E402
-import rescore  # noqa: E402
-import summarize  # noqa: E402
-
-from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs  # noqa: E402
-from litgpt_plop.placement import model_kinds  # noqa: E402
-from litgpt_plop.plan import decide_placement  # noqa: E402
+from benchmarks.placement_quality import (
+    CALIBRATED,
+    FIXED,
+    PLANNED,
+    WEIGHTLORA,
+    Settings,
+    entry_for,
+    fixed_kinds,
+    is_done,
+    matching,
+    params_at_rank_one,
+)
+from benchmarks.rescore import held_out_items
+from benchmarks.stats import kendall_tau, median_ratio, paired_counts, sign_test
+from benchmarks.summarize import AUTOMATIC, PAIRED_BASELINES, module_command, paired_table, rescored_rows, rescored_section
+from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
+from litgpt_plop.placement import model_kinds
+from litgpt_plop.select import decide_placement
 
 
 def tiny_config() -> litgpt.Config:
@@ -32,38 +41,85 @@ def test_harness_predicts_the_random_kinds_finetune_draws(seed):
     model = litgpt.model.GPT(config)
     candidates = list(model_kinds(config))
     # what litgpt_plop.finetune does for --plugin random --seed SEED
-    placement = decide_placement(model, "random", None, candidates, 8, 16, CalibrationArgs(), PlopArgs(), CkaArgs(), seed)
-    assert placement_quality.fixed_kinds("random", config, seed) == placement.kinds
+    placement = decide_placement(
+        model, "random", None, candidates, 8, 16, calibration=CalibrationArgs(), plop=PlopArgs(), cka=CkaArgs(), seed=seed
+    )
+    assert fixed_kinds("random", config, seed) == placement.kinds
 
 
 def test_random_is_matched_per_seed(tmp_path):
     config = tiny_config()
     save_config(config, tmp_path)
-    plans = {m: {"kinds": ["value", "mlp_fc_2", "mlp_proj"], "layers": list(range(config.n_layer))} for m in placement_quality.PLANNED}
-    match = placement_quality.matching("t", placement_quality.Settings(), plans, tmp_path, seeds=[0, 1, 2])
+    plans = {m: {"kinds": ["value", "mlp_fc_2", "mlp_proj"], "layers": list(range(config.n_layer))} for m in PLANNED}
+    match = matching("t", Settings(), plans, tmp_path, seeds=[0, 1, 2])
     budget = match["budget"]
     for seed in (0, 1, 2):
-        entry = placement_quality.entry_for(match, "random", seed)
-        assert entry["kinds"] == placement_quality.fixed_kinds("random", config, seed)
-        p1 = placement_quality.params_at_rank_one(config, entry["kinds"], list(range(config.n_layer)))
+        entry = entry_for(match, "random", seed)
+        assert entry["kinds"] == fixed_kinds("random", config, seed)
+        p1 = params_at_rank_one(config, entry["kinds"], list(range(config.n_layer)))
         # the closest rank: neither neighbour is nearer the budget
         assert entry["expected_params"] == entry["rank"] * p1
         for other in (entry["rank"] - 1, entry["rank"] + 1):
             if other >= 1:
                 assert abs(other * p1 - budget) >= abs(entry["expected_params"] - budget)
     # a row recorded with another rank is not done; the same rank and kinds is
-    entry = placement_quality.entry_for(match, "random", 0)
-    assert placement_quality.is_done({"rank": entry["rank"], "kinds": entry["kinds"]}, "random", entry)
-    assert not placement_quality.is_done({"rank": entry["rank"] + 1, "kinds": entry["kinds"]}, "random", entry)
-    assert not placement_quality.is_done({"rank": entry["rank"], "kinds": ["query"]}, "random", entry)
+    entry = entry_for(match, "random", 0)
+    assert is_done({"rank": entry["rank"], "kinds": entry["kinds"]}, "random", entry)
+    assert not is_done({"rank": entry["rank"] + 1, "kinds": entry["kinds"]}, "random", entry)
+    assert not is_done({"rank": entry["rank"], "kinds": ["query"]}, "random", entry)
 
 
 def test_sign_test_exact_values():
-    assert summarize.sign_test(0, 5) == pytest.approx(2 / 32)
-    assert summarize.sign_test(1, 9) == pytest.approx(2 * 11 / 1024)
-    assert summarize.sign_test(9, 1) == summarize.sign_test(1, 9)
-    assert summarize.sign_test(3, 3) == 1.0
-    assert summarize.sign_test(0, 0) == 1.0
+    assert sign_test(0, 5) == pytest.approx(2 / 32)
+    assert sign_test(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert sign_test(9, 1) == sign_test(1, 9)
+    assert sign_test(3, 3) == 1.0
+    assert sign_test(0, 0) == 1.0
+
+
+def test_sign_test_58_wins_29_losses():
+    # two-sided exact binomial test, n = 87, p = 1/2: 2 * P(X <= 29), P(X <= 29) = sum_{i<=29} C(87, i) / 2^87
+    assert sign_test(58, 29) == 2 * sum(math.comb(87, i) for i in range(30)) / 2**87
+    assert sign_test(58, 29) == pytest.approx(0.0024794, abs=1e-7)
+    assert sign_test(29, 58) == sign_test(58, 29)
+
+
+def test_paired_counts_only_exactly_right_items_count():
+    # items: both right, a only, b only, both wrong, a partial (not right) vs b right, a right vs b partial
+    assert paired_counts([1.0, 1.0, 0.0, 0.0, 0.5, 1.0], [1.0, 0.0, 1.0, 0.0, 1.0, 0.5]) == (2, 2)
+    assert paired_counts([1.0, 1.0, 1.0], [0.0]) == (1, 0)  # items past the shorter list are not compared
+
+
+def test_kendall_tau_hand_computed():
+    assert kendall_tau({"a": 1, "b": 2, "c": 3}, {"a": 10, "b": 20, "c": 30}) == 1.0
+    assert kendall_tau({"a": 1, "b": 2, "c": 3}, {"a": 3, "b": 2, "c": 1}) == -1.0
+    # one swapped pair (b, c) of 6: (5 - 1) / 6
+    assert kendall_tau({"a": 1, "b": 2, "c": 3, "d": 4}, {"a": 1, "b": 3, "c": 2, "d": 4}) == pytest.approx(4 / 6)
+    # tau-b with a tie in one scoring: pairs ab, ac concordant, bc tied in the second only -> 2 / sqrt(3 * 2)
+    assert kendall_tau({"a": 1, "b": 2, "c": 3}, {"a": 0, "b": 5, "c": 5}) == pytest.approx(2 / math.sqrt(6))
+    with pytest.raises(ValueError, match="same keys"):
+        kendall_tau({"a": 1}, {"b": 1})
+
+
+def test_median_ratio_pairs_side_by_side():
+    assert median_ratio([2.0, 3.0, 10.0], [1.0, 3.0, 4.0]) == 2.0
+    assert math.isnan(median_ratio([1.0], [0.0]))
+
+
+def test_method_groups_come_from_the_registry():
+    assert FIXED == ("qv", "attention", "mlp", "all", "random")
+    assert CALIBRATED == ("plop", "plop-inverse", "cka", "plop+cka")
+    assert PLANNED == ("plop", "plop-inverse", "plop+cka")
+    assert WEIGHTLORA == ("weightlora", "weightlora+")
+    assert AUTOMATIC == ("plop", "cka", "plop+cka", "weightlora", "weightlora+")
+    assert PAIRED_BASELINES == ("qv", "attention", "mlp", "all", "random", "plop-inverse")
+
+
+def test_recorded_commands_are_shown_as_module_runs():
+    old = "python benchmarks/placement_quality.py --tasks chain_sum --steps 50 --methods plop+cka"
+    assert module_command(old) == "python -m benchmarks.placement_quality --tasks chain_sum --steps 50 --methods plop+cka"
+    assert module_command("python benchmarks/summarize.py") == "python -m benchmarks.summarize"
+    assert module_command("python -m benchmarks.rescore --items 200") == "python -m benchmarks.rescore --items 200"
 
 
 def test_paired_table_counts_items_only_one_method_got_right():
@@ -74,7 +130,7 @@ def test_paired_table_counts_items_only_one_method_got_right():
         "plop": [row(0, [1.0, 1.0, 0.0, 0.5]), row(1, [1.0, 0.0, 0.0, 1.0])],
         "qv": [row(0, [1.0, 0.0, 1.0, 1.0]), row(1, [0.0, 0.0, 0.0, 1.0]), row(2, [1.0, 1.0, 1.0, 1.0])],
     }
-    table = summarize.paired_table(methods)
+    table = paired_table(methods)
     line = next(line for line in table if line.startswith("| plop |"))
     # seed 0: item 1 plop only, items 2 and 3 qv only (0.5 is not exactly right); seed 1: item 0 plop only
     assert "+2 / -2 (1.00), 2 seeds" in line
@@ -90,7 +146,7 @@ RUN_ROW = {
 def test_rescore_items_start_with_the_runs_own_and_never_repeat_training_items():
     from litgpt_plop.data import ReasoningGym
 
-    items = rescore.held_out_items(RUN_ROW, 120)
+    items = held_out_items(RUN_ROW, 120)
     run_data = ReasoningGym(task="basic_arithmetic", task_config=RUN_ROW["task_config"], train_size=400, val_size=40, seed=42)
     assert [i["question"] for i in items[:40]] == [i["question"] for i in run_data.items("val")]
     extra = [i["question"] for i in items[40:]]
@@ -98,14 +154,14 @@ def test_rescore_items_start_with_the_runs_own_and_never_repeat_training_items()
     # some of the further items of this configuration are training items (3 in the first 120): skipping is exercised
     assert not set(extra) & {i["question"] for i in run_data.items("train")}
     assert not set(extra) & {i["question"] for i in items[:40]}
-    assert rescore.held_out_items(RUN_ROW, 10) == run_data.items("val")[:10]
+    assert held_out_items(RUN_ROW, 10) == run_data.items("val")[:10]
 
 
 def test_rescore_refuses_a_task_without_enough_distinct_questions():
     # chain_sum with two one-digit terms has a few hundred distinct questions
     row = {**RUN_ROW, "task": "chain_sum", "task_config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}
     with pytest.raises(RuntimeError, match="chain_sum: fewer than 1000 distinct held-out questions"):
-        rescore.held_out_items(row, 1000)
+        held_out_items(row, 1000)
 
 
 def test_summary_uses_only_rescoring_of_the_run_it_shows(tmp_path):
@@ -117,11 +173,11 @@ def test_summary_uses_only_rescoring_of_the_run_it_shows(tmp_path):
          "accuracy": 0.3, "mean_score": 0.4, "agree_first": 39, "compared_first": 40, "run_accuracy": 0.25},
     ]  # fmt: skip
     path = tmp_path / "rescore.jsonl"
-    path.write_text("".join(summarize.json.dumps(line) + "\n" for line in lines))
-    rescored = summarize.rescored_rows(path, "abc", latest)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rescored = rescored_rows(path, "abc", latest)
     assert rescored[("basic_arithmetic", "plop", 0)]["accuracy"] == 0.3
     methods = {"plop": [latest[("basic_arithmetic", "plop", 0)]], "qv": [{**RUN_ROW, "method": "qv"}]}
-    text = "\n".join(summarize.rescored_section("basic_arithmetic", methods, rescored, 40))
+    text = "\n".join(rescored_section("basic_arithmetic", methods, rescored, 40))
     assert "#### basic_arithmetic on 100 held-out items" in text
     assert "39 of 40 answers are right or wrong exactly as" in text and "1 run(s) are not rescored yet" in text
     assert "| plop | 1 | 30.0 | 0.400 | 25.0 |" in text

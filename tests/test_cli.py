@@ -292,7 +292,7 @@ def test_random_plugin_draws_with_the_run_seed(tiny_checkpoint):
     model = load_checkpoint_model(tiny_checkpoint)
     kinds = ["query", "key", "value", "projection", "mlp_fc_1", "mlp_fc_2", "mlp_proj"]
     draws = {
-        tuple(decide_placement(model, "random", None, kinds, 8, 16, Cal(), PlopArgs(), CkaArgs(), seed=s).kinds)
+        tuple(decide_placement(model, "random", None, kinds, 8, 16, calibration=Cal(), seed=s).kinds)
         for s in range(6)
     }
     assert len(draws) > 1 and all(len(d) == 3 for d in draws)

@@ -1,0 +1,367 @@
+"""What the benchmark scripts share: where things are, a measurement in a fresh worker process, peak memory, the
+machine and commit a result came from, and result files written so that a reader never sees half of one.
+
+Only the standard library and ``litgpt_plop.atomic`` are imported here, so a script's ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from litgpt_plop.atomic import write_bytes_atomic, write_text_atomic
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+RESULTS_ROOT = REPO_ROOT / "benchmarks" / "results"
+
+# ---- worker processes -------------------------------------------------------------------------------------
+
+
+def worker_env(threads: int | None = None, malloc_mmap_threshold: int | None = None) -> dict[str, str]:
+    """This process's environment for a worker, with ``OMP_NUM_THREADS=threads`` (bitsandbytes' CPU kernels read
+    it too) and glibc's ``MALLOC_MMAP_THRESHOLD_`` (bytes: large freed blocks go back to the system, so RSS follows
+    the memory actually held) where given; 0 or None leaves a variable as it is."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
+    return env
+
+
+@dataclass
+class WorkerRun:
+    """How a worker process ended, and what ``os.wait4`` says it used.
+
+    Args:
+        returncode: the exit status (negative: killed by that signal).
+        timed_out: killed for running past its timeout.
+        wall_s: seconds from start to exit.
+        peak_rss_mib: the worker's peak resident memory over its whole life (``ru_maxrss``).
+        cpu_user_s, cpu_sys_s: its CPU seconds.
+        stdout, stderr: its output when captured (empty when it went to a log file or the console).
+    """
+
+    returncode: int
+    timed_out: bool
+    wall_s: float
+    peak_rss_mib: float
+    cpu_user_s: float
+    cpu_sys_s: float
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    @property
+    def cpu_per_wall(self) -> float:
+        """CPU seconds per wall second: about the thread count on an idle machine; far lower means it was starved."""
+        return (self.cpu_user_s + self.cpu_sys_s) / max(self.wall_s, 1e-9)
+
+
+def run_worker(
+    module: str,
+    args: Sequence[str],
+    *,
+    threads: int | None = None,
+    malloc_mmap_threshold: int | None = None,
+    log: Path | None = None,
+    console: bool = False,
+    timeout: float | None = None,
+) -> WorkerRun:
+    """Run ``python -m <module> <args>`` in a fresh interpreter from the repository root and wait for it.
+
+    Each measurement gets its own process because memory that malloc keeps after one measurement would hide the
+    next one's peak, and a crash or a hang stays in that process. The worker runs in its own process group: a
+    ``timeout`` (seconds) kills that group and nothing else, and so does an interrupt of this process.
+
+    Args:
+        module: the worker's module, e.g. ``benchmarks.overhead``.
+        args: its command-line arguments.
+        threads, malloc_mmap_threshold: its environment (``worker_env``).
+        log: write its stdout and stderr together to this file.
+        console: let its output through to this console (without ``log``). Neither: capture it.
+        timeout: seconds before it is killed; None waits for ever.
+    """
+    env = worker_env(threads, malloc_mmap_threshold)
+    with contextlib.ExitStack() as stack:
+        if log is not None:
+            stdout, stderr = stack.enter_context(open(log, "wb")), subprocess.STDOUT
+        elif console:
+            stdout = stderr = None
+        else:
+            stdout, stderr = stack.enter_context(tempfile.TemporaryFile()), stack.enter_context(tempfile.TemporaryFile())
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            while True:
+                pid, status, usage = os.wait4(process.pid, 0 if timeout is None else os.WNOHANG)
+                if pid:
+                    break
+                if time.perf_counter() - start > timeout:
+                    timed_out = True
+                    os.killpg(process.pid, signal.SIGKILL)
+                    _, status, usage = os.wait4(process.pid, 0)
+                    break
+                time.sleep(0.5)
+        except BaseException:  # an interrupt here must not leave the worker running on its own
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.wait4(process.pid, 0)
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        run = WorkerRun(
+            returncode=process.returncode,
+            timed_out=timed_out,
+            wall_s=time.perf_counter() - start,
+            peak_rss_mib=usage.ru_maxrss / 1024,  # Linux: KiB
+            cpu_user_s=usage.ru_utime,
+            cpu_sys_s=usage.ru_stime,
+        )
+        if log is None and not console:
+            stdout.seek(0)
+            stderr.seek(0)
+            run.stdout = stdout.read().decode(errors="replace")
+            run.stderr = stderr.read().decode(errors="replace")
+    return run
+
+
+def json_worker(
+    module: str, spec: dict[str, Any], what: str, flag: str = "--_worker", **options: Any
+) -> dict[str, Any]:
+    """Run ``module`` as a worker on ``spec`` (passed as JSON after ``flag``) and return the JSON object it printed
+    last; a failure raises ``RuntimeError`` naming ``what`` with the end of its stderr. ``options``: as for
+    ``run_worker`` (threads, malloc_mmap_threshold, timeout)."""
+    run = run_worker(module, [flag, json.dumps(spec)], **options)
+    if not run.ok:
+        reason = "timed out" if run.timed_out else f"exit {run.returncode}"
+        raise RuntimeError(f"{what} failed ({reason}):\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def answer_worker(payload: str, work: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """The worker side of ``json_worker``: run ``work`` on the JSON spec ``payload`` and print its result as the
+    last line of stdout."""
+    print(json.dumps(work(json.loads(payload))), flush=True)
+
+
+def benchmark_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """A script's argument parser: run as ``python -m <module>``, the first paragraph of its docstring ``doc`` as
+    description and the rest (how to run it) as epilog, and ``--checkpoint_dir`` (default: the embedded
+    SmolLM2-135M-Instruct)."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT, help="LitGPT checkpoint (default: %(default)s)")
+    return parser
+
+
+# ---- peak memory ------------------------------------------------------------------------------------------
+
+
+def status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def self_peak_rss_mib() -> float:
+    """This process's peak RSS since it started (``getrusage``; never reset)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class PeakRss:
+    """Peak RSS of this process over a ``with`` block: the kernel's own high-water mark after resetting it
+    (``/proc/self/clear_refs`` = 5, Linux >= 4.0) where that is allowed, else sampling ``VmRSS`` every 1 ms.
+
+    After the block: ``baseline`` (KiB, the RSS when it started), ``peak`` (KiB), ``seconds``, ``method``.
+    """
+
+    def __enter__(self) -> "PeakRss":
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.method = "VmHWM after clear_refs"
+        except OSError:
+            self.method = "sampling every 1 ms"
+        self.baseline = status_kib("VmRSS")
+        self._sampled = self.baseline
+        self._running = True
+        if self.method.startswith("sampling"):
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        self.start = time.perf_counter()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self._sampled = max(self._sampled, status_kib("VmRSS"))
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self._running = False
+        if self.method.startswith("sampling"):
+            self._thread.join()
+            self.peak = self._sampled
+        else:
+            self.peak = status_kib("VmHWM")
+
+    def figures(self) -> dict[str, Any]:
+        """The figures in MiB, as the result files record them."""
+        return {
+            "peak_rss_mib": self.peak / 1024,
+            "baseline_rss_mib": self.baseline / 1024,
+            "increase_mib": (self.peak - self.baseline) / 1024,
+            "memory_method": self.method,
+        }
+
+
+# ---- where a result came from -----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, cores, memory and library versions, for the record next to a result."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        from importlib.metadata import version
+
+        import torch
+
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), litgpt=version("litgpt"))
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    try:
+        import lightning
+
+        info["lightning"] = lightning.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        info["mem_total_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return info
+
+
+def git_commit() -> str | None:
+    """The checked-out commit, with ``+dirty`` when tracked files have changes; None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """How to run this again: ``python -m <module>`` and the arguments (``sys.argv`` when ``argv`` is None)."""
+    import shlex
+
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+# ---- result files -----------------------------------------------------------------------------------------
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (``litgpt_plop.atomic``), ending it with a newline."""
+    write_text_atomic(Path(path), text if text.endswith("\n") else text + "\n")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    write_text(path, json.dumps(data, indent=2))
+
+
+def write_results(out_dir: Path, stem: str, data: Any, markdown: str) -> tuple[Path, Path]:
+    """A benchmark's two result files, ``<stem>.json`` and ``<stem>.md`` in ``out_dir``, each written atomically."""
+    out_dir = Path(out_dir)
+    paths = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    write_json(paths[0], data)
+    write_text(paths[1], markdown)
+    print(f"\nWrote {paths[0]} and {paths[1]}")
+    return paths
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG, atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_bytes_atomic(Path(path), buffer.getvalue())
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line and flush it to disk: a kill loses at most the line being written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path, on_bad_line: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """The JSON lines of ``path`` (none if it does not exist). A line that is not JSON (cut short by a kill) is
+    skipped, after calling ``on_bad_line(line_number)`` when given."""
+    path = Path(path)
+    rows = []
+    if not path.is_file():
+        return rows
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if on_bad_line is not None:
+                on_bad_line(number)
+    return rows
