@@ -8,7 +8,6 @@ on those (WeightLoRA; WeightLoRA+ also spends the freed budget on higher ranks),
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from litgpt_plop.adapt import current_placement
-from litgpt_plop.atomic import write_bytes_atomic
-from litgpt_plop.export import PLACEMENT_FILE
+from litgpt_plop.export import write_placement_files
 from litgpt_plop.modules import find_gpt
 from litgpt_plop.placement import Placement, PlacementError, preset
 from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController
@@ -193,7 +191,7 @@ class WeightLoRACallback(Callback):
         if isinstance(source, Path) or (isinstance(source, str) and source.endswith(".json")):
             return Placement.load(Path(source), gpt.config)
         if source == "current":
-            placement = dataclasses.replace(current_placement(gpt), method="current")
+            placement = current_placement(gpt, method="current")
             if not placement.sites:
                 raise PlacementError(
                     "WeightLoRACallback(candidates='current'): the model has no adapters when this callback's setup"
@@ -202,8 +200,7 @@ class WeightLoRACallback(Callback):
                     " `litgpt-plop plan`, or a Placement object"
                 )
             return placement
-        placement = preset(source, gpt.config, rank=self.lora_r, lora_alpha=self.lora_alpha)
-        return dataclasses.replace(placement, lora_dropout=self.lora_dropout)  # a Placement may be frozen
+        return preset(source, gpt.config, rank=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
 
     def _log(self, trainer: pl.Trainer, controller: WeightLoRAController) -> None:
         metrics = {
@@ -220,9 +217,7 @@ class WeightLoRACallback(Callback):
             return
         out_dir = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
         controller = self.controller
-        controller.placement.save(out_dir / PLACEMENT_FILE, controller.gpt.config)
-        for name, data in controller.report_files().items():  # gates.json, gates.png
-            write_bytes_atomic(out_dir / name, data)
+        write_placement_files(controller.placement, controller.gpt.config, out_dir, controller.report_files())
 
     # ---- finding things ------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from litgpt.scripts.merge_lora import merge_lora
 from litgpt.utils import copy_config_files
 
 from litgpt_plop.adapt import apply_placement, current_placement
-from litgpt_plop.atomic import replace_directory
+from litgpt_plop.atomic import replace_directory, write_bytes_atomic
 from litgpt_plop.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_checkpoint_dir, load_checkpoint_model
 from litgpt_plop.modules import gpt_of
 from litgpt_plop.placement import Placement, PlacementError
@@ -77,9 +77,7 @@ def save_adapter(
 
     def fill(staging: Path) -> None:
         torch.save({"model": state_dict}, staging / LORA_FILE)
-        write_placement_files(placement, gpt.config, staging)
-        for name, data in (extra_files or {}).items():
-            (staging / name).write_bytes(data)
+        write_placement_files(placement, gpt.config, staging, extra_files)
         if checkpoint_dir is None:
             base_fields = {f.name: getattr(gpt.config, f.name) for f in fields(Config)}
             (staging / CONFIG_FILE).write_text(yaml.safe_dump(base_fields, sort_keys=False))
@@ -96,10 +94,14 @@ def save_adapter(
     return replace_directory(Path(out_dir), fill)
 
 
-def write_placement_files(placement: Placement, config: Config, out_dir: Path) -> None:
-    """``placement.json``, ``report.md`` and ``scores.png`` in ``out_dir``, each written atomically; the placement
-    last, so a ``placement.json`` is never older than the report beside it."""
+def write_placement_files(
+    placement: Placement, config: Config, out_dir: Path, extra_files: dict[str, bytes] | None = None
+) -> None:
+    """``placement.json``, ``report.md``, ``scores.png`` and ``extra_files`` (e.g. WeightLoRA's gates) in ``out_dir``,
+    each written atomically; the placement last, so a ``placement.json`` is never older than the files beside it."""
     write_report(placement, config, out_dir)
+    for name, data in (extra_files or {}).items():
+        write_bytes_atomic(Path(out_dir) / name, data)
     placement.save(Path(out_dir) / PLACEMENT_FILE, config)
 
 

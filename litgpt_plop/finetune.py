@@ -39,7 +39,7 @@ from litgpt.utils import (
 
 from litgpt_plop.adapt import apply_placement, current_placement
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
-from litgpt_plop.atomic import recover_directory, write_bytes_atomic
+from litgpt_plop.atomic import recover_directory
 from litgpt_plop.prompts import calibration_token_ids
 from litgpt_plop.checkpoint import PRECISION_DTYPES, check_checkpoint_dir
 from litgpt_plop.export import save_adapter, write_placement_files
@@ -375,9 +375,7 @@ def write_run_outputs(out_dir: Path, placement: Placement, config: Config, extra
         if name not in extra_files:
             (out_dir / name).unlink(missing_ok=True)
     recover_directory(out_dir / "final")
-    for name, data in extra_files.items():
-        write_bytes_atomic(out_dir / name, data)
-    write_placement_files(placement, config, out_dir)
+    write_placement_files(placement, config, out_dir, extra_files)
 
 
 def check_trainable(fabric: L.Fabric, model: Any, placement: Placement) -> None:
