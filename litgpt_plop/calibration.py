@@ -38,7 +38,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from litgpt_plop.args import CalibrationArgs
-from litgpt_plop.modules import find_gpt
+from litgpt_plop.modules import gpt_of
 from litgpt_plop.prompts import select_samples
 from litgpt_plop.quantize import no_cpu_repack
 
@@ -250,9 +250,7 @@ def calibrate(
     Raises ``ValueError`` for no batches, a batch that is all padding (see ``as_batch``), a batch longer than
     the model's ``max_seq_length``, and (from the scorers) non-finite activations.
     """
-    gpt = find_gpt(model)
-    if gpt is None:
-        raise ValueError(f"No LitGPT GPT model inside {type(model).__name__}")
+    gpt = gpt_of(model)
     if len(batches) == 0 and not distributed():
         raise ValueError("Calibration data is empty: no batches to calibrate on")
     device = gpt.transformer.wte.weight.device
@@ -327,9 +325,7 @@ def run_calibration(
     prompts with ``shard=False``.
     """
     args = CalibrationArgs() if args is None else args
-    gpt = find_gpt(model)
-    if gpt is None:
-        raise ValueError(f"No LitGPT GPT model inside {type(model).__name__}")
+    gpt = gpt_of(model)
     if len(token_ids) == 0:
         raise ValueError("Calibration data is empty: no prompts to calibrate on")
     token_ids = select_samples(token_ids, args.num_samples, args.seed)
