@@ -9,6 +9,8 @@ import warnings
 import torch
 from jsonargparse import CLI, set_config_read_mode, set_docstring_parse_options
 
+from litgpt_plop.errors import reported_as_one_line
+
 
 def parser_data() -> dict:
     """LitGPT's subcommands, with ours added or put in their place."""
@@ -31,7 +33,8 @@ def main() -> None:
         module=r".*torch\.optim\.lr_scheduler.*",
     )
     torch.set_float32_matmul_precision("high")
-    CLI(parser_data())
+    with reported_as_one_line():  # bad input: one line, no traceback
+        CLI(parser_data())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from litgpt_plop.errors import InputError
+
 
 @dataclass
 class CalibrationArgs:
@@ -37,11 +39,11 @@ class CalibrationArgs:
 
     def __post_init__(self) -> None:
         if self.num_samples <= 0:
-            raise ValueError(f"`--calibration.num_samples` must be positive, got {self.num_samples}")
+            raise InputError(f"`--calibration.num_samples` must be positive, got {self.num_samples}")
         if self.batch_size <= 0:
-            raise ValueError(f"`--calibration.batch_size` must be positive, got {self.batch_size}")
+            raise InputError(f"`--calibration.batch_size` must be positive, got {self.batch_size}")
         if self.max_seq_length <= 0:
-            raise ValueError(f"`--calibration.max_seq_length` must be positive, got {self.max_seq_length}")
+            raise InputError(f"`--calibration.max_seq_length` must be positive, got {self.max_seq_length}")
 
 
 @dataclass
@@ -66,23 +68,23 @@ class PlopArgs:
 
     def __post_init__(self) -> None:
         if self.num_kinds <= 0:
-            raise ValueError(f"`--plop.num_kinds` must be positive, got {self.num_kinds}")
+            raise InputError(f"`--plop.num_kinds` must be positive, got {self.num_kinds}")
         if self.budget is not None:
             if isinstance(self.budget, bool):
-                raise ValueError(f"`--plop.budget` must be a number, got {self.budget!r}")
+                raise InputError(f"`--plop.budget` must be a number, got {self.budget!r}")
             if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:
-                raise ValueError(
+                raise InputError(
                     f"`--plop.budget` as a float is a fraction of the `all` placement and must be in (0, 1],"
                     f" got {self.budget}; pass an int for a parameter count"
                 )
             if isinstance(self.budget, int) and self.budget <= 0:
-                raise ValueError(f"`--plop.budget` as an int is a parameter count and must be positive, got {self.budget}")
+                raise InputError(f"`--plop.budget` as an int is a parameter count and must be positive, got {self.budget}")
         if self.granularity not in ("kind", "site"):
-            raise ValueError(f"`--plop.granularity` must be 'kind' or 'site', got {self.granularity!r}")
+            raise InputError(f"`--plop.granularity` must be 'kind' or 'site', got {self.granularity!r}")
         if self.denominator not in ("closed_form", "monte_carlo"):
-            raise ValueError(f"`--plop.denominator` must be 'closed_form' or 'monte_carlo', got {self.denominator!r}")
+            raise InputError(f"`--plop.denominator` must be 'closed_form' or 'monte_carlo', got {self.denominator!r}")
         if self.mc_samples <= 0:
-            raise ValueError(f"`--plop.mc_samples` must be positive, got {self.mc_samples}")
+            raise InputError(f"`--plop.mc_samples` must be positive, got {self.mc_samples}")
 
 
 @dataclass
@@ -101,8 +103,8 @@ class CkaArgs:
 
     def __post_init__(self) -> None:
         if self.pooling not in ("last", "tokens"):
-            raise ValueError(f"`--cka.pooling` must be 'last' or 'tokens', got {self.pooling!r}")
+            raise InputError(f"`--cka.pooling` must be 'last' or 'tokens', got {self.pooling!r}")
         if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"`--cka.ratio` must be in (0, 1], got {self.ratio}")
+            raise InputError(f"`--cka.ratio` must be in (0, 1], got {self.ratio}")
         if self.degenerate_tol < 0:
-            raise ValueError(f"`--cka.degenerate_tol` must be >= 0, got {self.degenerate_tol}")
+            raise InputError(f"`--cka.degenerate_tol` must be >= 0, got {self.degenerate_tol}")

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from litgpt_plop.errors import InputError
 from litgpt_plop.args import CalibrationArgs
 from litgpt_plop.modules import gpt_of
 from litgpt_plop.prompts import select_samples
@@ -70,7 +71,7 @@ def as_batch(input_ids: torch.Tensor, mask_or_lengths: torch.Tensor | None = Non
     Raises ``ValueError`` for left padding or holes in the mask, and for a batch that is all padding.
     """
     if input_ids.dim() != 2:
-        raise ValueError(f"Calibration batch {index}: input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+        raise InputError(f"Calibration batch {index}: input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
     B, T = input_ids.shape
     if mask_or_lengths is None:
         mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
@@ -79,15 +80,15 @@ def as_batch(input_ids: torch.Tensor, mask_or_lengths: torch.Tensor | None = Non
         mask = torch.arange(T, device=input_ids.device)[None, :] < lengths[:, None]
     else:
         if mask_or_lengths.shape != input_ids.shape:
-            raise ValueError(
+            raise InputError(
                 f"Calibration batch {index}: attention mask shape {tuple(mask_or_lengths.shape)} does not match"
                 f" input_ids shape {tuple(input_ids.shape)}"
             )
         mask = mask_or_lengths.to(device=input_ids.device, dtype=torch.bool)
     if T > 1 and (mask[:, 1:] & ~mask[:, :-1]).any():
-        raise ValueError(f"Calibration batch {index}: only right padding is supported (the mask has a real token after a pad)")
+        raise InputError(f"Calibration batch {index}: only right padding is supported (the mask has a real token after a pad)")
     if not mask.any():
-        raise ValueError(f"Calibration batch {index} is all padding: it has no real token")
+        raise InputError(f"Calibration batch {index} is all padding: it has no real token")
     return Batch(input_ids=input_ids, mask=mask, index=index)
 
 
@@ -101,13 +102,13 @@ def make_batches(
     prompts or an empty prompt.
     """
     if len(token_ids) == 0:
-        raise ValueError("Calibration data is empty: no prompts to calibrate on")
+        raise InputError("Calibration data is empty: no prompts to calibrate on")
     prompts = []
     truncated = 0
     for i, ids in enumerate(token_ids):
         ids = torch.as_tensor(ids).long().flatten()
         if ids.numel() == 0:
-            raise ValueError(f"Calibration prompt {i} is empty (no tokens)")
+            raise InputError(f"Calibration prompt {i} is empty (no tokens)")
         if ids.numel() > max_seq_length:
             ids = ids[:max_seq_length]
             truncated += 1
@@ -252,7 +253,7 @@ def calibrate(
     """
     gpt = gpt_of(model)
     if len(batches) == 0 and not distributed():
-        raise ValueError("Calibration data is empty: no batches to calibrate on")
+        raise InputError("Calibration data is empty: no batches to calibrate on")
     device = gpt.transformer.wte.weight.device
     training = {module: module.training for module in gpt.modules()}
     handles = []
@@ -270,12 +271,12 @@ def calibrate(
             with torch.no_grad():
                 for batch in tqdm(batches, desc="Calibrating", unit="batch", disable=not show):
                     if not batch.mask.any():
-                        raise ValueError(f"Calibration batch {batch.index} is all padding: it has no real token")
+                        raise InputError(f"Calibration batch {batch.index} is all padding: it has no real token")
                     # Columns that are padding in every row change nothing but the attention kernel's rounding:
                     # drop them, so a batch with extra padding gives bit-identical scores (and costs less).
                     width = int(batch.lengths.max())
                     if width > gpt.max_seq_length:
-                        raise ValueError(
+                        raise InputError(
                             f"Calibration batch {batch.index} has prompts of {width} tokens, more than the model's"
                             f" max_seq_length {gpt.max_seq_length}"
                         )
@@ -299,7 +300,7 @@ def calibrate(
         scorer.reduce()
     counts = all_reduce_sum(torch.tensor([samples, tokens, len(batches)], dtype=torch.float64))
     if counts[1] == 0:
-        raise ValueError("Calibration data is empty: no real tokens on any rank")
+        raise InputError("Calibration data is empty: no real tokens on any rank")
     return CalibrationStats(
         samples=int(counts[0]),
         tokens=int(counts[1]),
@@ -327,7 +328,7 @@ def run_calibration(
     args = CalibrationArgs() if args is None else args
     gpt = gpt_of(model)
     if len(token_ids) == 0:
-        raise ValueError("Calibration data is empty: no prompts to calibrate on")
+        raise InputError("Calibration data is empty: no prompts to calibrate on")
     token_ids = select_samples(token_ids, args.num_samples, args.seed)
     max_seq_length = min(args.max_seq_length, gpt.max_seq_length)
     batches, truncated = make_batches(token_ids, args.batch_size, max_seq_length)

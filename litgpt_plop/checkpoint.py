@@ -13,6 +13,7 @@ from litgpt import Config
 from litgpt.model import GPT
 from litgpt.utils import check_valid_checkpoint_dir
 
+from litgpt_plop.errors import InputError
 from litgpt_plop.quantize import QUANTIZE_CHOICES, quantize_choice, quantize_linears_4bit
 
 PRECISION_DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
@@ -28,7 +29,7 @@ def check_checkpoint_dir(checkpoint_dir: Path, tokenizer: bool = False) -> Path:
         check_valid_checkpoint_dir(checkpoint_dir, verbose=False, raise_error=True, ignore_tokenizer_files=not tokenizer)
     except FileNotFoundError:
         needs = f"{WEIGHTS_FILE}, {CONFIG_FILE}" + (" and the tokenizer files" if tokenizer else "")
-        raise ValueError(
+        raise InputError(
             f"{str(checkpoint_dir)!r} is not a LitGPT checkpoint directory: it needs {needs} (make one with"
             " `litgpt download` or `litgpt convert_to_litgpt`)"
         ) from None
@@ -52,9 +53,9 @@ def load_checkpoint_model(
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     if precision is not None and precision not in PRECISION_DTYPES:
-        raise ValueError(f"Unsupported --precision {precision!r}; choose one of {list(PRECISION_DTYPES)}")
+        raise InputError(f"Unsupported --precision {precision!r}; choose one of {list(PRECISION_DTYPES)}")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"Unsupported --quantize {quantize!r}; choose one of {list(QUANTIZE_CHOICES)}")
+        raise InputError(f"Unsupported --quantize {quantize!r}; choose one of {list(QUANTIZE_CHOICES)}")
     config = Config.from_file(checkpoint_dir / CONFIG_FILE)
     with torch.device("meta"):
         model = GPT(config)

@@ -37,13 +37,15 @@ from litgpt.utils import (
     parse_devices,
 )
 
+from litgpt_plop.errors import InputError
 from litgpt_plop.adapt import apply_placement, current_placement
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.atomic import recover_directory
 from litgpt_plop.prompts import calibration_token_ids
-from litgpt_plop.checkpoint import PRECISION_DTYPES, check_checkpoint_dir
+from litgpt_plop.checkpoint import PRECISION_DTYPES
 from litgpt_plop.export import save_adapter, write_placement_files
-from litgpt_plop.methods import OPTION_GROUPS, Method, get_method, groups_users
+from litgpt_plop.inputs import check_checkpoint, check_lora, check_out_dir, check_text_file
+from litgpt_plop.methods import Method, check_option_groups, get_method
 from litgpt_plop.placement import LORA_FLAGS, Placement, PlacementError, kinds_from_flags
 from litgpt_plop.quantize import QuantizeChoice, quantize_choice, quantize_linears_4bit
 from litgpt_plop.report import summary_table
@@ -135,10 +137,10 @@ def setup(
     logger_name: LoggerChoice = "csv",
     seed: int = 1337,
     access_token: str | None = None,
-    calibration: CalibrationArgs | None = None,
-    plop: PlopArgs | None = None,
-    cka: CkaArgs | None = None,
-    weightlora: WeightLoRAArgs | None = None,
+    calibration: CalibrationArgs = CalibrationArgs(),
+    plop: PlopArgs = PlopArgs(),
+    cka: CkaArgs = CkaArgs(),
+    weightlora: WeightLoRAArgs = WeightLoRAArgs(),
 ) -> None:
     """Finetune a model with LoRA, the adapters placed by a plugin.
 
@@ -177,12 +179,16 @@ def setup(
         cka: Layer-wise CKA's options (``cka``, ``plop+cka``).
         weightlora: WeightLoRA's options (``weightlora``, ``weightlora+``): K, warm-up, gate learning rate, rounds.
     """
+    # Everything that can be checked before loading weights is checked first.
     method = get_method(plugin, what="plugin")
-    check_option_groups(method, calibration=calibration, plop=plop, cka=cka, weightlora=weightlora)
-    if calibration is not None and calibration.file is not None:
-        calibration_file_check(calibration.file)
+    check_option_groups(method, "--plugin", calibration=calibration, plop=plop, cka=cka, weightlora=weightlora)
+    if calibration.file is not None:
+        check_text_file(calibration.file, "--calibration.file")
     check_lr_schedule(train.lr_warmup_steps, train.max_steps)
-    checkpoint_dir = check_checkpoint_dir(Path(checkpoint_dir), tokenizer=True)
+    check_lora(lora_r, lora_alpha, lora_dropout)
+    checkpoint_dir = Path(checkpoint_dir)
+    check_checkpoint(checkpoint_dir, tokenizer=True)
+    check_out_dir(out_dir)
     devices = parse_devices(devices)
     if devices * num_nodes > 1:
         raise NotImplementedError(
@@ -206,8 +212,7 @@ def setup(
         checkpoint_dir=checkpoint_dir, out_dir=out_dir, method=method, config=config,
         data=Alpaca() if data is None else data, train=train, eval=eval, optimizer=optimizer, seed=seed,
         precision=fabric_precision, quantize=quantize, cpu_quantize=cpu_quantize, devices=devices,
-        calibration=calibration or CalibrationArgs(), plop=plop or PlopArgs(), cka=cka or CkaArgs(),
-        weightlora=dataclasses.replace(weightlora or WeightLoRAArgs(), plus=plugin == "weightlora+"),
+        calibration=calibration, plop=plop, cka=cka, weightlora=dataclasses.replace(weightlora, plus=plugin == "weightlora+"),
     )  # fmt: skip
     logger = choose_logger(
         logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval, log_args=dataclasses.asdict(log)
@@ -216,24 +221,12 @@ def setup(
     fabric.launch(main, run)
 
 
-def check_option_groups(method: Method, **groups: Any) -> None:
-    """Refuse option groups (``--calibration.*`` ...) the method does not read, naming one that does."""
-    unused = [name for name in OPTION_GROUPS if groups.get(name) is not None and name not in method.option_groups]
-    if unused:
-        which = ", ".join(f"--{name}.*" for name in unused)
-        it = "it" if len(unused) == 1 else "them"
-        raise ValueError(
-            f"{which} {'does' if len(unused) == 1 else 'do'} not apply to --plugin {method.name!r}: pick a plugin that"
-            f" reads {it} (e.g. --plugin {groups_users(unused[0])[0]}) or drop {it}"
-        )
-
-
 def check_lr_schedule(warmup_steps: int | None, max_steps: int | float | None) -> None:
     """LitGPT's schedule (linear warm-up, then cosine over the remaining steps) divides by both lengths."""
     if warmup_steps is None or warmup_steps < 1:
-        raise ValueError(f"--train.lr_warmup_steps must be at least 1 (LitGPT's warm-up divides by it), got {warmup_steps}")
+        raise InputError(f"--train.lr_warmup_steps must be at least 1 (LitGPT's warm-up divides by it), got {warmup_steps}")
     if max_steps is not None and warmup_steps >= max_steps:
-        raise ValueError(
+        raise InputError(
             f"--train.lr_warmup_steps ({warmup_steps}) must be smaller than the number of optimizer steps ({max_steps}:"
             " --train.max_steps, or --train.epochs over the data): LitGPT's cosine phase lasts the difference"
         )
@@ -250,14 +243,6 @@ def candidate_flags(method: Method, **flags: bool | None) -> dict[str, bool]:
     return resolved
 
 
-def calibration_file_check(path: Path) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--calibration.file {str(path)!r} does not exist")
-    if not path.read_text().strip():
-        raise ValueError(f"--calibration.file {str(path)!r} is empty: it must hold at least one prompt")
-
-
 def precision_and_quantization(
     precision: str, quantize: str | None
 ) -> tuple[list[BitsandbytesPrecision] | None, str | None, str | None]:
@@ -267,11 +252,11 @@ def precision_and_quantization(
     if quantize is None:
         return None, precision, None
     if "mixed" in precision:
-        raise ValueError("Quantization and mixed precision is not supported.")
+        raise InputError("Quantization and mixed precision is not supported.")
     if torch.cuda.is_available():
         return [BitsandbytesPrecision(quantize[4:], PRECISION_DTYPES[precision])], None, None
     if quantize == "bnb.int8-training":
-        raise ValueError(
+        raise InputError(
             "--quantize bnb.int8-training needs a CUDA GPU. On CPU, 4-bit works: --quantize bnb.nf4, bnb.nf4-dq,"
             " bnb.fp4 or bnb.fp4-dq"
         )

@@ -14,8 +14,10 @@ Adding a method means adding a row here and, for a new scorer, the scorer and it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from litgpt_plop.errors import InputError
 
 MethodKind = Literal["calibrated", "preset", "gated", "none"]
 
@@ -89,7 +91,7 @@ def get_method(name: str, *kinds: MethodKind, what: str = "method") -> Method:
     """The method called ``name``; with ``kinds``, it must be of one of them. Raises ``ValueError`` naming the choices."""
     allowed = method_names(*kinds)
     if name not in allowed:
-        raise ValueError(f"Unknown {what} {name!r}; choose one of {list(allowed)}")
+        raise InputError(f"Unknown {what} {name!r}; choose one of {list(allowed)}")
     return METHODS[name]
 
 
@@ -102,3 +104,21 @@ def title(name: str) -> str:
 def groups_users(group: str) -> tuple[str, ...]:
     """The methods that read the option group ``group`` (for hints such as "use --plugin plop")."""
     return tuple(m.name for m in _ALL if group in m.option_groups)
+
+
+def check_option_groups(method: Method, flag: str, **groups: Any) -> None:
+    """Refuse options (``--calibration.*`` ...) set away from their defaults for a method that does not read them,
+    naming a method that does. ``flag`` is how the method was chosen (``--plugin``, ``--method``)."""
+    unused = [name for name, group in groups.items() if name not in method.option_groups and _changed(group)]
+    if unused:
+        which = ", ".join(f"--{name}.*" for name in unused)
+        it = "it" if len(unused) == 1 else "them"
+        users = groups_users(unused[0])
+        hint = f"pick a method that reads {it} (e.g. {flag} {users[0]})" if users else "nothing reads them"
+        raise InputError(f"{which} {'does' if len(unused) == 1 else 'do'} not apply to {flag} {method.name!r}: {hint} or drop {it}")
+
+
+def _changed(group: Any) -> bool:
+    """Whether any option of the group differs from its default (``plus`` is the plugin's to set, not an option)."""
+    default = type(group)()
+    return any(getattr(group, f.name) != getattr(default, f.name) for f in fields(group) if f.name != "plus")

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from litgpt import Config
 
 from litgpt_plop.atomic import write_text_atomic
+from litgpt_plop.errors import InputError
 from litgpt_plop.methods import METHODS, method_names
 
 # The kinds of LoRA-able linear maps, in LitGPT terms (see docs/methods.md).
@@ -48,7 +49,7 @@ LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_m
 _MLP_KINDS = {"LLaMAMLP": LLAMA_MLP_KINDS, "GemmaMLP": LLAMA_MLP_KINDS, "GptNeoxMLP": NEOX_MLP_KINDS}
 
 
-class PlacementError(ValueError):
+class PlacementError(InputError):
     """A placement that cannot be built, applied or loaded, with the reason in its message."""
 
 

@@ -16,7 +16,8 @@ from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.prompts import calibration_token_ids
 from litgpt_plop.checkpoint import load_checkpoint_model
 from litgpt_plop.export import write_placement_files
-from litgpt_plop.methods import get_method
+from litgpt_plop.inputs import check_checkpoint, check_lora, check_out_dir, check_text_file
+from litgpt_plop.methods import check_option_groups, get_method
 from litgpt_plop.placement import Placement, PlacementError, kinds_from_flags
 from litgpt_plop.quantize import QuantizeChoice
 from litgpt_plop.report import summary_table
@@ -66,23 +67,23 @@ def plan(
         precision: ``32-true``, ``bf16-true`` or ``16-true``: the dtype the model is scored in.
         quantize: Score the model with its block linears in bitsandbytes 4-bit, as a QLoRA finetune would.
     """
+    # Everything that can be checked before loading weights is checked first.
     spec = get_method(method, "calibrated", "preset")
+    check_option_groups(spec, "--method", calibration=calibration, plop=plop, cka=cka)
+    if calibration.file is not None:
+        check_text_file(calibration.file, "--calibration.file")
+    check_lora(lora_r, lora_alpha)
     checkpoint_dir = Path(checkpoint_dir)
-    model = load_checkpoint_model(checkpoint_dir, precision, quantize)
+    config = check_checkpoint(checkpoint_dir, tokenizer=spec.calibrates)
+    check_out_dir(out_dir)
     candidate_kinds = kinds_from_flags(
-        model.config,
-        lora_query=lora_query,
-        lora_key=lora_key,
-        lora_value=lora_value,
-        lora_projection=lora_projection,
-        lora_mlp=lora_mlp,
-        lora_head=lora_head,
-    )
+        config, lora_query=lora_query, lora_key=lora_key, lora_value=lora_value, lora_projection=lora_projection,
+        lora_mlp=lora_mlp, lora_head=lora_head,
+    )  # fmt: skip
     if not candidate_kinds:
         raise PlacementError("Every --lora_* flag is off: there are no candidate kinds to choose from")
-    token_ids = None
-    if spec.calibrates:
-        token_ids = calibration_token_ids(calibration, Tokenizer(checkpoint_dir), data)
+    token_ids = calibration_token_ids(calibration, Tokenizer(checkpoint_dir), data) if spec.calibrates else None
+    model = load_checkpoint_model(checkpoint_dir, precision, quantize)
     t0 = time.perf_counter()
     placement = decide_placement(
         model, method, token_ids, candidate_kinds, lora_r, lora_alpha, calibration=calibration, plop=plop, cka=cka

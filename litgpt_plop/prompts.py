@@ -13,6 +13,7 @@ import torch
 from litgpt.prompts import PromptStyle
 from litgpt.tokenizer import Tokenizer
 
+from litgpt_plop.errors import InputError
 from litgpt_plop.args import CalibrationArgs
 
 
@@ -26,7 +27,7 @@ def read_prompts(path: Path | str) -> list[dict[str, str]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"Calibration file {str(path)!r} does not exist")
+        raise InputError(f"Calibration file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     text = path.read_text(encoding="utf-8")
     if suffix == ".txt":
@@ -40,26 +41,26 @@ def read_prompts(path: Path | str) -> list[dict[str, str]]:
                 try:
                     records.append((number, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"Calibration file {str(path)!r}, line {number}: not valid JSON ({e})") from None
+                    raise InputError(f"Calibration file {str(path)!r}, line {number}: not valid JSON ({e})") from None
         else:
             try:
                 data = json.loads(text) if text.strip() else []
             except json.JSONDecodeError as e:
-                raise ValueError(f"Calibration file {str(path)!r} is not valid JSON ({e})") from None
+                raise InputError(f"Calibration file {str(path)!r} is not valid JSON ({e})") from None
             if not isinstance(data, list):
-                raise ValueError(f"Calibration file {str(path)!r} must hold a list of objects")
+                raise InputError(f"Calibration file {str(path)!r} must hold a list of objects")
             records = list(enumerate(data, start=1))
         examples = [_example_from_record(record, path, number) for number, record in records]
     else:
-        raise ValueError(f"Calibration file {str(path)!r}: use a .txt (one prompt per line), .jsonl or .json file")
+        raise InputError(f"Calibration file {str(path)!r}: use a .txt (one prompt per line), .jsonl or .json file")
     if not examples:
-        raise ValueError(f"Calibration file {str(path)!r} is empty: it holds no prompts")
+        raise InputError(f"Calibration file {str(path)!r} is empty: it holds no prompts")
     return examples
 
 
 def _example_from_record(record: Any, path: Path, number: int) -> dict[str, str]:
     if not isinstance(record, dict) or not any(isinstance(record.get(key), str) for key in ("text", "instruction")):
-        raise ValueError(
+        raise InputError(
             f"Calibration file {str(path)!r}, record {number}: expected an object with a 'text' or 'instruction' field"
         )
     if isinstance(record.get("instruction"), str):
@@ -131,15 +132,15 @@ def data_module_prompts(
         data_module.setup()
         dataset = getattr(data_module, "train_dataset", None)
     if dataset is None:
-        raise ValueError(f"Data module {name} has no `train_dataset` after setup(); pass --calibration.file instead")
+        raise InputError(f"Data module {name} has no `train_dataset` after setup(); pass --calibration.file instead")
     try:
         size = len(dataset)
     except TypeError:
-        raise ValueError(
+        raise InputError(
             f"Data module {name}'s training set has no length (a streaming dataset?); pass --calibration.file instead"
         ) from None
     if size == 0:
-        raise ValueError(f"Data module {name} has an empty training set: no calibration prompts")
+        raise InputError(f"Data module {name} has an empty training set: no calibration prompts")
     indices = select_samples(range(size), num_samples, seed)
 
     raw = getattr(dataset, "data", None)
@@ -159,7 +160,7 @@ def data_module_prompts(
             token_ids.append(item.long())
             continue
         if not isinstance(item, Mapping) or "input_ids" not in item:
-            raise ValueError(
+            raise InputError(
                 f"Data module {name}: cannot find a prompt in training item {i} (type {type(item).__name__});"
                 " pass --calibration.file instead"
             )
@@ -184,5 +185,5 @@ def calibration_token_ids(
         examples = select_samples(read_prompts(args.file), args.num_samples, args.seed)
         return tokenize_prompts(examples, tokenizer, args.prompt_style)
     if data_module is None:
-        raise ValueError("No calibration data: set --calibration.file or give a data module")
+        raise InputError("No calibration data: set --calibration.file or give a data module")
     return data_module_prompts(data_module, tokenizer, args.num_samples, args.seed, args.prompt_style)

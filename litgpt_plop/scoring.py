@@ -33,8 +33,8 @@ import torch.nn as nn
 from litgpt import GPT
 
 from litgpt_plop.calibration import Batch, ForwardHook, all_gather_rows, all_reduce_sum
-from litgpt_plop.modules import KIND_TO_PATH, base_linear, site_module
-from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, QKV_KINDS, site_shape
+from litgpt_plop.modules import KIND_TO_PATH, base_linear, qkv_row_slices, site_module
+from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, QKV_KINDS
 
 # ---- the math, on plain tensors ---------------------------------------------------------------------------
 
@@ -177,21 +177,13 @@ class CkaScores:
 # ---- scorers (hooked into the calibration pass) -----------------------------------------------------------
 
 
-def _kind_slices(config, kinds: Iterable[str]) -> list[tuple[str, int, int]]:
-    """``(kind, start, stop)`` row ranges of the wanted q/k/v kinds inside the fused qkv output."""
-    ranges, start = {}, 0
-    for kind in QKV_KINDS:
-        rows = site_shape(config, kind)[0]
-        ranges[kind] = (start, start + rows)
-        start += rows
-    return [(kind, *ranges[kind]) for kind in QKV_KINDS if kind in kinds]
-
-
 class PlopScorer:
     """Running PLoP statistics for the ``kinds`` of the ``layers`` of ``gpt`` (the head once, if asked).
 
-    State per site: the sum over batches of the batch's mean normalised output norm, and the number of
-    batches and tokens: sums and counts, summed over ranks by ``reduce``.
+    State per site and per batch: the sum of the normalised output norms over the batch's real tokens and their
+    count. A site's NFN is the mean over every token the pass saw (sum over batches / tokens over batches), so
+    how the prompts are grouped into batches does not change it. ``reduce`` combines the ranks; the per-batch
+    rows stay for resampling (``litgpt_plop.stability``).
     """
 
     def __init__(
@@ -216,9 +208,10 @@ class PlopScorer:
         if self.needs_head:
             self.sites.append((HEAD_LAYER, HEAD_KIND))
         self.index = {site: i for i, site in enumerate(self.sites)}
-        # columns: sum of per-batch means, batches, tokens
-        self.sums = torch.zeros(len(self.sites), 3, dtype=torch.float64)
+        # per batch: (sum of normalised output norms, tokens) for every site
+        self.batch_sums: list[torch.Tensor] = []
         self._batch: Batch | None = None
+        self._current: torch.Tensor | None = None
         self._denominators: dict[tuple[int, str], float] = {}
         self._reduced = False
 
@@ -232,7 +225,8 @@ class PlopScorer:
                 kinds = [k for k in block_kinds if KIND_TO_PATH[k] == path]
                 linear = base_linear(site_module(self.gpt, layer, kinds[0]))
                 if path == "attn.qkv":
-                    groups.append((layer, linear, _kind_slices(self.gpt.config, kinds)))
+                    rows = qkv_row_slices(self.gpt.config)
+                    groups.append((layer, linear, [(k, rows[k].start, rows[k].stop) for k in QKV_KINDS if k in kinds]))
                 else:
                     groups.append((layer, linear, [(kinds[0], None, None)]))
         if self.needs_head:
@@ -262,21 +256,24 @@ class PlopScorer:
                 return
             for kind, start, stop in parts:
                 ratios = outputs[:, start:stop].norm(dim=-1) / input_norms
-                row = self.sums[self.index[(layer, kind)]]
-                row[0] += ratios.double().mean().item()
-                row[1] += 1
-                row[2] += ratios.numel()
+                row = self._current[self.index[(layer, kind)]]
+                row[0] += ratios.double().sum().item()
+                row[1] += ratios.numel()
 
         return hook
 
     def start_batch(self, batch: Batch) -> None:
         self._batch = batch
+        self._current = torch.zeros(len(self.sites), 2, dtype=torch.float64)
 
     def end_batch(self) -> None:
-        self._batch = None
+        self.batch_sums.append(self._current)
+        self._batch, self._current = None, None
 
     def reduce(self) -> None:
-        self.sums = all_reduce_sum(self.sums)
+        """Every rank ends with every rank's batches (a few numbers per site and batch)."""
+        mine = torch.stack(self.batch_sums) if self.batch_sums else torch.zeros(0, len(self.sites), 2, dtype=torch.float64)
+        self.batch_sums = list(all_gather_rows(mine.flatten(1)).view(-1, len(self.sites), 2))
         self._reduced = True
 
     def denominators(self) -> dict[tuple[int, str], float]:
@@ -297,15 +294,21 @@ class PlopScorer:
 
     def result(self) -> PlopScores:
         """The scores (after the pass; ``calibrate`` calls ``reduce`` first)."""
+        return self.scores_of(range(len(self.batch_sums)))
+
+    def scores_of(self, batches: Iterable[int]) -> PlopScores:
+        """The scores over the given batches (indices into ``batch_sums``; repeats count twice, for resampling)."""
         denominators = self.denominators()
+        chosen = torch.stack([self.batch_sums[b] for b in batches]) if self.batch_sums else None
+        sums = chosen.sum(dim=0) if chosen is not None else torch.zeros(len(self.sites), 2, dtype=torch.float64)
         per_site = {}
         for (layer, kind), i in self.index.items():
-            total, batches, _ = self.sums[i].tolist()
-            if batches == 0:
+            total, tokens = sums[i].tolist()
+            if tokens == 0:
                 raise ValueError(f"PLoP saw no token with a non-zero input at site {layer}.{kind}")
             if denominators[(layer, kind)] == 0:
                 raise ValueError(f"The weight of site {layer}.{kind} is all zeros: its NFN is undefined")
-            per_site[f"{layer}.{kind}"] = total / batches / denominators[(layer, kind)]
+            per_site[f"{layer}.{kind}"] = total / tokens / denominators[(layer, kind)]
         per_kind = {}
         for kind in self.kinds:
             values = [v for (layer, k), v in zip(self.sites, per_site.values()) if k == kind]
@@ -320,8 +323,8 @@ class PlopScorer:
             per_kind=per_kind,
             per_layer=per_layer,
             denominator=self.denominator,
-            tokens=int(self.sums[:, 2].max().item()) if len(self.sites) else 0,
-            batches=int(self.sums[:, 1].max().item()) if len(self.sites) else 0,
+            tokens=int(sums[:, 1].max().item()) if len(self.sites) else 0,
+            batches=len(chosen) if chosen is not None else 0,
         )
 
 

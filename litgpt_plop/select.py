@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from litgpt import Config
 
+from litgpt_plop.errors import InputError
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.calibration import CalibrationStats, run_calibration
 from litgpt_plop.methods import Method, get_method
@@ -357,7 +358,7 @@ def decide_placement(
     calibration = CalibrationArgs() if calibration is None else calibration
     if spec.calibrates:
         if not token_ids:
-            raise ValueError("Calibration data is empty: no prompts to score on")
+            raise InputError("Calibration data is empty: no prompts to score on")
         return plan_placement(
             model, token_ids, method=method, rank=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             candidate_kinds=candidate_kinds, plop=plop, cka=cka, calibration=calibration,

@@ -146,7 +146,7 @@ def test_fused_qkv_slices_score_like_separate_linears():
     captured = []
     handle = gpt.transformer.h[1].attn.qkv.register_forward_hook(lambda m, args, out: captured.append(args[0].detach()))
     scorer = PlopScorer(gpt, ["query", "key", "value", "mlp_proj"], [0, 1])
-    # ragged prompts: a per-batch mean then differs from a mean over all tokens
+    # ragged prompts: a mean of per-batch means would differ from the mean over all tokens
     token_ids = [torch.randint(0, 100, (4 + 5 * i,), generator=torch.Generator().manual_seed(i)) for i in range(6)]
     batches, _ = make_batches(token_ids, batch_size=3, max_seq_length=64)
     calibrate(gpt, batches, [scorer], progress=False)
@@ -161,8 +161,11 @@ def test_fused_qkv_slices_score_like_separate_linears():
         with torch.no_grad():
             separate.weight.copy_(qkv.weight[start:stop])
             separate.bias.copy_(qkv.bias[start:stop])
-        # mean over batches of the per-batch NFN
-        expected = sum(nfn(separate, inputs[batch.mask]) for inputs, batch in zip(captured, batches)) / len(captured)
+        # the mean over every real token of the pass (not a mean of per-batch means: the batches are ragged)
+        every_token = torch.cat([inputs[batch.mask] for inputs, batch in zip(captured, batches)])
+        expected = nfn(separate, every_token)
+        per_batch_mean = sum(nfn(separate, inputs[batch.mask]) for inputs, batch in zip(captured, batches)) / len(captured)
+        assert abs(expected - per_batch_mean) > 1e-4 * expected  # the two aggregations really differ here
         assert scores.per_site[f"1.{kind}"] == pytest.approx(expected, rel=1e-5), kind
     assert set(scores.per_site) == {f"{l}.{k}" for l in (0, 1) for k in ("query", "key", "value", "mlp_proj")}
     assert scores.per_kind["key"] == pytest.approx((scores.per_site["0.key"] + scores.per_site["1.key"]) / 2)
@@ -237,7 +240,7 @@ def test_streaming_minibatch_cka_matches_the_one_shot_unbiased_estimate():
 
 # ---- selection --------------------------------------------------------------------------------------------
 
-# The paper's Llama-3.2-1B figures (methods.md): lowest three are projection, value, mlp_proj.
+# The paper's Llama-3.2-1B figures (docs/methods.md): lowest three are projection, value, mlp_proj.
 KIND_NFN = {
     "query": 2.58,
     "key": 2.63,
@@ -435,3 +438,23 @@ def test_report_of_a_fixed_preset_without_scores(tmp_path):
     report = report_path.read_text()
     assert "query" in report and "value" in report and "fixed placement" in report
     assert "query" in summary_table(placement, config)
+
+
+def test_nfn_does_not_depend_on_how_prompts_are_batched():
+    """The same prompts in batches of 1 and of 8 give the same NFN per kind and per site (fp32, 1e-5 relative)."""
+    torch.manual_seed(0)
+    config = tiny_config(n_layer=2)
+    gpt = GPT(config)
+    token_ids = [torch.randint(0, 100, (3 + 7 * (i % 5),), generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    results = []
+    for batch_size in (1, 8):
+        scorer = PlopScorer(gpt, model_kinds(config), [0, 1])
+        batches, _ = make_batches(token_ids, batch_size=batch_size, max_seq_length=64)
+        calibrate(gpt, batches, [scorer], progress=False)
+        results.append(scorer.result())
+    one, eight = results
+    assert one.batches == 16 and eight.batches == 2 and one.tokens == eight.tokens
+    for kind in model_kinds(config):
+        assert eight.per_kind[kind] == pytest.approx(one.per_kind[kind], rel=1e-5), kind
+    for site in one.per_site:
+        assert eight.per_site[site] == pytest.approx(one.per_site[site], rel=1e-5), site

@@ -1,0 +1,89 @@
+"""Checks of what the user gave, made before any weight is loaded or any prompt calibrated.
+
+Each raises ``InputError`` naming the flag or file and what would be valid, so a command fails in its first second
+with one line instead of after minutes of work, and leaves every existing output as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from litgpt import Config
+from litgpt.model import GPT
+
+from litgpt_plop.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_checkpoint_dir
+from litgpt_plop.errors import InputError
+
+
+def check_checkpoint(checkpoint_dir: Path, tokenizer: bool) -> Config:
+    """The checkpoint's files are there (the tokenizer's too, with ``tokenizer``), its weights are a complete,
+    readable checkpoint, and they are the weights of the model its ``model_config.yaml`` describes: the same
+    parameter names and shapes. Reads only the file's index (memory-mapped), not the weights. Returns the config."""
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir, tokenizer=tokenizer)
+    try:
+        config = Config.from_file(checkpoint_dir / CONFIG_FILE)
+    except Exception as e:  # a YAML or field error: the file, not our code, is wrong
+        raise InputError(f"{str(checkpoint_dir / CONFIG_FILE)!r} is not a LitGPT model config: {e}") from None
+    path = checkpoint_dir / WEIGHTS_FILE
+    try:
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated or corrupt: torch reports it in many ways
+        raise InputError(f"{str(path)!r} is not a complete PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    state_dict = state_dict.get("model", state_dict)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    found = {k: v.shape for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if missing or unexpected or wrong:
+        details = [f"{what} {_few(keys)}" for what, keys in
+                   (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if keys]  # fmt: skip
+        raise InputError(
+            f"{str(path)!r} does not hold the weights {CONFIG_FILE} describes ({config.n_layer} layers, width"
+            f" {config.n_embd}): parameters {'; '.join(details)}"
+        )
+    return config
+
+
+def check_out_dir(out_dir: Path, flag: str = "--out_dir") -> Path:
+    """``out_dir`` is a directory or can be created as one, in a place this process may write to."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{flag} {str(out_dir)!r} is an existing file; give a directory")
+    parent = out_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {str(out_dir)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {str(out_dir)!r} is not writable ({str(parent)!r} does not allow it)")
+    return out_dir
+
+
+def check_lora(lora_r: int, lora_alpha: int, lora_dropout: float | None = None) -> None:
+    """LoRA's rank, alpha and dropout are in range."""
+    if isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 1:
+        raise InputError(f"--lora_r must be a positive integer (the LoRA rank), got {lora_r!r}")
+    if lora_alpha <= 0:
+        raise InputError(f"--lora_alpha must be positive, got {lora_alpha!r}")
+    if lora_dropout is not None and not 0.0 <= lora_dropout < 1.0:
+        raise InputError(f"--lora_dropout must be in [0, 1), got {lora_dropout!r}")
+
+
+def check_text_file(path: Path, flag: str) -> None:
+    """``path`` exists, is UTF-8 text and holds something."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{flag} {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{flag} {str(path)!r} is not UTF-8 text (byte {e.start}): give a .txt, .jsonl or .json file") from None
+    if not text.strip():
+        raise InputError(f"{flag} {str(path)!r} is empty: it must hold at least one prompt")
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
