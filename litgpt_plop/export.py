@@ -73,7 +73,7 @@ def save_adapter(
     state_dict = to_stock_state_dict(gpt)
     precision = _PRECISION.get(next(iter(state_dict.values())).dtype, "32-true")
     hparams = {"checkpoint_dir": str(checkpoint_dir), "precision": precision, **(hparams or {})}
-    hparams.update({**placement.flags(), "placement": PLACEMENT_FILE})
+    hparams.update(placement.flags())
 
     def fill(staging: Path) -> None:
         torch.save({"model": state_dict}, staging / LORA_FILE)

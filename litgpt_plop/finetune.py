@@ -23,6 +23,7 @@ from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
 from litgpt.finetune import lora as litgpt_lora
 from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+from litgpt.prompts import PromptStyle, prompt_styles
 from litgpt.tokenizer import Tokenizer
 from litgpt.types import LoggerChoice
 from litgpt.utils import (
@@ -37,16 +38,17 @@ from litgpt.utils import (
     parse_devices,
 )
 
-from litgpt_plop.errors import InputError
-from litgpt_plop.adapt import apply_placement, current_placement
+from litgpt_plop.adapt import apply_placement, current_placement, lora_config
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.atomic import recover_directory
-from litgpt_plop.prompts import calibration_token_ids
 from litgpt_plop.checkpoint import PRECISION_DTYPES
+from litgpt_plop.errors import InputError
 from litgpt_plop.export import save_adapter, write_placement_files
 from litgpt_plop.inputs import check_checkpoint, check_lora, check_out_dir, check_text_file
+from litgpt_plop.kappa import KappaArgs
 from litgpt_plop.methods import Method, check_option_groups, get_method
-from litgpt_plop.placement import LORA_FLAGS, Placement, PlacementError, kinds_from_flags
+from litgpt_plop.placement import LORA_FLAGS, Placement, PlacementError, kinds_from_flags, model_kinds
+from litgpt_plop.prompts import calibration_token_ids
 from litgpt_plop.quantize import QuantizeChoice, quantize_choice, quantize_linears_4bit
 from litgpt_plop.report import summary_table
 from litgpt_plop.select import decide_placement
@@ -60,43 +62,45 @@ GATES_FILES = ("gates.json", "gates.png")
 
 @dataclasses.dataclass
 class Run:
-    """Everything one finetune needs once the options are checked; ``hparams`` records it."""
+    """Everything one finetune needs once the options are checked, and ``hparams``: what
+    ``hyperparameters.yaml`` records so that ``--config`` on it repeats the run."""
 
     checkpoint_dir: Path
     out_dir: Path
     method: Method
     config: Config
+    candidates: list[str]
+    rank: int
     data: DataModule
     train: TrainArgs
     eval: EvalArgs
     optimizer: str | dict
     seed: int
-    precision: str | None
-    quantize: str | None
     cpu_quantize: str | None
-    devices: int
     calibration: CalibrationArgs
     plop: PlopArgs
     cka: CkaArgs
+    kappa: KappaArgs
     weightlora: WeightLoRAArgs
+    hparams: dict[str, Any]
 
-    def hparams(self) -> dict[str, Any]:
-        """What ``hyperparameters.yaml`` records (the placement's ``lora_*`` flags are added when saving)."""
-        groups = {"calibration": self.calibration, "plop": self.plop, "cka": self.cka, "weightlora": self.weightlora}
-        return {
-            "checkpoint_dir": str(self.checkpoint_dir),
-            "out_dir": str(self.out_dir),
-            "plugin": self.method.name,
-            "precision": self.precision,
-            "quantize": self.quantize,
-            "devices": self.devices,
-            "seed": self.seed,
-            "data": {"class_path": f"{type(self.data).__module__}.{type(self.data).__qualname__}"},
-            "train": dataclasses.asdict(self.train),
-            "eval": dataclasses.asdict(self.eval),
-            "optimizer": self.optimizer,
-            **{name: _plain(dataclasses.asdict(group)) for name, group in groups.items()},
-        }
+
+def data_module_hparams(data: DataModule) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` of a data module, as jsonargparse reads it back: the constructor fields of a
+    dataclass data module (LitGPT's are dataclasses), a prompt style by its LitGPT name."""
+    init_args = {}
+    if dataclasses.is_dataclass(data):
+        for f in dataclasses.fields(data):
+            value = getattr(data, f.name)
+            if not f.init:
+                continue
+            if isinstance(value, PromptStyle):
+                names = [name for name, style in prompt_styles.items() if type(value) is style]
+                if not names:
+                    continue  # a custom style object: the data module's default will have to do
+                value = names[0]
+            init_args[f.name] = str(value) if isinstance(value, Path) else value
+    return {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", "init_args": init_args}
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +124,8 @@ def setup(
     lora_projection: bool | None = None,
     lora_mlp: bool | None = None,
     lora_head: bool | None = None,
+    candidate_kinds: list[str] | None = None,
+    candidate_rank: int | None = None,
     data: DataModule | None = None,
     train: TrainArgs = TrainArgs(
         save_interval=1000,
@@ -140,6 +146,7 @@ def setup(
     calibration: CalibrationArgs = CalibrationArgs(),
     plop: PlopArgs = PlopArgs(),
     cka: CkaArgs = CkaArgs(),
+    kappa: KappaArgs = KappaArgs(),
     weightlora: WeightLoRAArgs = WeightLoRAArgs(),
 ) -> None:
     """Finetune a model with LoRA, the adapters placed by a plugin.
@@ -148,6 +155,7 @@ def setup(
         checkpoint_dir: The path to the base model's checkpoint directory to load for finetuning.
         out_dir: Directory in which to save checkpoints, logs, the placement and its report.
         plugin: How the adapters are placed: ``plop``, ``plop-inverse``, ``cka``, ``plop+cka`` (calibrated),
+            ``kappa`` (the weights with the lowest condition number, no data),
             ``weightlora``, ``weightlora+`` (learned while training, from every candidate kind in every layer),
             ``all``, ``attention``, ``qv``, ``mlp``, ``random`` (fixed; ``random`` draws its kinds with ``seed``),
             or ``none`` (exactly LitGPT's flags).
@@ -166,6 +174,11 @@ def setup(
         lora_projection: Whether the attention output projection is a candidate (see ``lora_query``).
         lora_mlp: Whether the MLP linears are candidates (see ``lora_query``).
         lora_head: Whether the output head is a candidate. Unset: off.
+        candidate_kinds: The kinds the plugin chooses from, instead of the ``lora_*`` flags (a run records them so
+            that its ``hyperparameters.yaml``, whose ``lora_*`` flags describe the placement for stock LitGPT,
+            repeats it).
+        candidate_rank: The rank of every candidate adapter, instead of ``lora_r`` (recorded for the same reason:
+            WeightLoRA+ grows ranks, and ``lora_r`` records the largest).
         data: Data-related arguments. If not provided, the default is ``litgpt.data.Alpaca``.
         train: Training-related arguments. See ``litgpt.args.TrainArgs`` for details.
         log: Logging-related arguments. See ``litgpt.args.LogArgs`` for details.
@@ -177,11 +190,12 @@ def setup(
         calibration: The calibration pass (a plugin that calibrates only): prompts, how many, batch size, length.
         plop: PLoP's options (``plop``, ``plop-inverse``, ``plop+cka``).
         cka: Layer-wise CKA's options (``cka``, ``plop+cka``).
+        kappa: kappa's options (``kappa``): how many kinds, or a budget, by kind or by site.
         weightlora: WeightLoRA's options (``weightlora``, ``weightlora+``): K, warm-up, gate learning rate, rounds.
     """
     # Everything that can be checked before loading weights is checked first.
     method = get_method(plugin, what="plugin")
-    check_option_groups(method, "--plugin", calibration=calibration, plop=plop, cka=cka, weightlora=weightlora)
+    check_option_groups(method, "--plugin", calibration=calibration, plop=plop, cka=cka, kappa=kappa, weightlora=weightlora)
     if calibration.file is not None:
         check_text_file(calibration.file, "--calibration.file")
     check_lr_schedule(train.lr_warmup_steps, train.max_steps)
@@ -191,10 +205,10 @@ def setup(
     check_out_dir(out_dir)
     devices = parse_devices(devices)
     if devices * num_nodes > 1:
-        raise NotImplementedError(
-            "litgpt-plop finetune runs on one device. For data-parallel training with automatic placement use"
-            " `litgpt_plop.callbacks.PLoPCallback` with a Lightning Trainer (DDP), or `litgpt finetune_lora` with the"
-            " flags from `litgpt-plop plan`."
+        raise InputError(
+            "litgpt-plop finetune runs on one device (--devices 1). For data-parallel training with automatic placement"
+            " use `litgpt_plop.callbacks.PLoPCallback` with a Lightning Trainer (DDP), or `litgpt finetune_lora` with"
+            " the flags from `litgpt-plop plan`."
         )
     flags = candidate_flags(
         method, lora_query=lora_query, lora_key=lora_key, lora_value=lora_value, lora_projection=lora_projection,
@@ -203,22 +217,53 @@ def setup(
     config = Config.from_file(
         checkpoint_dir / "model_config.yaml", lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **flags
     )
-    if not kinds_from_flags(config, **flags):
-        raise PlacementError("Every --lora_* flag is off: there are no candidate kinds to place LoRA on")
+    candidates = resolve_candidate_kinds(method, config, flags, candidate_kinds)
+    rank = lora_r if candidate_rank is None else candidate_rank
+    check_lora(rank, lora_alpha)
+    data = Alpaca() if data is None else data
     precision = precision or get_default_supported_precision(training=True)
     plugins, fabric_precision, cpu_quantize = precision_and_quantization(precision, quantize)
     out_dir = init_out_dir(out_dir)
+    hparams = {
+        "checkpoint_dir": str(checkpoint_dir), "out_dir": str(out_dir), "plugin": plugin, "precision": precision,
+        "quantize": quantize, "devices": devices, "num_nodes": num_nodes, "seed": seed, "data": data_module_hparams(data),
+        "train": dataclasses.asdict(train), "log": dataclasses.asdict(log), "eval": dataclasses.asdict(eval),
+        "optimizer": optimizer, "logger_name": logger_name,
+        **({"candidate_kinds": candidates, "candidate_rank": rank} if method.kind != "none" else {}),
+        **{name: _plain(dataclasses.asdict(group)) for name, group in
+           {"calibration": calibration, "plop": plop, "cka": cka, "kappa": kappa, "weightlora": weightlora}.items()
+           if name in method.option_groups},
+    }  # fmt: skip
     run = Run(
-        checkpoint_dir=checkpoint_dir, out_dir=out_dir, method=method, config=config,
-        data=Alpaca() if data is None else data, train=train, eval=eval, optimizer=optimizer, seed=seed,
-        precision=fabric_precision, quantize=quantize, cpu_quantize=cpu_quantize, devices=devices,
-        calibration=calibration, plop=plop, cka=cka, weightlora=dataclasses.replace(weightlora, plus=plugin == "weightlora+"),
+        checkpoint_dir=checkpoint_dir, out_dir=out_dir, method=method, config=config, candidates=candidates, rank=rank,
+        data=data, train=train, eval=eval, optimizer=optimizer, seed=seed, cpu_quantize=cpu_quantize,
+        calibration=calibration, plop=plop, cka=cka, kappa=kappa,
+        weightlora=dataclasses.replace(weightlora, plus=plugin == "weightlora+"),
+        hparams=hparams,
     )  # fmt: skip
     logger = choose_logger(
         logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval, log_args=dataclasses.asdict(log)
     )
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=fabric_precision, loggers=logger, plugins=plugins)
     fabric.launch(main, run)
+
+
+def resolve_candidate_kinds(
+    method: Method, config: Config, flags: dict[str, bool], candidate_kinds: list[str] | None
+) -> list[str]:
+    """The kinds the plugin chooses from: ``--candidate_kinds`` if given, else what the ``lora_*`` flags switch on."""
+    if candidate_kinds is None:
+        kinds = kinds_from_flags(config, **flags)
+        if not kinds:
+            raise PlacementError("Every --lora_* flag is off: there are no candidate kinds to place LoRA on")
+        return kinds
+    if method.kind == "none":
+        raise InputError("--candidate_kinds does not apply to --plugin 'none', which trains exactly the --lora_* flags")
+    known = model_kinds(config, include_head=True)
+    unknown = [k for k in candidate_kinds if k not in known]
+    if unknown or not candidate_kinds:
+        raise InputError(f"--candidate_kinds {list(candidate_kinds)}: choose one or more of {list(known)}")
+    return list(dict.fromkeys(candidate_kinds))
 
 
 def check_lr_schedule(warmup_steps: int | None, max_steps: int | float | None) -> None:
@@ -309,9 +354,12 @@ def main(fabric: L.Fabric, run: Run) -> None:
 
 
 def load_base_model(fabric: L.Fabric, run: Run) -> GPT:
-    """The LoRA model with the base weights (4-bit on CPU when asked), before any adapter is placed."""
+    """The LoRA model with the base weights (4-bit on CPU when asked): with LitGPT's flags' adapters for ``none``,
+    with none yet for a plugin, whose adapters are all created (and seeded) by the placement, whatever the
+    candidate flags were."""
+    config = run.config if run.method.kind == "none" else lora_config(run.config, dict.fromkeys(LORA_FLAGS, False))
     with fabric.init_module(empty_init=False):
-        model = GPT(run.config)
+        model = GPT(config)
     model = fabric.setup_module(model)
     # Unlike ``litgpt finetune_lora``, the weights load before the optimizer exists: calibration needs them, and
     # the optimizer must hold exactly the placed adapters.
@@ -329,14 +377,14 @@ def place_adapters(
     """Put the method's adapters on the model: LitGPT's flags (``none``), gated candidates (WeightLoRA), or the
     placement a calibrated method or preset decides."""
     config, method = run.config, run.method
-    candidates = kinds_from_flags(config, **{f: getattr(config, f) for f in LORA_FLAGS})
+    candidates = run.candidates
     if method.kind == "none":
         mark_only_lora_as_trainable(model)
         return current_placement(model.module, method="none"), None
     if method.kind == "gated":
         # Gated adapters on every candidate site; the K that survive the warm-up are the placement.
         placement = Placement.from_kinds(
-            config, candidates, rank=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            config, candidates, rank=run.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             method=method.name,
         )  # fmt: skip
         controller = WeightLoRAController(model, placement, run.weightlora, max_steps=lr_max_steps, seed=run.seed)
@@ -344,8 +392,8 @@ def place_adapters(
     token_ids = calibration_token_ids(run.calibration, tokenizer, run.data) if method.calibrates else None
     t0 = time.perf_counter()
     placement = decide_placement(
-        model.module, method.name, token_ids, candidates, config.lora_r, config.lora_alpha, config.lora_dropout,
-        calibration=run.calibration, plop=run.plop, cka=run.cka, seed=run.seed,
+        model.module, method.name, token_ids, candidates, run.rank, config.lora_alpha, config.lora_dropout,
+        calibration=run.calibration, plop=run.plop, cka=run.cka, seed=run.seed, kappa=run.kappa,
     )  # fmt: skip
     fabric.print(f"Placement decided in {time.perf_counter() - t0:.1f}s:")
     apply_placement(model.module, placement)
@@ -422,7 +470,7 @@ class AdapterSaver:
         if fabric.global_rank == 0:
             save_adapter(
                 model.module if hasattr(model, "module") else model, self.placement, out_dir, self.run.checkpoint_dir,
-                hparams=self.run.hparams(), prompt_style=self.run.data.prompt_style, extra_files=extra_files, merge=merge,
+                hparams=self.run.hparams, prompt_style=self.run.data.prompt_style, extra_files=extra_files, merge=merge,
             )  # fmt: skip
         fabric.barrier()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from litgpt_plop.errors import InputError
+
 
 @dataclass
 class WeightLoRAArgs:
@@ -28,25 +30,25 @@ class WeightLoRAArgs:
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)):
-            raise ValueError(f"`--weightlora.k` must be an int (a count) or a float (a fraction), got {self.k!r}")
+            raise InputError(f"`--weightlora.k` must be an int (a count) or a float (a fraction), got {self.k!r}")
         if isinstance(self.k, int) and self.k < 1:
-            raise ValueError(f"`--weightlora.k` must keep at least 1 adapter, got K={self.k}")
+            raise InputError(f"`--weightlora.k` must keep at least 1 adapter, got K={self.k}")
         if isinstance(self.k, float) and not 0.0 < self.k <= 1.0:
-            raise ValueError(
+            raise InputError(
                 f"`--weightlora.k` as a fraction of the candidates must be in (0, 1], got {self.k}"
                 " (pass an int for a count)"
             )
         if self.warmup_steps < 2:
-            raise ValueError(
+            raise InputError(
                 f"`--weightlora.warmup_steps` must be at least 2 (the gates learn nothing at the first step, where"
                 f" every lora_B is still 0), got {self.warmup_steps}"
             )
         if self.gate_lr <= 0:
-            raise ValueError(f"`--weightlora.gate_lr` must be positive, got {self.gate_lr}")
+            raise InputError(f"`--weightlora.gate_lr` must be positive, got {self.gate_lr}")
         if self.gate_clip < 0:
-            raise ValueError(f"`--weightlora.gate_clip` must be >= 0 (0: no clipping), got {self.gate_clip}")
+            raise InputError(f"`--weightlora.gate_clip` must be >= 0 (0: no clipping), got {self.gate_clip}")
         if self.rounds < 0:
-            raise ValueError(f"`--weightlora.rounds` must be >= 0, got {self.rounds}")
+            raise InputError(f"`--weightlora.rounds` must be >= 0, got {self.rounds}")
 
     @property
     def method(self) -> str:
@@ -57,10 +59,10 @@ def resolve_k(k: int | float, num_candidates: int) -> int:
     """K as a count: ``k`` itself for an int, ``round(k * num_candidates)`` (at least 1) for a fraction."""
     if isinstance(k, float):
         if not 0.0 < k <= 1.0:
-            raise ValueError(f"K as a fraction of the candidates must be in (0, 1], got {k}")
+            raise InputError(f"K as a fraction of the candidates must be in (0, 1], got {k}")
         return max(1, round(k * num_candidates))
     if k < 1:
-        raise ValueError(f"K must be at least 1, got K={k}")
+        raise InputError(f"K must be at least 1, got K={k}")
     if k > num_candidates:
-        raise ValueError(f"K={k} is larger than the number of candidate adapters ({num_candidates})")
+        raise InputError(f"K={k} is larger than the number of candidate adapters ({num_candidates})")
     return int(k)
