@@ -15,6 +15,8 @@ from litgpt import Config
 from litgpt_plop.atomic import write_bytes_atomic
 from litgpt_plop.methods import METHODS, title
 from litgpt_plop.placement import HEAD_LAYER, Placement, Scores, model_kinds, site_params
+from litgpt_plop.report_kappa import data_free_section, kappa_kind_table, kappa_summary_lines, kappa_why
+
 _WEIGHTLORA_MEANING = (
     "WeightLoRA gave every candidate adapter a trainable gate and, after every optimizer step, kept only the K"
     " gates of largest magnitude; at the end of the warm-up the others were removed and the gates folded into B."
@@ -92,6 +94,11 @@ def _why(placement: Placement) -> str:
             lines.append(
                 f"It added kinds {order}-NFN first while they fitted the budget of {plop.get('budget_params'):,} parameters."
             )
+        elif plop.get("num_kinds", 0) > len(scores.candidate_kinds):
+            lines.append(
+                f"It was asked for {plop.get('num_kinds')} kinds, but there are only {len(scores.candidate_kinds)}"
+                " candidates: it chose all of them, so the scores decided nothing."
+            )
         else:
             lines.append(f"It chose the {plop.get('num_kinds')} kinds with the {order} NFN.")
         if spec.inverse:
@@ -109,6 +116,7 @@ def _why(placement: Placement) -> str:
             )
     if spec is not None and spec.kind == "gated":
         lines.append(_WEIGHTLORA_MEANING)
+    lines += kappa_why(placement)
     if not lines:
         lines.append(f"`{placement.method}` is a fixed placement: it was not calibrated and has no scores.")
     return "\n\n".join(lines)
@@ -132,7 +140,8 @@ def _markdown(placement: Placement, config: Config) -> str:
         _why(placement),
         "",
     ]
-    out += _kind_table(placement) + _layer_table(placement) + _calibration_section(placement.calibration)
+    out += _kind_table(placement) + kappa_kind_table(placement) + data_free_section(placement)
+    out += _layer_table(placement) + _calibration_section(placement.calibration)
     out += ["![scores](scores.png)", ""]
     return "\n".join(out)
 
@@ -196,15 +205,19 @@ def _n_sites(scores: Scores, kind: str) -> int:
 
 
 def _figure_png(placement: Placement, config: Config) -> bytes:
-    """``scores.png``: a layer x kind NFN heatmap with the chosen sites outlined, and/or per-layer CKA bars."""
+    """``scores.png``: a layer x kind NFN heatmap (condition numbers for ``kappa``) with the chosen sites outlined,
+    and/or per-layer CKA bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scores = placement.scores
-    block_kinds = [k for k in scores.nfn_per_kind if k != "head"]
-    site_layers = {int(key.split(".", 1)[0]) for key in scores.nfn_per_site if not key.startswith("-")}
+    spec = METHODS.get(placement.method)
+    kappa = spec is not None and spec.uses_kappa  # a calibrated method's condition numbers are in its report's text
+    per_kind, per_site = (scores.kappa_per_kind, scores.kappa_per_site) if kappa else (scores.nfn_per_kind, scores.nfn_per_site)
+    block_kinds = [k for k in per_kind if k != "head"]
+    site_layers = {int(key.split(".", 1)[0]) for key in per_site if not key.startswith("-")}
     layers = sorted(site_layers | {int(l) for l in scores.cka_per_layer})
     panels = (1 if block_kinds else 0) + (1 if scores.cka_per_layer else 0)
     if panels == 0:
@@ -215,7 +228,7 @@ def _figure_png(placement: Placement, config: Config) -> bytes:
     axes = list(axes[0])
     fig.suptitle(f"{config.name}: {title(placement.method)}", fontsize=11)
     if block_kinds:
-        _nfn_heatmap(fig, axes.pop(0), placement, layers, block_kinds)
+        _nfn_heatmap(fig, axes.pop(0), placement, layers, block_kinds, kappa)
     if scores.cka_per_layer:
         _cka_bars(axes.pop(0), placement, layers, height)
     fig.tight_layout()
@@ -231,28 +244,34 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _nfn_heatmap(fig: Any, ax: Any, placement: Placement, layers: list[int], block_kinds: list[str]) -> None:
+def _nfn_heatmap(fig: Any, ax: Any, placement: Placement, layers: list[int], block_kinds: list[str], kappa: bool = False) -> None:
+    """The NFN per site, or with ``kappa`` log10 of the condition number per site (cells show the number itself)."""
+    import math
+
     import numpy as np
     from matplotlib.patches import Rectangle
 
-    per_site, chosen = placement.scores.nfn_per_site, _chosen(placement)
+    scores, chosen = placement.scores, _chosen(placement)
+    per_site = {k: math.log10(v) for k, v in scores.kappa_per_site.items()} if kappa else scores.nfn_per_site
     grid = np.full((len(layers), len(block_kinds)), np.nan)
     for i, layer in enumerate(layers):
         for j, kind in enumerate(block_kinds):
             grid[i, j] = per_site.get(f"{layer}.{kind}", np.nan)
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label="NFN (lower = more in need of LoRA)")
+    label = "log10 condition number (lower = LoRA first)" if kappa else "NFN (lower = more in need of LoRA)"
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label=label)
     for i, layer in enumerate(layers):
         for j, kind in enumerate(block_kinds):
             if (layer, kind) in chosen:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
             if len(layers) * len(block_kinds) <= 120 and not np.isnan(grid[i, j]):
                 shade = image.norm(grid[i, j])  # dark text on the light (yellow) end of viridis
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="black" if shade > 0.6 else "white")
+                text = f"{10 ** grid[i, j]:.3g}" if kappa else f"{grid[i, j]:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if shade > 0.6 else "white")
     ax.set_xticks(range(len(block_kinds)), block_kinds, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), [str(l) for l in layers])
     ax.set_ylabel("layer")
-    ax.set_title("NFN per site (red box = LoRA)", fontsize=10)
+    ax.set_title(f"{'condition number' if kappa else 'NFN'} per site (red box = LoRA)", fontsize=10)
 
 
 def _cka_bars(ax: Any, placement: Placement, layers: list[int], height: float) -> None:
@@ -344,6 +363,7 @@ def summary_table(placement: Placement, config: Config) -> str:
             if int(key) in degenerate:
                 note = "degenerate, ignored"
             lines.append(f"{key:<6} {value:>7.4f}  {note}")
+    lines += kappa_summary_lines(placement)
     return "\n".join(lines)
 
 

@@ -141,3 +141,13 @@ def test_a_run_repeats_from_its_own_hyperparameters(monkeypatch, capsys, tmp_pat
     assert placements[0].scores.nfn_per_site == placements[1].scores.nfn_per_site
     adapters = [torch.load(d / "final" / "lit_model.pth.lora")["model"] for d in (first, again)]
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # the same run, bit for bit
+
+
+def test_more_kinds_than_candidates_is_reported_as_such(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    out_dir = tmp_path / "plan"
+    code, err = run_cli(monkeypatch, capsys, "plan", tiny_checkpoint, "--plop.num_kinds", "100",
+                        "--calibration.num_samples", "8", "--out_dir", out_dir, "--data", "litgpt_plop.data.ReasoningGym")  # fmt: skip
+    assert code == 0, err
+    report = (out_dir / "report.md").read_text()
+    assert "asked for 100 kinds, but there are only 7 candidates" in report and "chose the 100 kinds" not in report
+    assert len(Placement.load(out_dir / "placement.json").kinds) == 7
