@@ -33,7 +33,10 @@ class CalibrationArgs:
     """LitGPT prompt style applied to each prompt before tokenizing (e.g. ``alpaca``, ``chatml``). None: the
     prompt text as it is (for a data module: the data module's own prompt style)."""
     seed: int = 42
-    """Seed for the random subset of prompts and the Monte-Carlo denominator."""
+    """Seed for the random subset of prompts, the Monte-Carlo denominator and the resamples."""
+    resamples: int = 200
+    """Bootstrap resamples of the calibration prompts, to tell how often the same choice comes out (the report's
+    "How sure" section; the scores are recomputed from per-prompt statistics, no extra forward pass). 0: skip."""
     progress: bool = True
     """Show a progress bar (on rank 0 only)."""
 
@@ -42,6 +45,8 @@ class CalibrationArgs:
             raise InputError(f"`--calibration.num_samples` must be positive, got {self.num_samples}")
         if self.batch_size <= 0:
             raise InputError(f"`--calibration.batch_size` must be positive, got {self.batch_size}")
+        if self.resamples < 0:
+            raise InputError(f"`--calibration.resamples` must be >= 0 (0 skips resampling), got {self.resamples}")
         if self.max_seq_length <= 0:
             raise InputError(f"`--calibration.max_seq_length` must be positive, got {self.max_seq_length}")
 

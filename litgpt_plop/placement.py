@@ -148,6 +148,14 @@ class Scores:
         plop: PLoP's options as used (``denominator``, ``num_kinds``, ``budget``, ``budget_params``, ``granularity``).
         cka: CKA's options as used (``pooling``, ``ratio``, ``samples``).
         weightlora: WeightLoRA's record (K, the schedule, the gates at the last step, the events), for its methods.
+        kappa_per_site: each ``"<layer>.<kind>"`` site's condition number (largest / smallest singular value of its
+            weight; ``kappa`` chooses the lowest). Also computed by calibrated methods, for the data-free comparison.
+        kappa_per_kind: each kind's geometric mean condition number over the candidate layers (what ``kappa`` ranks).
+        kappa: the data-free choice the condition numbers make (``choice``: its site keys, or ``error`` when it
+            cannot be made) and its options (``num_kinds``, ``budget``, ``budget_params``, ``granularity``, ``rank``),
+            and how they were computed (``computed_as``).
+        stability: how often bootstrap resamples of the calibration prompts make the same choice
+            (``litgpt_plop.stability``): ``same_choice``, ``kind_frequency``, ``layer_frequency``, ...
     """
 
     candidate_kinds: list[str] = field(default_factory=list)
@@ -160,6 +168,10 @@ class Scores:
     plop: dict[str, Any] | None = None
     cka: dict[str, Any] | None = None
     weightlora: dict[str, Any] | None = None
+    stability: dict[str, Any] | None = None
+    kappa_per_site: dict[str, float] = field(default_factory=dict)
+    kappa_per_kind: dict[str, float] = field(default_factory=dict)
+    kappa: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -141,7 +141,7 @@ def _markdown(placement: Placement, config: Config) -> str:
         "",
     ]
     out += _kind_table(placement) + kappa_kind_table(placement) + data_free_section(placement)
-    out += _layer_table(placement) + _calibration_section(placement.calibration)
+    out += _layer_table(placement) + _stability_section(placement) + _calibration_section(placement.calibration)
     out += ["![scores](scores.png)", ""]
     return "\n".join(out)
 
@@ -364,7 +364,34 @@ def summary_table(placement: Placement, config: Config) -> str:
                 note = "degenerate, ignored"
             lines.append(f"{key:<6} {value:>7.4f}  {note}")
     lines += kappa_summary_lines(placement)
+    if scores.stability:
+        lines += ["", _stability_sentence(scores.stability)]
     return "\n".join(lines)
+
+
+def _stability_sentence(stability: dict[str, Any]) -> str:
+    return (
+        f"How sure: resampling the {stability['prompts']} calibration prompts {stability['resamples']} times (bootstrap),"
+        f" the same sites were chosen {100 * stability['same_choice']:.0f}% of the time."
+    )
+
+
+def _stability_section(placement: Placement) -> list[str]:
+    """How often resampled prompts make the same choice, and each kind (and, for a layer choice, each layer)."""
+    stability, spec = placement.scores.stability, METHODS.get(placement.method)
+    if not stability:
+        return []
+    out = ["## How sure is this choice", "", _stability_sentence(stability)]
+    if stability.get("failed"):
+        out[-1] += f" On {stability['failed']} resample(s) the method could not choose at all."
+    out += ["", "| kind | chosen in resamples | chosen here |", "|---|---|---|"]
+    chosen_kinds = set(placement.kinds)
+    for kind, share in stability["kind_frequency"].items():
+        out.append(f"| {kind} | {100 * share:.0f}% | {'yes' if kind in chosen_kinds else 'no'} |")
+    if spec is not None and spec.uses_cka:
+        unsure = [f"{layer} ({100 * share:.0f}%)" for layer, share in stability["layer_frequency"].items() if 0 < share < 1]
+        out += ["", "Layers chosen in only some resamples: " + (", ".join(unsure) if unsure else "none") + "."]
+    return out + [""]
 
 
 # ---- WeightLoRA gates ----

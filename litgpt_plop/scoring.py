@@ -26,7 +26,7 @@ import math
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -180,10 +180,10 @@ class CkaScores:
 class PlopScorer:
     """Running PLoP statistics for the ``kinds`` of the ``layers`` of ``gpt`` (the head once, if asked).
 
-    State per site and per batch: the sum of the normalised output norms over the batch's real tokens and their
-    count. A site's NFN is the mean over every token the pass saw (sum over batches / tokens over batches), so
-    how the prompts are grouped into batches does not change it. ``reduce`` combines the ranks; the per-batch
-    rows stay for resampling (``litgpt_plop.stability``).
+    State per site and per prompt: the sum of the normalised output norms over the prompt's real tokens and
+    their count. A site's NFN is the mean over every token the pass saw (summed sums / summed counts), so how
+    the prompts are grouped into batches does not change it. ``reduce`` gathers every rank's prompts; the
+    per-prompt rows stay for resampling (``litgpt_plop.stability``).
     """
 
     def __init__(
@@ -208,8 +208,9 @@ class PlopScorer:
         if self.needs_head:
             self.sites.append((HEAD_LAYER, HEAD_KIND))
         self.index = {site: i for i, site in enumerate(self.sites)}
-        # per batch: (sum of normalised output norms, tokens) for every site
-        self.batch_sums: list[torch.Tensor] = []
+        # per prompt: (sum of normalised output norms, tokens) for every site; (prompts, sites, 2) after reduce
+        self.sample_sums: list[torch.Tensor] | torch.Tensor = []
+        self.batches = 0
         self._batch: Batch | None = None
         self._current: torch.Tensor | None = None
         self._denominators: dict[tuple[int, str], float] = {}
@@ -254,26 +255,31 @@ class PlopScorer:
             outputs = outputs[keep]
             if input_norms.numel() == 0:
                 return
+            prompts = mask.nonzero()[:, 0][keep].cpu()  # which prompt of the batch each token belongs to
+            counts = torch.bincount(prompts, minlength=mask.shape[0]).double()
             for kind, start, stop in parts:
-                ratios = outputs[:, start:stop].norm(dim=-1) / input_norms
-                row = self._current[self.index[(layer, kind)]]
-                row[0] += ratios.double().sum().item()
-                row[1] += ratios.numel()
+                ratios = (outputs[:, start:stop].norm(dim=-1) / input_norms).double().cpu()
+                site = self._current[:, self.index[(layer, kind)]]
+                site[:, 0].index_add_(0, prompts, ratios)
+                site[:, 1] += counts
 
         return hook
 
     def start_batch(self, batch: Batch) -> None:
         self._batch = batch
-        self._current = torch.zeros(len(self.sites), 2, dtype=torch.float64)
+        self._current = torch.zeros(batch.mask.shape[0], len(self.sites), 2, dtype=torch.float64)
 
     def end_batch(self) -> None:
-        self.batch_sums.append(self._current)
+        self.sample_sums.append(self._current)
+        self.batches += 1
         self._batch, self._current = None, None
 
     def reduce(self) -> None:
-        """Every rank ends with every rank's batches (a few numbers per site and batch)."""
-        mine = torch.stack(self.batch_sums) if self.batch_sums else torch.zeros(0, len(self.sites), 2, dtype=torch.float64)
-        self.batch_sums = list(all_gather_rows(mine.flatten(1)).view(-1, len(self.sites), 2))
+        """Every rank ends with every rank's prompts (two numbers per site and prompt) and batch count."""
+        n = len(self.sites)
+        mine = torch.cat(self.sample_sums) if len(self.sample_sums) else torch.zeros(0, n, 2, dtype=torch.float64)
+        self.sample_sums = all_gather_rows(mine.flatten(1)).view(-1, n, 2)
+        self.batches = int(all_reduce_sum(torch.tensor([float(self.batches)], dtype=torch.float64)).item())
         self._reduced = True
 
     def denominators(self) -> dict[tuple[int, str], float]:
@@ -294,13 +300,15 @@ class PlopScorer:
 
     def result(self) -> PlopScores:
         """The scores (after the pass; ``calibrate`` calls ``reduce`` first)."""
-        return self.scores_of(range(len(self.batch_sums)))
+        return self.scores_of(None)
 
-    def scores_of(self, batches: Iterable[int]) -> PlopScores:
-        """The scores over the given batches (indices into ``batch_sums``; repeats count twice, for resampling)."""
+    def scores_of(self, prompts: Sequence[int] | None) -> PlopScores:
+        """The scores over the given prompts (indices into ``sample_sums``, repeats counting again: for resampling);
+        ``None``: every prompt."""
         denominators = self.denominators()
-        chosen = torch.stack([self.batch_sums[b] for b in batches]) if self.batch_sums else None
-        sums = chosen.sum(dim=0) if chosen is not None else torch.zeros(len(self.sites), 2, dtype=torch.float64)
+        sample_sums = self.sample_sums if isinstance(self.sample_sums, torch.Tensor) else torch.cat(self.sample_sums)
+        chosen = sample_sums if prompts is None else sample_sums[torch.as_tensor(list(prompts), dtype=torch.long)]
+        sums = chosen.sum(dim=0)
         per_site = {}
         for (layer, kind), i in self.index.items():
             total, tokens = sums[i].tolist()
@@ -324,7 +332,7 @@ class PlopScorer:
             per_layer=per_layer,
             denominator=self.denominator,
             tokens=int(sums[:, 1].max().item()) if len(self.sites) else 0,
-            batches=len(chosen) if chosen is not None else 0,
+            batches=self.batches,
         )
 
 
@@ -350,6 +358,7 @@ class CkaScorer:
         # tokens: per layer [hsic_xy, hsic_xx, hsic_yy, batches, ||Xc||^2, ||X||^2, ||Yc||^2, ||Y||^2, tokens]
         self.sums = torch.zeros(len(self.layers), 9, dtype=torch.float64)
         self.skipped_batches = 0
+        self._grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # for resampling ('last' pooling)
 
     def hooks(self) -> list[tuple[nn.Module, ForwardHook]]:
         return [(self.gpt.transformer.h[layer], self._make_hook(row, layer)) for row, layer in enumerate(self.layers)]
@@ -415,15 +424,47 @@ class CkaScorer:
 
     def result(self) -> CkaScores:
         """The scores (after the pass). Warns about degenerate layers."""
+        return self.scores_of(None)
+
+    def _resampled(self, layer: int, index: torch.Tensor) -> tuple[float, float]:
+        """(CKA, relative centred norm) of the prompts ``index`` of ``layer``: ``linear_cka`` on the resampled rows,
+        computed from the full-sample Gram matrices (cached), to float rounding."""
+        if layer not in self._grams:
+            x, y = torch.cat(self.pooled[layer][0]).double(), torch.cat(self.pooled[layer][1]).double()
+            self._grams[layer] = (x @ x.T, y @ y.T)
+        centred, relative = [], []
+        for gram in self._grams[layer]:
+            g = gram[index][:, index]
+            g = g - g.mean(dim=0, keepdim=True) - g.mean(dim=1, keepdim=True) + g.mean()  # H G H
+            centred.append(g)
+            total = float(gram[index, index].sum())
+            relative.append(math.sqrt(max(float(g.trace()), 0.0) / total) if total > 0 else 0.0)
+        k, l = centred
+        denominator = float(k.norm() * l.norm())
+        return (float((k * l).sum()) / denominator if denominator else 0.0), min(relative)
+
+    def scores_of(self, prompts: Sequence[int] | None, warn: bool = True) -> CkaScores:
+        """The scores over the given prompts (indices, repeats counting again: for resampling; only with ``last``
+        pooling, whose state is one row per prompt); ``None``: every prompt."""
+        if prompts is not None and self.pooling != "last":
+            raise ValueError("CKA can be resampled by prompt only with 'last' pooling")
+        index = None if prompts is None else torch.as_tensor(list(prompts), dtype=torch.long)
         per_layer, degenerate = {}, []
         samples = 0
-        if self.skipped_batches:
+        if self.skipped_batches and warn:
             warnings.warn(
                 f"CKA 'tokens' pooling skipped {self.skipped_batches} batch(es) with fewer than 4 real tokens",
                 stacklevel=2,
             )
         for row, layer in enumerate(self.layers):
             if self.pooling == "last":
+                if index is not None:  # a resample: from the Gram matrices, O(n^2) per layer
+                    samples = len(index)
+                    per_layer[layer], relative = self._resampled(layer, index)
+                    flat = relative <= self.degenerate_tol
+                    if flat:
+                        degenerate.append(layer)
+                    continue
                 x, y = torch.cat(self.pooled[layer][0]), torch.cat(self.pooled[layer][1])
                 samples = x.shape[0]
                 if samples < 2:
@@ -440,7 +481,7 @@ class CkaScorer:
                 per_layer[layer] = 0.0 if (hsic_xx <= 0 or hsic_yy <= 0) else hsic_xy / math.sqrt(hsic_xx * hsic_yy)
             if flat:
                 degenerate.append(layer)
-        if degenerate:
+        if degenerate and warn:
             warnings.warn(
                 f"CKA is degenerate on layer(s) {degenerate}: the {self.pooling!r}-pooled vectors entering or leaving"
                 " these blocks are (nearly) the same for every calibration sample (e.g. every prompt ends with the"

@@ -9,6 +9,8 @@ Methods:
     ``cka``: the ``ratio`` of candidate layers with the LOWEST CKA similarity, every candidate kind on them.
     ``plop+cka``: PLoP's kinds (ranked over the candidate layers) on CKA's layers; a budget is then counted on
         CKA's layers.
+    ``kappa``: PLoP's rules on the condition numbers of the weights instead of the NFN (``litgpt_plop.kappa``;
+        no data).
 
 Budgets are greedy and never skip: the first kind (or site) in score order that does not fit stops the
 selection, so a chosen item never has a worse score than one left out. Layers whose CKA is degenerate
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,7 +31,7 @@ from litgpt import Config
 from litgpt_plop.errors import InputError
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.calibration import CalibrationStats, run_calibration
-from litgpt_plop.methods import Method, get_method
+from litgpt_plop.methods import DECIDED_BEFORE_TRAINING, Method, get_method
 from litgpt_plop.modules import gpt_of
 from litgpt_plop.placement import (
     HEAD_KIND,
@@ -41,7 +43,25 @@ from litgpt_plop.placement import (
     preset,
     site_params,
 )
+from litgpt_plop.stability import choice_stability
 from litgpt_plop.scoring import CkaScorer, CkaScores, PlopScorer, PlopScores
+
+if TYPE_CHECKING:  # litgpt_plop.kappa builds on this module
+    from litgpt_plop.kappa import KappaArgs
+
+
+class SiteScores(Protocol):
+    """A per-site score table: ``per_site[f"{layer}.{kind}"]``, lower = chosen first (PLoP's NFN, log condition numbers)."""
+
+    per_site: dict[str, float]
+
+
+class SelectionArgs(Protocol):
+    """The selection options PLoP's rules read (``PlopArgs``, ``litgpt_plop.kappa.KappaArgs``)."""
+
+    num_kinds: int
+    budget: int | float | None
+    granularity: str
 
 
 def calibrated_method(name: str) -> Method:
@@ -85,14 +105,14 @@ def _site_layers(kind: str, layers: Sequence[int]) -> list[int]:
     return [HEAD_LAYER] if kind == HEAD_KIND else list(layers)
 
 
-def _plop_site_score(scores: PlopScores, layer: int, kind: str) -> float:
+def _plop_site_score(scores: SiteScores, layer: int, kind: str) -> float:
     key = f"{layer}.{kind}"
     if key not in scores.per_site:
-        raise PlacementError(f"No PLoP score for site {key}: calibrate with the same candidate kinds and layers")
+        raise PlacementError(f"No score for site {key}: score with the same candidate kinds and layers")
     return scores.per_site[key]
 
 
-def plop_kind_scores(scores: PlopScores, kinds: Sequence[str], layers: Sequence[int]) -> dict[str, float]:
+def plop_kind_scores(scores: SiteScores, kinds: Sequence[str], layers: Sequence[int]) -> dict[str, float]:
     """Each kind's NFN as the mean over ``layers`` of its sites (what PLoP ranks)."""
     result = {}
     for kind in kinds:
@@ -101,31 +121,33 @@ def plop_kind_scores(scores: PlopScores, kinds: Sequence[str], layers: Sequence[
     return result
 
 
-def _budget_error(budget: float | int, params: int, rank: int, item: str, cost: int) -> PlacementError:
+def _budget_error(budget: float | int, params: int, rank: int, item: str, cost: int, group: str = "plop") -> PlacementError:
     what = f"{budget:g} of the `all` placement = {params:,} parameters" if isinstance(budget, float) else f"{params:,} parameters"
     return PlacementError(
-        f"The PLoP budget ({what} at rank {rank}) selects nothing: the first candidate in score order, {item},"
-        f" alone needs {cost:,}. Raise --plop.budget or lower the rank."
+        f"The {'PLoP' if group == 'plop' else '--' + group} budget ({what} at rank {rank}) selects nothing: the first"
+        f" candidate in score order, {item}, alone needs {cost:,}. Raise --{group}.budget or lower the rank."
     )
 
 
 def choose_kinds(
     config: Config,
-    scores: PlopScores,
+    scores: SiteScores,
     kinds: Sequence[str],
     ranking_layers: Sequence[int],
     placed_layers: Sequence[int],
     rank: int,
-    args: PlopArgs,
+    args: SelectionArgs,
     inverse: bool = False,
+    group: str = "plop",
 ) -> list[str]:
     """PLoP's kinds: lowest NFN first (highest with ``inverse``), ranked by the mean over ``ranking_layers``;
-    ``args.num_kinds`` of them, or as many as fit ``args.budget`` when placed on ``placed_layers``."""
+    ``args.num_kinds`` of them, or as many as fit ``args.budget`` when placed on ``placed_layers``. Any per-site
+    score table works (``group`` names its options in messages)."""
     per_kind = plop_kind_scores(scores, kinds, ranking_layers)
     order = sorted(kinds, key=lambda k: (per_kind[k], kinds.index(k)), reverse=inverse)
     if args.budget is None:
         if args.num_kinds > len(order):
-            warnings.warn(f"--plop.num_kinds={args.num_kinds} but only {len(order)} candidate kinds: choosing all of them", stacklevel=2)
+            warnings.warn(f"--{group}.num_kinds={args.num_kinds} but only {len(order)} candidate kinds: choosing all of them", stacklevel=2)
         return order[: args.num_kinds]
     limit = budget_params(config, args.budget, rank)
     chosen, total = [], 0
@@ -133,7 +155,8 @@ def choose_kinds(
         cost = len(_site_layers(kind, placed_layers)) * site_params(config, kind, rank)
         if total + cost > limit:
             if not chosen:
-                raise _budget_error(args.budget, limit, rank, f"kind {kind!r} on {len(_site_layers(kind, placed_layers))} layer(s)", cost)
+                item = f"kind {kind!r} on {len(_site_layers(kind, placed_layers))} layer(s)"
+                raise _budget_error(args.budget, limit, rank, item, cost, group)
             break
         chosen.append(kind)
         total += cost
@@ -142,17 +165,18 @@ def choose_kinds(
 
 def choose_sites(
     config: Config,
-    scores: PlopScores,
+    scores: SiteScores,
     kinds: Sequence[str],
     layers: Sequence[int],
     rank: int,
-    args: PlopArgs,
+    args: SelectionArgs,
     inverse: bool = False,
+    group: str = "plop",
 ) -> list[tuple[int, str]]:
     """PLoP at site granularity: single (layer, kind) sites by their own NFN, lowest first (highest with
     ``inverse``), while they fit ``args.budget``."""
     if args.budget is None:
-        raise PlacementError("--plop.granularity site chooses sites until a budget is used: set --plop.budget")
+        raise PlacementError(f"--{group}.granularity site chooses sites until a budget is used: set --{group}.budget")
     sites = [(layer, kind) for kind in kinds for layer in _site_layers(kind, layers)]
     order = sorted(
         sites, key=lambda s: (_plop_site_score(scores, *s), s[0], kinds.index(s[1])), reverse=inverse
@@ -163,7 +187,7 @@ def choose_sites(
         cost = site_params(config, kind, rank)
         if total + cost > limit:
             if not chosen:
-                raise _budget_error(args.budget, limit, rank, f"site {layer}.{kind}", cost)
+                raise _budget_error(args.budget, limit, rank, f"site {layer}.{kind}", cost, group)
             break
         chosen.append((layer, kind))
         total += cost
@@ -321,20 +345,28 @@ def plan_placement(
         "prompt_style": calibration.prompt_style,
         "seed": calibration.seed,
     }
-    return select_placement(
-        gpt.config,
-        method,
-        plop_scores=plop_scorer.result() if plop_scorer is not None else None,
-        cka_scores=cka_scorer.result() if cka_scorer is not None else None,
-        rank=rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        candidate_kinds=kinds,
-        candidate_layers=layers,
-        plop=plop,
-        cka=cka,
-        calibration=record,
-    )
+
+    def choose(prompts: Sequence[int] | None) -> Placement:
+        """The method's choice from the scores over ``prompts`` (None: all of them)."""
+        return select_placement(
+            gpt.config, method,
+            plop_scores=plop_scorer.scores_of(prompts) if plop_scorer is not None else None,
+            cka_scores=cka_scorer.scores_of(prompts, warn=prompts is None) if cka_scorer is not None else None,
+            rank=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, candidate_kinds=kinds, candidate_layers=layers,
+            plop=plop, cka=cka, calibration=record,
+        )  # fmt: skip
+
+    placement = choose(None)
+    if calibration.resamples and (cka_scorer is None or cka.pooling == "last"):
+        prompts = stats.samples  # every rank's prompts, as the scorers gathered them
+        stability = choice_stability(choose, prompts, calibration.resamples, calibration.seed)
+        placement = replace(placement, scores=replace(placement.scores, stability=stability))
+    # What the weights alone would choose, for the report's "calibrated vs data-free" section; with PLoP's own
+    # selection options, so that both choices have the same size. (kappa builds on this module: imported here.)
+    from litgpt_plop.kappa import KappaArgs, with_data_free_choice
+
+    same_size = KappaArgs(num_kinds=plop.num_kinds, budget=plop.budget, granularity=plop.granularity) if spec.uses_plop else KappaArgs()
+    return with_data_free_choice(placement, gpt, rank, same_size)
 
 
 def decide_placement(
@@ -349,13 +381,19 @@ def decide_placement(
     plop: PlopArgs | None = None,
     cka: CkaArgs | None = None,
     seed: int | None = None,
+    kappa: KappaArgs | None = None,
 ) -> Placement:
-    """The placement of a calibrated method (calibrating on ``token_ids``) or of a preset (no data needed).
+    """The placement of a calibrated method (calibrating on ``token_ids``), of a method that scores the weights
+    (``kappa``, with its ``KappaArgs``) or of a preset (no data needed for either).
 
     ``seed`` draws the ``random`` preset's kinds (default: ``calibration.seed``).
     """
-    spec = get_method(method, "calibrated", "preset")
+    spec = get_method(method, *DECIDED_BEFORE_TRAINING)
     calibration = CalibrationArgs() if calibration is None else calibration
+    if spec.kind == "weights":
+        from litgpt_plop.kappa import kappa_placement  # kappa builds on this module's choosers
+
+        return kappa_placement(model, candidate_kinds, lora_r, lora_alpha, lora_dropout, kappa=kappa)
     if spec.calibrates:
         if not token_ids:
             raise InputError("Calibration data is empty: no prompts to score on")
