@@ -14,6 +14,7 @@ but the head (7 kinds x 30 layers on SmolLM2-135M):
     plop, plop-inverse                   3 kinds chosen by calibration (lowest / highest NFN), every layer
     cka                                  every kind on half the layers (--cka.ratio 0.5), chosen by calibration
     plop+cka                             PLoP's 3 kinds on CKA's half of the layers
+    kappa                                3 kinds with the lowest condition number, every layer (weights only, no data)
     weightlora, weightlora+              K gated adapters learned during a warm-up (a quarter of the steps)
     all@r0                               ``all`` at the reference rank r0: the unmatched "everything" reference
     base                                 no finetuning: the pretrained model's accuracy (once per task, no seed)
@@ -27,10 +28,11 @@ Matching trainable parameters (docs/methods.md section 1: "at matched trainable-
   460,800 parameters on SmolLM2-135M, the same for every task); then PLoP too is rank-adjusted.
 * A method that puts one rank r on a known set of sites costs P(r) = r * P1, P1 = sum over its sites of
   (d_in + d_out). Its rank is the integer r >= 1 whose P(r) is closest to B: r = max(1, round(B / P1)).
-* The sites of ``plop``, ``plop-inverse`` and ``plop+cka`` come from calibration, so they are learned first:
+* The sites of ``plop``, ``plop-inverse`` and ``plop+cka`` come from calibration (and ``kappa``'s from the
+  weights), so they are learned first:
   before the first run of a task, ``litgpt_plop.plan.plan`` (what ``litgpt-plop plan`` runs; ~10 s per method
   for basic_arithmetic on an idle machine, longer for gsm_symbolic's longer prompts) is run once per task
-  (cached in the run directory) in a subprocess for those three methods with exactly the calibration settings the finetune uses, and the
+  (cached in the run directory) in a subprocess for those methods with exactly the calibration settings the finetune uses, and the
   rank is set from the sites it chose. ``--plop.budget`` is NOT used: it keeps rank r0 and changes the number of
   kinds (greedily, so it undershoots by up to one kind), which is a different method from the paper's
   "3 kinds, rank adjusted". After each run the harness checks that the finetune chose the same sites as the plan
@@ -143,7 +145,10 @@ TASK_CONFIGS: dict[str, dict[str, Any] | None] = {
 }
 # What the grid runs, in the order it runs and reports them. What each one is comes from the project's method
 # registry (litgpt_plop.methods); ``all@r0`` and ``base`` exist only here (see the module docstring).
-METHODS = ("qv", "attention", "mlp", "all", "random", "plop", "plop-inverse", "cka", "plop+cka", "weightlora", "weightlora+", "all@r0")
+METHODS = (
+    "qv", "attention", "mlp", "all", "random", "plop", "plop-inverse", "cka", "plop+cka", "kappa", "weightlora",
+    "weightlora+", "all@r0",
+)  # fmt: skip
 EXTRA_METHODS = ("base",)
 
 
@@ -154,7 +159,9 @@ def _registered(*kinds: str) -> tuple[str, ...]:
 
 FIXED = _registered("preset")
 CALIBRATED = _registered("calibrated")
-PLANNED = tuple(m for m in CALIBRATED if get_method(m).uses_plop)  # sites known only after calibration: planned first
+WEIGHTS = _registered("weights")  # scored from the weights alone (kappa)
+# sites known only once scored: planned first
+PLANNED = tuple(m for m in CALIBRATED + WEIGHTS if get_method(m).uses_plop or get_method(m).uses_kappa)
 WEIGHTLORA = _registered("gated")
 REFERENCES = ("plop", "qv")
 
@@ -190,7 +197,7 @@ class Settings:
         return max(1, round(rank * base_alpha / self.rank)) if self.alpha_rule == "ratio" else base_alpha
 
     def weightlora_warmup_steps(self) -> int:
-        return max(3, round(self.steps * self.weightlora_warmup))
+        return max(5, round(self.steps * self.weightlora_warmup))  # finetune refuses less for WeightLoRA+ (3 + rounds)
 
 
 FULL = {"tasks": ["basic_arithmetic", "chain_sum"], "methods": list(METHODS) + ["base"], "seeds": [0, 1, 2]}
@@ -425,14 +432,17 @@ def worker(spec_path: Path) -> None:
         from litgpt_plop.plan import plan
 
         for method in spec["methods"]:
+            # only the option groups the method reads (plan refuses the others): kappa reads no calibration
+            groups = get_method(method).option_groups
+            options = {"calibration": calibration_args(spec)} if "calibration" in groups else {}
             placement = plan(
                 checkpoint_dir,
                 method=method,
                 out_dir=run_dir / method,
                 data=make_data(spec),
-                calibration=calibration_args(spec),
                 cka=CkaArgs(ratio=spec["cka_ratio"]),
                 lora_r=spec["rank"],
+                **options,
             )
             result[method] = {
                 "kinds": placement.kinds,
@@ -587,7 +597,9 @@ def load_plans(task: str, settings: Settings, args: argparse.Namespace, work_dir
     """The PLoP / PLoP^-1 / PLoP+CKA decisions of a task (cached in the work directory)."""
     path = work_dir / task / "plans.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if all(method in cached for method in PLANNED):  # a cache from before a method was added is planned again
+            return cached
     print(f"== {task}: planning {', '.join(PLANNED)} to learn their sites (calibration only)", flush=True)
     spec = {**base_spec(task, settings, args), "mode": "plan", "methods": list(PLANNED)}
     spec["run_dir"] = str(work_dir / task / "plans")

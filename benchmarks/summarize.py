@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO_ROOT, command_line, read_jsonl, save_figure, write_text
-from benchmarks.placement_quality import CALIBRATED, EXTRA_METHODS, FIXED, METHODS, RESULTS_DIR, WEIGHTLORA
+from benchmarks.placement_quality import CALIBRATED, EXTRA_METHODS, FIXED, METHODS, RESULTS_DIR, WEIGHTLORA, WEIGHTS
 from benchmarks.stats import mean_std, paired_counts, sign_test
 from litgpt_plop.methods import get_method
 
@@ -48,8 +48,9 @@ NOTES_PLACEHOLDER = (
 ORDER = EXTRA_METHODS + METHODS  # the order of the tables: the grid's
 # automatic placement: calibrated or learned, except the inverse ablation (it is a baseline)
 AUTOMATIC = tuple(m for m in CALIBRATED + WEIGHTLORA if not get_method(m).inverse)
-# the baselines the automatic methods are compared with item by item: the presets and the inverse ablation
-PAIRED_BASELINES = FIXED + tuple(m for m in CALIBRATED if get_method(m).inverse)
+# the baselines the automatic methods are compared with item by item: the presets, the inverse ablation and the
+# data-free choice (kappa: what the calibrated methods' task prompts add is measured against it)
+PAIRED_BASELINES = FIXED + tuple(m for m in CALIBRATED if get_method(m).inverse) + WEIGHTS
 UNMATCHED = ("base", "all@r0")  # benchmark-only: the pretrained model, and `all` at r0 (more parameters)
 
 
@@ -164,7 +165,7 @@ def plot(by_task: dict[str, dict[str, list[dict]]], path: Path, title: str) -> N
     if not tasks:
         return
     fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 9.5), squeeze=False)
-    palette = list(plt.get_cmap("tab10").colors) + ["#000000", "#8c564b88"]
+    palette = list(plt.get_cmap("tab10").colors) + ["#000000", "#8c564b88", "#e7298a"]
     colors = {m: palette[i % len(palette)] for i, m in enumerate(m for m in ORDER if m != "base")}
     for ax, task in zip(axes[1], tasks):
         # the same means by method: at matched parameters the points above sit almost on one vertical line

@@ -24,7 +24,8 @@ from litgpt_plop.adapt import apply_placement
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.prompts import data_module_prompts
 from litgpt_plop.export import write_placement_files
-from litgpt_plop.methods import get_method
+from litgpt_plop.kappa import KappaArgs
+from litgpt_plop.methods import DECIDED_BEFORE_TRAINING, get_method
 from litgpt_plop.modules import find_gpt
 from litgpt_plop.placement import Placement, PlacementError, model_kinds
 from litgpt_plop.report import summary_table
@@ -52,8 +53,8 @@ class PLoPCallback(Callback):
     calibration in ``setup`` is replaced by the checkpoint's placement).
 
     Args:
-        method: ``plop``, ``plop-inverse``, ``cka``, ``plop+cka``, or a preset: ``all``, ``attention``, ``qv``,
-            ``mlp``, ``random``.
+        method: ``plop``, ``plop-inverse``, ``cka``, ``plop+cka``, ``kappa`` (from the weights alone: no
+            calibration data is read), or a preset: ``all``, ``attention``, ``qv``, ``mlp``, ``random``.
         calibration_data: where calibration prompts come from: a ``DataLoader`` (batches of token ids, or dicts
             with ``input_ids``), a LitGPT ``DataModule`` (its training prompts, without responses; needs
             ``tokenizer``), an ``int`` (that many batches of the Trainer's own training data), or ``None`` (the
@@ -68,6 +69,7 @@ class PLoPCallback(Callback):
         calibration: options of the calibration pass (``num_samples``, ``batch_size``, ``max_seq_length``, ``seed``).
         plop: PLoP's options.
         cka: layer-wise CKA's options.
+        kappa: kappa's options (``kappa`` only).
         out_dir: where the placement and its report go; default ``trainer.log_dir``.
     """
 
@@ -85,8 +87,9 @@ class PLoPCallback(Callback):
         plop: PlopArgs | None = None,
         cka: CkaArgs | None = None,
         out_dir: str | Path | None = None,
+        kappa: KappaArgs | None = None,
     ) -> None:
-        self._method = get_method(method, "calibrated", "preset")
+        self._method = get_method(method, *DECIDED_BEFORE_TRAINING)
         if isinstance(calibration_data, int) and calibration_data <= 0:
             raise ValueError(f"calibration_data as a number of batches must be positive, got {calibration_data}")
         self.method = method
@@ -100,6 +103,7 @@ class PLoPCallback(Callback):
         self.calibration = calibration or CalibrationArgs()
         self.plop = plop or PlopArgs()
         self.cka = cka or CkaArgs()
+        self.kappa = kappa or KappaArgs()
         self.out_dir = out_dir
         self.placement: Placement | None = None
         # read from a checkpoint being resumed: a placement to re-apply, not recalibrate
@@ -197,7 +201,7 @@ class PLoPCallback(Callback):
             token_ids = self._calibration_token_ids(trainer) if self._method.calibrates else None
             placement = decide_placement(
                 gpt, self.method, token_ids, candidates, self.lora_r, self.lora_alpha, self.lora_dropout,
-                calibration=self.calibration, plop=self.plop, cka=self.cka,
+                calibration=self.calibration, plop=self.plop, cka=self.cka, kappa=self.kappa,
             )  # fmt: skip
             self.calibrated = self._method.calibrates
         apply_placement(gpt, placement)
@@ -252,6 +256,8 @@ class PLoPCallback(Callback):
         metrics = {"plop/trainable_params": float(trainable), "plop/num_sites": float(len(placement.sites))}
         for kind, score in placement.scores.nfn_per_kind.items():
             metrics[f"plop/score/{kind}"] = float(score)
+        for kind, score in placement.scores.kappa_per_kind.items():
+            metrics[f"plop/kappa/{kind}"] = float(score)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)
             logger.log_hyperparams({"plop_placement": {"method": placement.method, **placement.flags()}})

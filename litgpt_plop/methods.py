@@ -1,9 +1,10 @@
 """The method registry: what each placement method is, in one table that every command, callback and report reads.
 
-A method is one of four kinds:
+A method is one of five kinds:
 
 - ``calibrated``: runs a calibration pass over task prompts and chooses from the scores (``plop``,
   ``plop-inverse``, ``cka``, ``plop+cka``);
+- ``weights``: scores the pretrained weights alone, no data, and chooses from the scores (``kappa``);
 - ``preset``: a fixed placement the calibrated ones are compared against (``all``, ``attention``, ``qv``,
   ``mlp``, ``random``);
 - ``gated``: learned while training, from a gate on every candidate adapter (``weightlora``, ``weightlora+``);
@@ -19,7 +20,9 @@ from typing import Any, Literal
 
 from litgpt_plop.errors import InputError
 
-MethodKind = Literal["calibrated", "preset", "gated", "none"]
+MethodKind = Literal["calibrated", "weights", "preset", "gated", "none"]
+# The kinds whose placement is decided before training, by ``litgpt_plop.select.decide_placement``.
+DECIDED_BEFORE_TRAINING: tuple[MethodKind, ...] = ("calibrated", "weights", "preset")
 
 
 @dataclass(frozen=True)
@@ -28,9 +31,10 @@ class Method:
 
     Args:
         name: what the user types (``--plugin``, ``--method``).
-        kind: ``calibrated``, ``preset``, ``gated`` or ``none`` (see the module docstring).
+        kind: ``calibrated``, ``weights``, ``preset``, ``gated`` or ``none`` (see the module docstring).
         title: how reports and terminal tables name it.
-        scorers: the scores a calibrated method needs, in the order they are computed: ``plop``, ``cka``.
+        scorers: the scores a scored method needs, in the order they are computed: ``plop``, ``cka`` (from a
+            calibration pass), ``kappa`` (from the weights).
         inverse: choose the HIGHEST PLoP scores first (PLoP's ablation baseline).
         kinds: for a preset, the kinds it puts LoRA on (``None``: decided per model or at random).
     """
@@ -51,6 +55,10 @@ class Method:
         return "cka" in self.scorers
 
     @property
+    def uses_kappa(self) -> bool:
+        return "kappa" in self.scorers
+
+    @property
     def calibrates(self) -> bool:
         return self.kind == "calibrated"
 
@@ -59,6 +67,8 @@ class Method:
         """The ``--<group>.*`` option groups this method reads."""
         if self.kind == "calibrated":
             return ("calibration", *self.scorers)
+        if self.kind == "weights":  # no data: only the scorers' own options
+            return self.scorers
         if self.kind == "gated":
             return ("weightlora",)
         return ()
@@ -69,6 +79,7 @@ _ALL = (
     Method("plop-inverse", "calibrated", "PLoP^-1 (highest NFN, ablation baseline)", scorers=("plop",), inverse=True),
     Method("cka", "calibrated", "layer-wise CKA", scorers=("cka",)),
     Method("plop+cka", "calibrated", "PLoP kinds on CKA layers", scorers=("plop", "cka")),
+    Method("kappa", "weights", "kappa (lowest condition number, no data)", scorers=("kappa",)),
     Method("all", "preset", "all linears"),
     Method("attention", "preset", "attention only", kinds=("query", "key", "value", "projection")),
     Method("qv", "preset", "query and value (LitGPT's default)", kinds=("query", "value")),
@@ -79,7 +90,7 @@ _ALL = (
     Method("none", "none", "LitGPT's flags"),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
-OPTION_GROUPS = ("calibration", "plop", "cka", "weightlora")
+OPTION_GROUPS = ("calibration", "plop", "cka", "kappa", "weightlora")
 
 
 def method_names(*kinds: MethodKind) -> tuple[str, ...]:

@@ -17,7 +17,8 @@ from litgpt_plop.prompts import calibration_token_ids
 from litgpt_plop.checkpoint import load_checkpoint_model
 from litgpt_plop.export import write_placement_files
 from litgpt_plop.inputs import check_checkpoint, check_lora, check_out_dir, check_text_file
-from litgpt_plop.methods import check_option_groups, get_method
+from litgpt_plop.kappa import KappaArgs
+from litgpt_plop.methods import DECIDED_BEFORE_TRAINING, check_option_groups, get_method
 from litgpt_plop.placement import Placement, PlacementError, kinds_from_flags
 from litgpt_plop.quantize import QuantizeChoice
 from litgpt_plop.report import summary_table
@@ -32,6 +33,7 @@ def plan(
     calibration: CalibrationArgs = CalibrationArgs(),
     plop: PlopArgs = PlopArgs(),
     cka: CkaArgs = CkaArgs(),
+    kappa: KappaArgs = KappaArgs(),
     lora_r: int = 8,
     lora_alpha: int = 16,
     lora_query: bool = True,
@@ -49,13 +51,14 @@ def plan(
 
     Arguments:
         checkpoint_dir: The LitGPT checkpoint directory of the pretrained model.
-        method: ``plop``, ``plop-inverse``, ``cka``, ``plop+cka``, or a fixed placement (``all``,
-            ``attention``, ``qv``, ``mlp``, ``random``) for comparison.
+        method: ``plop``, ``plop-inverse``, ``cka``, ``plop+cka``, ``kappa`` (from the weights alone, no data), or
+            a fixed placement (``all``, ``attention``, ``qv``, ``mlp``, ``random``) for comparison.
         out_dir: Where the placement and its report go.
         data: A LitGPT DataModule whose training prompts calibrate (ignored when ``--calibration.file`` is set).
         calibration: The calibration pass: prompts, how many, batch size, length.
         plop: PLoP's options.
         cka: Layer-wise CKA's options.
+        kappa: kappa's options (the weights with the lowest condition number).
         lora_r: The LoRA rank of every chosen site.
         lora_alpha: The LoRA alpha.
         lora_query: Whether the query may be chosen (the ``lora_*`` flags are the candidate kinds).
@@ -68,8 +71,8 @@ def plan(
         quantize: Score the model with its block linears in bitsandbytes 4-bit, as a QLoRA finetune would.
     """
     # Everything that can be checked before loading weights is checked first.
-    spec = get_method(method, "calibrated", "preset")
-    check_option_groups(spec, "--method", calibration=calibration, plop=plop, cka=cka)
+    spec = get_method(method, *DECIDED_BEFORE_TRAINING)
+    check_option_groups(spec, "--method", calibration=calibration, plop=plop, cka=cka, kappa=kappa)
     if calibration.file is not None:
         check_text_file(calibration.file, "--calibration.file")
     check_lora(lora_r, lora_alpha)
@@ -86,8 +89,9 @@ def plan(
     model = load_checkpoint_model(checkpoint_dir, precision, quantize)
     t0 = time.perf_counter()
     placement = decide_placement(
-        model, method, token_ids, candidate_kinds, lora_r, lora_alpha, calibration=calibration, plop=plop, cka=cka
-    )
+        model, method, token_ids, candidate_kinds, lora_r, lora_alpha, calibration=calibration, plop=plop, cka=cka,
+        kappa=kappa,
+    )  # fmt: skip
     write_placement_files(placement, model.config, out_dir)
     print(summary_table(placement, model.config))
     print(f"Decided in {time.perf_counter() - t0:.1f}s. Wrote placement.json, report.md and scores.png to {str(out_dir)!r}")

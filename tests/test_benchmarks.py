@@ -109,10 +109,10 @@ def test_median_ratio_pairs_side_by_side():
 def test_method_groups_come_from_the_registry():
     assert FIXED == ("qv", "attention", "mlp", "all", "random")
     assert CALIBRATED == ("plop", "plop-inverse", "cka", "plop+cka")
-    assert PLANNED == ("plop", "plop-inverse", "plop+cka")
+    assert PLANNED == ("plop", "plop-inverse", "plop+cka", "kappa")
     assert WEIGHTLORA == ("weightlora", "weightlora+")
     assert AUTOMATIC == ("plop", "cka", "plop+cka", "weightlora", "weightlora+")
-    assert PAIRED_BASELINES == ("qv", "attention", "mlp", "all", "random", "plop-inverse")
+    assert PAIRED_BASELINES == ("qv", "attention", "mlp", "all", "random", "plop-inverse", "kappa")
 
 
 def test_recorded_commands_are_shown_as_module_runs():
