@@ -35,16 +35,18 @@ class WeightLoRACallback(Callback):
     gate; the LightningModule's ``configure_optimizers`` then builds the main optimizer from the trainable (adapter)
     parameters as usual, while the gates get their own SGD here. After every optimizer step (detected in
     ``on_train_batch_end`` from ``trainer.global_step``, so gradient accumulation steps the gates once per
-    optimizer step, on the accumulated gradients) the gates are stepped and hard-thresholded to the top K. At the
-    end of the warm-up the zero-gated adapters are removed, their parameters and state leave
-    ``trainer.optimizers[0]`` (edited in place, so LR schedulers keep working), the gates are folded into B and
-    training continues as plain LoRA. Gate values go to the Trainer's loggers; ``placement.json``, ``gates.json``
-    and ``gates.png`` go to the log directory on rank 0 (after each WeightLoRA+ round, at the end of the warm-up
-    and at the end of fit). Resuming from a checkpoint restores the adapter structure (the final placement, or
-    the gated adapters and their gates mid-warm-up) before the weights load.
+    optimizer step, on the accumulated gradients) the gates are stepped and, once they have moved, hard-thresholded
+    to the top K (or, with ``WeightLoRAArgs.budget``, the largest that fit it). At the end of the warm-up (later if
+    the gates have not moved since the previous change: a cut never chooses among gates that did not move) the
+    zero-gated adapters are removed, their parameters and state leave ``trainer.optimizers[0]`` (edited in place,
+    so LR schedulers keep working), the gates are folded into B and training continues as plain LoRA. Gate values
+    go to the Trainer's loggers; ``placement.json``, ``gates.json`` and ``gates.png`` go to the log directory on
+    rank 0 (after each WeightLoRA+ round, at the end of the warm-up and at the end of fit). Resuming from a
+    checkpoint restores the adapter structure (the final placement, or the gated adapters and their gates
+    mid-warm-up) before the weights load.
 
     Args:
-        weightlora: K, warm-up, gate optimizer, WeightLoRA+ (see ``WeightLoRAArgs``).
+        weightlora: K or a parameter budget, warm-up, gate optimizer, WeightLoRA+ (see ``WeightLoRAArgs``).
         candidates: the adapters to choose from: a ``Placement`` (e.g. PLoP's), a path to a ``placement.json``, a
             preset name (``all``, ``attention``, ``mlp``, ... at rank ``lora_r``) or ``"current"`` (the adapters
             already on the model when ``setup`` runs, e.g. a ``litgpt.lora.GPT`` built with flags; on one device
@@ -112,9 +114,10 @@ class WeightLoRACallback(Callback):
             candidates = self._candidates(gpt)
             self.controller = WeightLoRAController(gpt, candidates, self.args, max_steps, self.seed)
             c = self.controller
+            keeping = f"{c.k >> c.rounds}" if c.budget is None else f"the largest gates within {c.budget:,} parameters"
             rank_zero_info(
                 f"WeightLoRACallback: {c.num_candidates} gated candidate adapters ({candidates.method}); keeping"
-                f" {c.k >> c.rounds} after a {self.args.warmup_steps}-step warm-up"
+                f" {keeping} after a {self.args.warmup_steps}-step warm-up (later if the gates have not moved)"
                 + (f" ({c.rounds} WeightLoRA+ rounds at steps {c.round_at})" if c.rounds else "")
             )
         # Only the adapters train: freeze whatever else the LightningModule holds too.

@@ -52,7 +52,7 @@ from litgpt_plop.prompts import calibration_token_ids
 from litgpt_plop.quantize import QuantizeChoice, quantize_choice, quantize_linears_4bit
 from litgpt_plop.report import summary_table
 from litgpt_plop.select import decide_placement
-from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController
+from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController, check_litgpt_warmup
 
 # LitGPT's own defaults for ``finetune_lora``: what an unset flag means with ``--plugin none``.
 LITGPT_DEFAULT_FLAGS = {"lora_query": True, "lora_value": True}
@@ -199,6 +199,8 @@ def setup(
     if calibration.file is not None:
         check_text_file(calibration.file, "--calibration.file")
     check_lr_schedule(train.lr_warmup_steps, train.max_steps)
+    if method.kind == "gated":  # LitGPT's first step has learning rate 0: refuse a cut before the gates can move
+        check_litgpt_warmup(dataclasses.replace(weightlora, plus=plugin == "weightlora+"), train.max_steps)
     check_lora(lora_r, lora_alpha, lora_dropout)
     checkpoint_dir = Path(checkpoint_dir)
     check_checkpoint(checkpoint_dir, tokenizer=True)
@@ -316,6 +318,8 @@ def main(fabric: L.Fabric, run: Run) -> None:
     steps_per_epoch = len(train_dataloader) // train.gradient_accumulation_iters(fabric.world_size, 1)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
     check_lr_schedule(train.lr_warmup_steps, lr_max_steps)
+    if run.method.kind == "gated":  # the run's length is known now (--train.epochs over the data), the model not loaded
+        check_litgpt_warmup(run.weightlora, lr_max_steps)
 
     fabric.seed_everything(run.seed)
     model = load_base_model(fabric, run)
@@ -422,18 +426,20 @@ def check_trainable(fabric: L.Fabric, model: Any, placement: Placement) -> None:
 
 
 def build_optimizer(fabric: L.Fabric, model: Any, optimizer: str | dict) -> torch.optim.Optimizer:
-    """LitGPT's optimizer for the trainable parameters; under bitsandbytes precision, its 8-bit optimizer and
-    stable embedding, as ``litgpt finetune_lora`` does."""
+    """LitGPT's optimizer for the trainable parameters; under bitsandbytes precision, bitsandbytes' (paged)
+    optimizer and stable embedding, in ``litgpt finetune_lora``'s order: the optimizer is built first, so the new
+    (trainable) embedding never joins it and only the adapters train."""
     if not isinstance(fabric.strategy.precision, BitsandbytesPrecision):
         return instantiate_torch_optimizer(optimizer, model.parameters())
     from bitsandbytes.nn import StableEmbedding
 
+    built = instantiate_bnb_optimizer(optimizer, model.parameters())
     old_embedding = model.transformer.wte
     model.transformer.wte = StableEmbedding(old_embedding.num_embeddings, old_embedding.embedding_dim)
     with torch.no_grad():
         model.transformer.wte.weight.copy_(old_embedding.weight)
     model.transformer.wte = model.transformer.wte.to(device=old_embedding.weight.device, dtype=old_embedding.weight.dtype)
-    return instantiate_bnb_optimizer(optimizer, model.parameters())
+    return built
 
 
 def save_final(

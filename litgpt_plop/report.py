@@ -18,10 +18,12 @@ from litgpt_plop.placement import HEAD_LAYER, Placement, Scores, model_kinds, si
 from litgpt_plop.report_kappa import data_free_section, kappa_kind_table, kappa_summary_lines, kappa_why
 
 _WEIGHTLORA_MEANING = (
-    "WeightLoRA gave every candidate adapter a trainable gate and, after every optimizer step, kept only the K"
-    " gates of largest magnitude; at the end of the warm-up the others were removed and the gates folded into B."
-    " WeightLoRA+ also halved K and doubled the survivors' rank during the warm-up. The gates' history is in"
-    " `gates.png` and `gates.json` beside this report."
+    "WeightLoRA gave every candidate adapter a trainable gate and, after every optimizer step once the gates had"
+    " moved, kept only the adapters of largest gate magnitude (the K largest, or with a parameter budget the"
+    " largest that fit it); at the end of the warm-up the others were removed and the gates folded into B."
+    " WeightLoRA+ also halved K and doubled the survivors' rank during the warm-up. A cut never chooses among gates"
+    " that have not moved since the previous one: it waits for them. The gates' history is in `gates.png` and"
+    " `gates.json` beside this report."
 )
 
 _NFN_MEANING = (
@@ -115,11 +117,63 @@ def _why(placement: Placement) -> str:
                 " there (e.g. every prompt ends with the same template token), so their CKA means nothing."
             )
     if spec is not None and spec.kind == "gated":
-        lines.append(_WEIGHTLORA_MEANING)
+        lines += [_WEIGHTLORA_MEANING, *_weightlora_why(scores.weightlora or {})]
     lines += kappa_why(placement)
     if not lines:
         lines.append(f"`{placement.method}` is a fixed placement: it was not calibrated and has no scores.")
     return "\n\n".join(lines)
+
+
+def _weightlora_why(record: dict[str, Any]) -> list[str]:
+    """What a WeightLoRA run's gates decided: where they first moved, the budget, and each cut with its gates."""
+    lines = []
+    moved = record.get("first_moved_step")
+    lines.append(
+        f"The gates first moved at optimizer step {moved} (until then every gate was still 1: the gradient of a gate"
+        " is 0 while its lora_B is); thresholding started there." if moved else "The gates never moved: nothing was"
+        " chosen by them."
+    )
+    if record.get("budget_params") is not None:
+        lines.append(
+            f"It kept adapters in order of gate magnitude, largest first, while their parameters fitted the budget of"
+            f" {record['budget_params']:,} (`--weightlora.budget` {record['budget']})."
+        )
+    lines += [_cut_text(cut) for cut in record.get("cuts", [])]
+    if not record.get("final", True):
+        lines.append(
+            f"The warm-up had not ended when this was written (step {record.get('step')}, end scheduled after step"
+            f" {record.get('warmup_steps')}): this placement is not final."
+        )
+    return lines
+
+
+def _cut_text(cut: dict[str, Any]) -> str:
+    """One cut in words and a table: the kept adapters' gates, the largest removed one, and whether they decided."""
+    event = "the end of the warm-up" if cut["event"] == "final" else f"WeightLoRA+ {cut['event']}"
+    when = f"step {cut['step']}"
+    if cut["step"] != cut["scheduled_step"]:
+        when += f" (scheduled after step {cut['scheduled_step']}; it waited for the gates to move)"
+    kept = sorted(cut["kept"].items(), key=lambda item: -abs(item[1]))
+    rank = "" if cut["event"] == "final" else " at their doubled rank"
+    text = (
+        f"At {event}, after {when}, it kept {len(kept)} adapters ({cut['kept_params']:,} parameters{rank}) with these"
+        " gates (the values the cut was decided on):\n\n| adapter | gate at the cut | kept |\n|---|---|---|\n"
+    )
+    text += "\n".join(f"| {key} | {w:.6g} | yes |" for key, w in kept)
+    removed = cut.get("largest_removed")
+    if removed is not None:
+        text += f"\n| {removed[0]} | {removed[1]:.6g} | no (the largest removed gate) |"
+    if cut["kept_all_equal"]:
+        text += (
+            f"\n\nAll kept gates were equal ({kept[0][1]:g}): the gates had not told the adapters apart, so the"
+            " candidate order chose them, not the gates."
+        )
+    elif cut["tie"]:
+        text += (
+            "\n\nThe smallest kept gate equals the largest removed one: that last choice followed the candidate"
+            " order."
+        )
+    return text
 
 
 def _markdown(placement: Placement, config: Config) -> str:
@@ -404,12 +458,15 @@ def gates_json(
     gates: list[list[float]],
     events: list[dict[str, Any]],
     kept: list[str],
+    cuts: list[dict[str, Any]] | None = None,
 ) -> str:
     """``gates.json``: every candidate's gate (``gates[i][j]``: site ``sites[j]`` after optimizer step ``steps[i]``),
-    the WeightLoRA+ rounds and the end of the warm-up (``events``) and the sites ``kept``."""
+    the WeightLoRA+ rounds and the end of the warm-up (``events``), the sites ``kept``, and what each cut kept from
+    which gates (``cuts``, ``litgpt_plop.weightlora.cut.cut_record``)."""
     import json
 
     history = {"method": method, "sites": sites, "steps": steps, "gates": gates, "events": events, "kept": kept}
+    history["cuts"] = cuts or []
     return json.dumps(history) + "\n"
 
 
@@ -423,9 +480,11 @@ def gates_png(
     warmup_steps: int,
     step: int,
     finished: bool,
+    cut_step: int | None = None,
 ) -> bytes:
     """``gates.png``: each candidate's gate over the warm-up, the ``kept`` sites (key -> rank) in colour, the
-    removed ones in grey; the rounds run so far (``round_steps``) dotted, the end of the warm-up dashed."""
+    removed ones in grey; the rounds run so far (``round_steps``) dotted, the end of the warm-up dashed, at
+    ``cut_step`` (where it happened: after ``warmup_steps`` if it waited for the gates to move)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -442,7 +501,7 @@ def gates_png(
     for round_step in round_steps:
         ax.axvline(round_step, color="0.4", linestyle=":", linewidth=1)
     if finished:
-        ax.axvline(warmup_steps, color="0.2", linestyle="--", linewidth=1)
+        ax.axvline(cut_step or warmup_steps, color="0.2", linestyle="--", linewidth=1)
     ax.axhline(0.0, color="0.5", linewidth=0.5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("gate w")

@@ -17,15 +17,17 @@ from torch.utils.hooks import RemovableHandle
 
 from litgpt_plop.adapt import apply_placement, site_parameters
 from litgpt_plop.modules import gpt_of
-from litgpt_plop.placement import Placement, PlacementError, Site, site_shape
-from litgpt_plop.report import gates_json, gates_png
+from litgpt_plop.placement import Placement, PlacementError, Site, site_params, site_shape
 from litgpt_plop.weightlora.args import WeightLoRAArgs, resolve_k
-from litgpt_plop.weightlora.gates import attach_gates, detach_gates, fold_gates, step_gates, top_k_mask
+from litgpt_plop.weightlora.cut import checked_budget, cut_record, keep_mask
+from litgpt_plop.weightlora.gates import attach_gates, detach_gates, fold_gates, gates_moved, step_gates
 from litgpt_plop.weightlora.growth import reshape_adapters
+from litgpt_plop.weightlora.record import (
+    GATES_FILE, GATES_PLOT, controller_state, load_values, report_files, scores_record,
+)  # fmt: skip
 from litgpt_plop.weightlora.schedule import ScheduledEvent, WeightLoRASchedule
 
-GATES_FILE = "gates.json"
-GATES_PLOT = "gates.png"
+__all__ = ["GATES_FILE", "GATES_PLOT", "WeightLoRAController"]
 
 
 class WeightLoRAController:
@@ -38,7 +40,7 @@ class WeightLoRAController:
     Args:
         model: a module holding a LitGPT ``GPT`` (the GPT itself, a LightningModule, Fabric's wrapper).
         candidates: the adapters to choose from (e.g. ``preset("all", config)`` or PLoP's placement), with ranks.
-        args: K, warm-up, gate optimizer, WeightLoRA+ rounds.
+        args: K or a parameter budget, warm-up, gate optimizer, WeightLoRA+ rounds.
         max_steps: the run's length in optimizer steps, when known: a warm-up longer than that is refused.
         seed: seed of the random directions added to A when a rank grows.
     """
@@ -55,6 +57,7 @@ class WeightLoRAController:
         self.gpt = gpt_of(model)
         self.args = args
         self.schedule = _checked_schedule(candidates, args, self.gpt.config, max_steps)
+        self.budget = checked_budget(candidates, args, self.gpt.config)  # parameters, None: keep K adapters
         self.k, self.rounds, self.round_at = self.schedule.k, self.schedule.rounds, self.schedule.round_steps
         self.candidates = candidates
         self.sites: list[Site] = list(candidates.sites)  # gate i belongs to sites[i]
@@ -65,7 +68,10 @@ class WeightLoRAController:
         self.step = 0  # optimizer steps seen
         self.rounds_done = 0
         self.finished = False
-        self.gates_informed = False  # whether the gates have had a non-zero gradient (thresholding waits for it)
+        self.gates_informed = False  # whether the gates have moved (thresholding waits for it)
+        self.first_moved_step: int | None = None
+        self.moved_since_change = False  # since the last change of the adapters (a round, the end wait for it)
+        self.settled = torch.ones(n)  # the gates when the last step was done, to see whether they moved
         self.k_now = self.k
         self.alive = [True] * n
         self.ranks = {(s.layer, s.kind): s.rank for s in self.sites}
@@ -74,6 +80,7 @@ class WeightLoRAController:
         self.history_steps: list[int] = []
         self.history: list[list[float]] = []  # gate values after each step's thresholding
         self.events: list[dict[str, Any]] = []
+        self.cuts: list[dict[str, Any]] = []  # what each round and the end kept, from which gates (``cut_record``)
         if _state is None:
             apply_placement(self.gpt, self._placement_of(candidates.method))
             attach_gates(self.gpt, self._alive_index(), self.gates)
@@ -89,8 +96,13 @@ class WeightLoRAController:
     @property
     def placement(self) -> Placement:
         """The adapters on the model now (the final placement once ``finished``), with method
-        ``weightlora``/``weightlora+``; ``scores`` records K, the schedule and the gates."""
+        ``weightlora``/``weightlora+``; ``scores`` records K or the budget, the schedule, the gates and the cuts."""
         return self._placement_of(self.args.method)
+
+    @property
+    def costs(self) -> list[int]:
+        """Every candidate's trainable parameters at its current rank."""
+        return [site_params(self.gpt.config, s.kind, self.ranks[(s.layer, s.kind)]) for s in self.sites]
 
     def gate_values(self) -> dict[str, float]:
         """The current gate of every candidate (0 for removed ones), keyed ``"<layer>.<kind>"``."""
@@ -110,26 +122,33 @@ class WeightLoRAController:
     ) -> list[str]:
         """Call after main optimizer step number ``step`` (counted from 1), with that optimizer, whose gradients the
         gates share. Steps the gates, thresholds them, and runs the WeightLoRA+ rounds and the end of the warm-up
-        when ``step`` reaches them (editing ``optimizer`` in place). ``grad_scale``: the loss scale the gradients
-        were computed with (fp16 mixed precision), to undo on the gates. Returns what happened (``"round 1"``,
-        ``"final"``), so that the caller can log it or save the new placement.
+        when ``step`` reaches them and the gates have moved since the previous change (editing ``optimizer`` in
+        place). ``grad_scale``: the loss scale the gradients were computed with (fp16 mixed precision), to undo on
+        the gates. Returns what happened (``"round 1"``, ``"final"``), so that the caller can log it or save the new
+        placement.
         """
         self.step = step
         if self.finished:
             return []
-        informative = step_gates(self.gates, self.gate_optimizer, self.args.gate_clip, grad_scale)
-        self.gates_informed = informative or self.gates_informed
+        step_gates(self.gates, self.gate_optimizer, self.args.gate_clip, grad_scale)
+        if gates_moved(self.gates, self.settled, self.alive):
+            self.first_moved_step = self.first_moved_step or step
+            self.gates_informed = self.moved_since_change = True
+        decided_on = self.gates.detach().cpu().tolist()  # what this step's choices are made from
         happened = []
-        if self.gates_informed:  # tied gates would keep the first K candidates in order: wait for a gradient
-            self._threshold(self.k_now)
+        if self.gates_informed:  # tied gates would keep the first K candidates in order: wait for them to move
+            self._threshold()
             for event in self.schedule.rounds_due(step, self.rounds_done):
-                self._round(optimizer, event)
+                if not self.moved_since_change:
+                    break  # each round chooses among gates that moved since the previous one
+                self._round(optimizer, event, decided_on)
                 happened.append(event.name)
-        self.history_steps.append(step)
-        self.history.append(self.gates.detach().cpu().tolist())
-        if self.schedule.is_final(step):
-            self._finish(optimizer)
+        if self.schedule.is_final(step) and self.rounds_done == self.rounds and self.moved_since_change:
+            self._finish(optimizer, decided_on)
             happened.append("final")
+        self.settled = self.gates.detach().cpu().clone()
+        self.history_steps.append(step)
+        self.history.append(self.settled.tolist())
         for what in happened:
             self.events.append({"step": step, "event": what, "adapters": sum(self.alive), "k": self.k_now})
         return happened
@@ -153,28 +172,40 @@ class WeightLoRAController:
 
     # ---- the steps -----------------------------------------------------------------------------------------
 
-    def _threshold(self, k: int) -> torch.Tensor:
-        """Keep the k alive gates of largest |w|, zero the rest. Returns the (CPU) mask of the kept ones."""
-        keep = top_k_mask(self.gates, self.alive, k)
+    def _threshold(self) -> torch.Tensor:
+        """Keep the ``k_now`` alive gates of largest |w| (with a budget: the largest that fit it), zero the rest.
+        Returns the (CPU) mask of the kept ones."""
+        keep = keep_mask(self.gates, self.alive, self.k_now, self.costs, self.budget)
         with torch.no_grad():
             self.gates[~keep.to(self.gates.device)] = 0.0
+        if self.budget is not None:
+            self.k_now = int(keep.sum())
         return keep
 
-    def _round(self, optimizer: torch.optim.Optimizer | None, event: ScheduledEvent) -> None:
+    def _round(self, optimizer: torch.optim.Optimizer | None, event: ScheduledEvent, decided_on: list[float]) -> None:
         """WeightLoRA+: halve K, remove the adapters outside the new top K, double the survivors' rank."""
         self.rounds_done += 1
         self.k_now = event.k
-        keep = self._threshold(self.k_now)
+        alive, keep = list(self.alive), self._threshold()
         grow = [(s.layer, s.kind) for s, kept in zip(self.sites, keep.tolist()) if kept]  # candidate order
         self._restructure(optimizer, keep, grow=grow, fold=False)
+        self._record(event, decided_on, alive, keep)
 
-    def _finish(self, optimizer: torch.optim.Optimizer | None) -> None:
+    def _finish(self, optimizer: torch.optim.Optimizer | None, decided_on: list[float]) -> None:
         """End of warm-up: remove the zero-gated adapters, fold the gates into B, drop the gates."""
-        keep = self._threshold(self.k_now)
+        alive, keep = list(self.alive), self._threshold()
         self._restructure(optimizer, keep, grow=[], fold=True)
+        self._record(self.schedule.events()[-1], decided_on, alive, keep)
         self.finished = True
         self.gate_optimizer = None
         self.gates.grad = None
+
+    def _record(self, event: ScheduledEvent, decided_on: list[float], alive: list[bool], keep: torch.Tensor) -> None:
+        """Keep what a cut chose, from which gates (``cut_record``); the next cut waits for the gates to move."""
+        keys = [s.key for s in self.sites]
+        record = cut_record(event.name, self.step, event.step, keys, decided_on, alive, keep.tolist(), self.costs)
+        self.cuts.append(record)
+        self.moved_since_change = False
 
     def _restructure(
         self, optimizer: torch.optim.Optimizer | None, keep: torch.Tensor, grow: list[tuple[int, str]], fold: bool
@@ -210,39 +241,13 @@ class WeightLoRAController:
         sites = [Site(s.layer, s.kind, self.ranks[(s.layer, s.kind)]) for s, a in zip(self.sites, self.alive) if a]
         scores = c.scores
         if with_scores:
-            scores = dataclasses.replace(c.scores, weightlora={
-                "k": self.k,
-                "k_now": self.k_now,
-                "num_candidates": len(self.sites),
-                "final": self.finished,
-                "step": self.step,
-                "warmup_steps": self.args.warmup_steps,
-                "round_steps": self.round_at,
-                "candidates": {"method": c.method, "sites": [[s.layer, s.kind, s.rank] for s in c.sites]},
-                "gates": self.gate_values(),
-                "events": list(self.events),
-            })
+            scores = dataclasses.replace(c.scores, weightlora=scores_record(self))
         # LoRA alpha and dropout, the model and the calibration are the candidates'
         return dataclasses.replace(c, sites=sites, method=method, scores=scores)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the candidates and options, where the schedule is, which adapters are left with
-        which rank, the gates (while warming up) and their history. The adapter weights are the model's."""
-        return {
-            "args": dataclasses.asdict(self.args),
-            "candidates": self.candidates.to_dict(),
-            "placement": self.placement.to_dict(),
-            "step": self.step,
-            "rounds_done": self.rounds_done,
-            "finished": self.finished,
-            "gates_informed": self.gates_informed,
-            "k_now": self.k_now,
-            "alive": list(self.alive),
-            "gates": self.gates.detach().cpu().tolist(),
-            "history_steps": list(self.history_steps),
-            "history": [list(v) for v in self.history],
-            "events": list(self.events),
-        }
+        """What a resumed run needs (``litgpt_plop.weightlora.record.controller_state``)."""
+        return controller_state(self)
 
     @classmethod
     def from_state_dict(
@@ -261,7 +266,7 @@ class WeightLoRAController:
                 f"The saved WeightLoRA state has adapters {[f'{s.key}@{s.rank}' for s in saved.sites]}, but the model"
                 f" has {[f'{s.key}@{s.rank}' for s in self.placement.sites]}"
             )
-        self._load_values(state)
+        load_values(self, state)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.alive = [bool(a) for a in state["alive"]]
@@ -270,36 +275,18 @@ class WeightLoRAController:
             self.ranks[(site.layer, site.kind)] = site.rank
         self.finished = bool(state["finished"])
         apply_placement(self.gpt, self._placement_of(self.args.method, with_scores=False))
-        self._load_values(state)
+        load_values(self, state)
         if self.finished:
             self.gate_optimizer = None
         else:
             attach_gates(self.gpt, self._alive_index(), self.gates)
 
-    def _load_values(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.rounds_done = int(state["rounds_done"])
-        self.gates_informed = bool(state.get("gates_informed", True))  # states saved before the rule: thresholded
-        self.k_now = int(state["k_now"])
-        self.history_steps = [int(s) for s in state["history_steps"]]
-        self.history = [list(v) for v in state["history"]]
-        self.events = list(state["events"])
-        with torch.no_grad():
-            self.gates.copy_(torch.tensor(state["gates"], dtype=self.gates.dtype))
-
     # ---- outputs -------------------------------------------------------------------------------------------
 
     def report_files(self) -> dict[str, bytes]:
-        """``gates.json`` (every gate at every warm-up step) and ``gates.png`` (their plot), as bytes to write; the
+        """``gates.json`` and ``gates.png`` as bytes to write (``litgpt_plop.weightlora.record.report_files``); the
         placement itself is ``placement``."""
-        keys = [s.key for s in self.sites]
-        kept = {s.key: self.ranks[(s.layer, s.kind)] for s, alive in zip(self.sites, self.alive) if alive}
-        text = gates_json(self.args.method, keys, self.history_steps, self.history, self.events, list(kept))
-        png = gates_png(
-            self.args.method, keys, self.history_steps, self.history, kept, self.round_at[: self.rounds_done],
-            self.args.warmup_steps, self.step, self.finished,
-        )  # fmt: skip
-        return {GATES_FILE: text.encode("utf-8"), GATES_PLOT: png}
+        return report_files(self)
 
 
 def _checked_schedule(
@@ -312,7 +299,8 @@ def _checked_schedule(
             " no sites"
         )
     candidates.validate(config)
-    k = resolve_k(args.k, len(candidates.sites))
+    # with a budget the count varies: the schedule's K is then every candidate
+    k = len(candidates.sites) if args.budget is not None else resolve_k(args.k, len(candidates.sites))
     schedule = WeightLoRASchedule(args.warmup_steps, args.rounds if args.plus else 0, k)
     if max_steps is not None and schedule.warmup_steps > max_steps:
         raise ValueError(

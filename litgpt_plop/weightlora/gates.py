@@ -83,6 +83,14 @@ def top_k_mask(gates: torch.Tensor, alive: list[bool], k: int) -> torch.Tensor:
     return keep
 
 
+def gates_moved(gates: torch.Tensor, settled: torch.Tensor, alive: list[bool]) -> bool:
+    """Whether any ``alive`` gate differs from ``settled`` (its value when the previous step was done). A gate
+    gradient can be non-zero and still too small to change a float32 gate near 1, so this compares the values:
+    a choice among gates that did not move would be a choice by candidate order."""
+    mask = torch.tensor(alive)
+    return bool((gates.detach().cpu()[mask] != settled[mask]).any())
+
+
 def step_gates(gates: nn.Parameter, optimizer: torch.optim.Optimizer, clip: float, grad_scale: float = 1.0) -> bool:
     """One step of the gates' own ``optimizer``, their gradient first divided by ``grad_scale`` (the fp16 loss
     scale) and its norm clipped to ``clip`` (0: not clipped). Returns whether the gradient was finite and not all

@@ -3,12 +3,16 @@
 Steps count optimizer steps done, from 1. With a warm-up of T steps, K0 adapters to start with and ``rounds``
 WeightLoRA+ halvings (0 for plain WeightLoRA):
 
-- the gates are hard-thresholded to the top K after every warm-up step from the first whose gate gradient is not
-  all zero (step 2, or 3 under a linear LR warm-up). That step depends on the gradients, not on the schedule, so the
-  controller decides it; a round whose step comes before it waits for it;
+- the gates are hard-thresholded to the top K after every warm-up step from the first on which they moved (step 2
+  in a plain loop, step 3 under LitGPT's schedule, whose first step has learning rate 0);
 - round j = 1..rounds runs after step ``1 + floor((T - 1) * j / (rounds + 1))`` (``round_steps``): K becomes
   ``K0 // 2**j`` and the survivors' rank doubles;
 - after step T the placement is final: the zero-gated adapters go and the gates are folded into B.
+
+Those steps are the earliest: a change of the adapters (a round, the end) never chooses among gates that have not
+moved since the previous change (since the start, for the first), so it waits for them. Whether they moved depends
+on the gradients, so the controller decides it. ``shortest_warmup`` is the shortest T for which nothing waits when
+the gates first move at a given step; ``litgpt-plop finetune`` refuses shorter ones up front.
 
 No torch here: the controller asks the schedule what is due, and this module can be checked on its own.
 """
@@ -16,6 +20,22 @@ No torch here: the controller asks the schedule what is due, and this module can
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+PLAIN_FIRST_MOVING_STEP = 2
+"""Where the gates first move in a loop whose first step trains: lora_B leaves 0 at step 1, the gates' gradient
+``<dL/dB_used, B>`` is then non-zero at step 2."""
+LITGPT_FIRST_MOVING_STEP = 3
+"""Where they first move under LitGPT's ``get_lr_scheduler``: its linear warm-up gives step 1 a learning rate of 0
+(for every ``--train.lr_warmup_steps``), so lora_B leaves 0 only at step 2. Checked on real runs in
+tests/test_weightlora_cut.py."""
+
+
+def shortest_warmup(rounds: int, first_moving_step: int = PLAIN_FIRST_MOVING_STEP) -> int:
+    """The shortest warm-up T that ends after step T when the gates first move at ``first_moving_step``: every
+    change of the adapters (each round, then the end) needs a step of its own on which the gates have moved since
+    the previous change, so the ``rounds + 1`` changes take the steps from ``first_moving_step`` on at the least.
+    A round scheduled earlier (``round_steps``) waits for its step; the end, at T, need not wait."""
+    return first_moving_step + rounds
 
 
 def round_steps(warmup_steps: int, rounds: int) -> list[int]:
@@ -31,7 +51,7 @@ class ScheduledEvent:
 
     name: str
     step: int
-    """The optimizer step after which it runs (at the earliest, for a round: see the module docstring)."""
+    """The optimizer step after which it runs, at the earliest (it waits for the gates to move: see above)."""
     k: int
     """How many adapters are kept from then on."""
 
@@ -51,10 +71,11 @@ class WeightLoRASchedule:
                 f"WeightLoRA+ halves K={self.k} {self.rounds} times, which leaves no adapter: use K >= {2**self.rounds}"
                 " or fewer rounds"
             )
-        if self.warmup_steps < self.rounds + 2:
+        if self.warmup_steps < shortest_warmup(self.rounds):
             raise ValueError(
                 f"A warm-up of {self.warmup_steps} steps is too short for {self.rounds} WeightLoRA+ rounds: it needs"
-                f" at least {self.rounds + 2} (one step for the gates to learn, then one per round and the end)"
+                f" at least {shortest_warmup(self.rounds)} (one step for the gates to learn, then one per round and"
+                " the end)"
             )
 
     @property
@@ -76,10 +97,10 @@ class WeightLoRASchedule:
         return rounds + [ScheduledEvent("final", self.warmup_steps, self.final_k)]
 
     def rounds_due(self, step: int, rounds_done: int) -> list[ScheduledEvent]:
-        """The rounds to run after optimizer step ``step`` when ``rounds_done`` have run: every later round whose
-        step has come (more than one when rounds waited for the gates' first informative gradient)."""
+        """The rounds whose step has come, after optimizer step ``step`` when ``rounds_done`` have run (more than
+        one when rounds waited for the gates to move; the controller runs them one step apart)."""
         return [e for e in self.events()[rounds_done : self.rounds] if e.step <= step]
 
     def is_final(self, step: int) -> bool:
-        """Whether the warm-up ends after optimizer step ``step``."""
+        """Whether the warm-up's end has come after optimizer step ``step`` (it also waits for every round)."""
         return step >= self.warmup_steps
