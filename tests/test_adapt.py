@@ -19,6 +19,8 @@ from litgpt_plop.modules import base_linear, site_module
 from litgpt_plop.placement import HEAD_LAYER, QKV_KINDS, Placement, PlacementError, Site, kinds_from_flags, model_kinds
 from litgpt_plop.quantize import quantize_linears_4bit
 
+from helpers import random_gpt, tiny_config
+
 VOCAB = 96
 
 
@@ -26,12 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama_config() -> litgpt.Config:
-    """LLaMA-style (SmolLM2/Llama/Qwen2): LLaMAMLP, RMSNorm, grouped-query attention (4 heads, 2 groups)."""
-    return litgpt.Config(
-        name="tiny-llama", n_layer=2, n_embd=64, n_head=4, n_query_groups=2, head_size=16, intermediate_size=128,
-        mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm", bias=False, parallel_residual=False,
-        rotary_percentage=1.0, vocab_size=VOCAB, padded_vocab_size=VOCAB, block_size=32,
-    )  # fmt: skip
+    """LLaMA-style (SmolLM2/Llama/Qwen2): LLaMAMLP, RMSNorm, grouped-query attention (4 heads of 16, 2 groups)."""
+    return tiny_config(n_layer=2, n_embd=64, vocab_size=VOCAB)
 
 
 def neox_config() -> litgpt.Config:
@@ -69,8 +67,7 @@ def make_placement(config: litgpt.Config, name: str) -> Placement:
 
 def build(config: litgpt.Config, start: str) -> tuple[torch.nn.Module, litgpt.model.GPT]:
     """(model to adapt, plain reference model with the same base weights)."""
-    torch.manual_seed(0)
-    base = litgpt.model.GPT(config)
+    base = random_gpt(config)
     if start == "plain":
         model = litgpt.model.GPT(config)
         model.load_state_dict(base.state_dict())

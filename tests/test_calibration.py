@@ -20,48 +20,20 @@ from litgpt_plop.placement import model_kinds
 from litgpt_plop.scoring import CkaScorer, PlopScorer, unbiased_hsic
 from litgpt_plop.select import plan_placement
 
+from helpers import SCORING_MODEL, random_gpt, tiny_config
+
 QUIET = CalibrationArgs(progress=False)
 
 
-def tiny_config(n_layer: int = 3, config_class: type = Config, **kwargs) -> Config:
-    settings = dict(
-        name="tiny-llama",
-        n_layer=n_layer,
-        n_embd=64,
-        n_head=4,
-        n_query_groups=2,
-        block_size=128,
-        vocab_size=100,
-        padded_vocab_size=128,
-        bias=False,
-        mlp_class_name="LLaMAMLP",
-        intermediate_size=96,
-        norm_class_name="RMSNorm",
-        parallel_residual=False,
-        rotary_percentage=1.0,
-    )
-    settings.update(kwargs)
-    return config_class(**settings)
-
-
 def neox_config() -> Config:
-    """Pythia-style: biases, parallel residual, LayerNorm, partial rotary, GptNeoxMLP."""
-    return tiny_config(
-        name="tiny-neox",
-        n_layer=2,
-        n_query_groups=4,
-        bias=True,
-        mlp_class_name="GptNeoxMLP",
-        intermediate_size=128,
-        norm_class_name="LayerNorm",
-        parallel_residual=True,
-        rotary_percentage=0.25,
-    )
+    """Pythia-style (biases, parallel residual, LayerNorm, partial rotary, GptNeoxMLP) at the same width, 2 layers,
+    with a 128-wide MLP."""
+    return tiny_config(n_layer=2, mlp="neox", **{**SCORING_MODEL, "intermediate_size": 128})
 
 
-def tiny_gpt(config: Config | None = None, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(config or tiny_config())
+def tiny_gpt(config: Config | None = None) -> GPT:
+    """``config``'s model, by default the LLaMA-style one of 3 layers; random weights, seed 0."""
+    return random_gpt(config or tiny_config(n_layer=3, **SCORING_MODEL))
 
 
 def prompts(n: int = 10, seed: int = 0, low: int = 5, high: int = 30) -> list[torch.Tensor]:
@@ -96,7 +68,7 @@ def with_extra_padding(batch: Batch, extra: int, seed: int = 0) -> Batch:
 # ---- padding ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [tiny_config(), neox_config()], ids=["llama", "neox"])
+@pytest.mark.parametrize("config", [tiny_config(n_layer=3, **SCORING_MODEL), neox_config()], ids=["llama", "neox"])
 def test_padded_and_unpadded_batches_give_identical_scores(config):
     gpt = tiny_gpt(config)
     # equal-length prompts: a batch with no padding at all, and the same batch with 9 pad columns
@@ -184,7 +156,9 @@ def test_data_parallel_ranks_agree_with_one_process_over_the_union(tmp_path):
 def test_lora_model_is_scored_on_its_base_linears():
     gpt = tiny_gpt()
     torch.manual_seed(1)
-    lora = LoRAGPT(tiny_config(config_class=LoRAConfig, lora_r=4, lora_query=True, lora_value=True, lora_mlp=True))
+    lora_config = tiny_config(n_layer=3, **SCORING_MODEL, config_class=LoRAConfig, lora_r=4, lora_query=True,
+                              lora_value=True, lora_mlp=True)  # fmt: skip
+    lora = LoRAGPT(lora_config)
     lora.load_state_dict(gpt.state_dict(), strict=False)  # B = 0: the same function as the base model
     lora.train()
     batches, _ = make_batches(prompts(8), batch_size=4, max_seq_length=64)
@@ -261,7 +235,7 @@ def test_prompts_ending_with_the_same_token_flag_layer_0_as_degenerate():
 
 
 def test_streaming_token_cka_is_close_to_the_one_shot_estimate():
-    gpt = tiny_gpt(tiny_config(n_layer=2))
+    gpt = tiny_gpt(tiny_config(n_layer=2, **SCORING_MODEL))
     captured = {0: ([], []), 1: ([], [])}
 
     def capture(layer: int):

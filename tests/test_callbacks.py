@@ -9,7 +9,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from litgpt import Config
-from litgpt.model import GPT
 from torch.utils.data import DataLoader
 
 from litgpt_plop.adapt import current_placement
@@ -17,49 +16,20 @@ from litgpt_plop.args import CalibrationArgs
 from litgpt_plop.callbacks import PLoPCallback, token_ids_from_batches
 from litgpt_plop.placement import PlacementError
 
+from helpers import LitLLM, random_gpt, tiny_config, trainer
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 128
 
 
-def tiny_config() -> Config:
-    return Config(
-        name="tiny-llama",
-        block_size=64,
-        n_layer=3,
-        n_embd=32,
-        n_head=4,
-        n_query_groups=2,
-        head_size=8,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        padded_vocab_size=VOCAB,
-        bias=False,
-        parallel_residual=False,
-        norm_class_name="RMSNorm",
-        mlp_class_name="LLaMAMLP",
-        rotary_percentage=1.0,
-    )
+def model_config() -> Config:
+    """LLaMA-style, 3 layers, 32 wide, 4 heads in 2 query groups, a 64-token context."""
+    return tiny_config(n_layer=3, vocab_size=VOCAB, block_size=64)
 
 
-class LitLLM(L.LightningModule):
-    """A LightningModule around a plain LitGPT model: next-token loss on batches of token ids."""
-
-    def __init__(self, lr: float = 3e-2) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = GPT(tiny_config())
-        self.lr = lr
-        self.losses: list[float] = []
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        input_ids = batch["input_ids"]
-        logits = self.model(input_ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), input_ids[:, 1:].reshape(-1))
-        self.losses.append(loss.item())
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+def lit_module() -> LitLLM:
+    """The model, AdamW at 3e-2."""
+    return LitLLM(model_config(), lr=3e-2)
 
 
 class TokenData(torch.utils.data.Dataset):
@@ -83,14 +53,9 @@ def loader(**kwargs) -> DataLoader:
     return DataLoader(TokenData(**kwargs), batch_size=4)
 
 
-def trainer(tmp_path: Path, callbacks: list, max_steps: int = 10, **kwargs) -> L.Trainer:
-    options = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
-    return L.Trainer(default_root_dir=tmp_path, max_steps=max_steps, callbacks=callbacks, **{**options, **kwargs})
-
-
 def test_fit_places_before_the_optimizer_and_trains(tmp_path):
     callback = PLoPCallback(method="plop", calibration=CalibrationArgs(num_samples=16, batch_size=4))
-    module = LitLLM()
+    module = lit_module()
     t = trainer(tmp_path, [callback], max_steps=12)
     t.fit(module, train_dataloaders=loader())
 
@@ -123,8 +88,7 @@ def test_model_created_in_configure_model_is_placed_before_the_optimizer(tmp_pat
 
         def configure_model(self) -> None:
             if self.model is None:
-                torch.manual_seed(0)
-                self.model = GPT(tiny_config())
+                self.model = random_gpt(model_config())
 
     callback = PLoPCallback(method="qv")
     module = LateModel()
@@ -138,13 +102,13 @@ def test_model_created_in_configure_model_is_placed_before_the_optimizer(tmp_pat
 def test_resume_reapplies_the_placement_without_calibrating(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = PLoPCallback(method="plop", calibration=CalibrationArgs(num_samples=16, batch_size=4))
-    module = LitLLM()
+    module = lit_module()
     trainer(tmp_path, [first, checkpoint], max_steps=4).fit(module, train_dataloaders=loader())
     ckpt_path = tmp_path / "ckpt" / "last.ckpt"
     saved = torch.load(ckpt_path, weights_only=False)
 
     resumed = PLoPCallback(method="plop", calibration=CalibrationArgs(num_samples=16, batch_size=4))
-    fresh = LitLLM()
+    fresh = lit_module()
     # same max_steps: Lightning restores everything and trains no further, so the weights are the checkpoint's
     trainer(tmp_path, [resumed], max_steps=4).fit(fresh, train_dataloaders=loader(seed=1), ckpt_path=ckpt_path)
     assert not resumed.calibrated
@@ -169,7 +133,7 @@ class RecordPlacement(Callback):
 def test_ddp_two_cpu_processes_apply_the_same_placement(tmp_path):
     callback = PLoPCallback(method="plop+cka", calibration=CalibrationArgs(num_samples=16, batch_size=2))
     t = trainer(tmp_path, [callback, RecordPlacement(tmp_path)], max_steps=3, strategy="ddp_spawn", devices=2)
-    t.fit(LitLLM(), train_dataloaders=loader())
+    t.fit(lit_module(), train_dataloaders=loader())
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0["sites"] and rank0["sites"] == rank1["sites"]
@@ -182,7 +146,7 @@ def test_bitsandbytes_precision_calibrates_on_the_4bit_model(tmp_path):
     from lightning.pytorch.plugins import BitsandbytesPrecision
 
     callback = PLoPCallback(method="plop", calibration=CalibrationArgs(num_samples=16, batch_size=4))
-    module = LitLLM()
+    module = lit_module()
     t = L.Trainer(
         default_root_dir=tmp_path,
         accelerator="cuda",
@@ -212,7 +176,8 @@ def test_no_litgpt_model_is_a_clear_error(tmp_path):
 def test_empty_calibration_loader_is_a_clear_error(tmp_path):
     empty = DataLoader(TokenData(n=0), batch_size=4)
     with pytest.raises(ValueError, match="calibration data is empty"):
-        trainer(tmp_path, [PLoPCallback(calibration_data=empty)], max_steps=1).fit(LitLLM(), train_dataloaders=loader())
+        t = trainer(tmp_path, [PLoPCallback(calibration_data=empty)], max_steps=1)
+        t.fit(lit_module(), train_dataloaders=loader())
 
 
 def test_sharded_strategy_is_refused_by_name(tmp_path):
@@ -220,7 +185,7 @@ def test_sharded_strategy_is_refused_by_name(tmp_path):
 
     t = trainer(tmp_path, [PLoPCallback()], max_steps=1, strategy=ModelParallelStrategy())
     with pytest.raises(PlacementError, match="not ModelParallelStrategy"):
-        t.fit(LitLLM(), train_dataloaders=loader())
+        t.fit(lit_module(), train_dataloaders=loader())
 
 
 def test_unknown_method_is_a_clear_error():

@@ -1,9 +1,7 @@
 """`litgpt-plop`: passthrough to LitGPT, `plan`, `finetune --plugin ...`, the configs, and bad input."""
 
-import csv
 import dataclasses
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,76 +11,17 @@ import torch
 import yaml
 from jsonargparse import CLI, capture_parser
 from litgpt import Config
-from litgpt.args import EvalArgs, TrainArgs
-from litgpt.model import GPT
-from litgpt.utils import save_config
+from litgpt.args import TrainArgs
 
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
-from litgpt_plop.data import ReasoningGym
 from litgpt_plop.finetune import setup as finetune
 from litgpt_plop.placement import Placement, Scores
 
+from helpers import logged_metric, tiny_run
+
+# tiny_checkpoint (conftest.py): a tiny random LLaMA-style model with SmolLM2's tokenizer.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, smollm2_checkpoint) -> Path:
-    """A tiny random LLaMA-style model saved as a LitGPT checkpoint directory, with SmolLM2's tokenizer."""
-    checkpoint_dir = tmp_path_factory.mktemp("checkpoints") / "tiny-llama"
-    checkpoint_dir.mkdir()
-    config = Config(
-        name="tiny-llama",
-        block_size=256,
-        n_layer=2,
-        n_embd=32,
-        n_head=4,
-        n_query_groups=2,
-        head_size=8,
-        intermediate_size=64,
-        vocab_size=49152,
-        padded_vocab_size=49152,
-        bias=False,
-        parallel_residual=False,
-        norm_class_name="RMSNorm",
-        mlp_class_name="LLaMAMLP",
-        rotary_percentage=1.0,
-    )
-    torch.manual_seed(0)
-    torch.save(GPT(config).state_dict(), checkpoint_dir / "lit_model.pth")
-    save_config(config, checkpoint_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(smollm2_checkpoint / name, checkpoint_dir / name)
-    return checkpoint_dir
-
-
-def tiny_run(checkpoint_dir: Path, out_dir: Path, **kwargs) -> None:
-    options = dict(
-        checkpoint_dir=checkpoint_dir,
-        out_dir=out_dir,
-        precision="32-true",
-        data=ReasoningGym(train_size=32, val_size=8, prompt_style="alpaca"),
-        train=TrainArgs(
-            save_interval=2,
-            log_interval=1,
-            global_batch_size=4,
-            micro_batch_size=4,
-            lr_warmup_steps=1,
-            epochs=1,
-            max_steps=3,
-            max_seq_length=96,
-        ),
-        eval=EvalArgs(interval=100, max_iters=2, max_new_tokens=4, initial_validation=False),
-        seed=7,
-    )
-    options.update(kwargs)
-    finetune(**options)
-
-
-def logged_metric(out_dir: Path, name: str) -> list[float]:
-    (metrics,) = out_dir.glob("logs/csv/*/metrics.csv")
-    with open(metrics) as f:
-        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
 def run_litgpt(*args: str) -> subprocess.CompletedProcess:
@@ -183,8 +122,8 @@ def test_configs_exist():
     [
         (dict(plugin="plopp"), ValueError, r"Unknown plugin 'plopp'; choose one of \[.*'plop'.*'none'\]"),
         (dict(plugin="none", plop=PlopArgs(num_kinds=2)), ValueError, r"--plop.\* does not apply to --plugin 'none'"),
-        (dict(plugin="qv", calibration=CalibrationArgs()), ValueError, r"--calibration.\* does not apply to --plugin 'qv'"),
-        (dict(calibration=CalibrationArgs(file=Path("/nonexistent/prompts.txt"))), FileNotFoundError, "does not exist"),
+        (dict(plugin="qv", calibration=CalibrationArgs(num_samples=16)), ValueError, r"--calibration.\* does not apply to --plugin 'qv'"),
+        (dict(calibration=CalibrationArgs(file=Path("/nonexistent/prompts.txt"))), ValueError, "does not exist"),
         (dict(quantize="bnb.int8-training"), ValueError, "needs a CUDA GPU. On CPU, 4-bit works"),
         (dict(train=TrainArgs(lr_warmup_steps=3, max_steps=3)), ValueError, r"--train.lr_warmup_steps \(3\) must be smaller"),
         (dict(train=TrainArgs(lr_warmup_steps=0, max_steps=3)), ValueError, "--train.lr_warmup_steps must be at least 1"),
@@ -217,7 +156,7 @@ def test_finetune_weightlora_keeps_k_adapters(tiny_checkpoint, tmp_path, plugin)
     out_dir = tmp_path / plugin
     train = TrainArgs(save_interval=None, log_interval=1, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1,
                       epochs=1, max_steps=5, max_seq_length=96)  # fmt: skip
-    tiny_run(tiny_checkpoint, out_dir, plugin=plugin, train=train, weightlora=WeightLoRAArgs(k=8, warmup_steps=4))
+    tiny_run(tiny_checkpoint, out_dir, plugin=plugin, train=train, weightlora=WeightLoRAArgs(k=8, warmup_steps=4 if plugin == "weightlora" else 5))
     placement = Placement.load(out_dir / "final" / "placement.json")
     assert placement.method == plugin
     # 2 layers x 7 kinds = 14 candidates at rank 8; WeightLoRA keeps 8, WeightLoRA+ halves twice to 2 at rank 32
@@ -241,13 +180,12 @@ def test_plan_writes_the_placement_and_its_report(tiny_checkpoint, tmp_path, pro
     from litgpt_plop.plan import plan
 
     out_dir = tmp_path / "plan"
-    placement = plan(
-        tiny_checkpoint,
-        method=method,
-        out_dir=out_dir,
-        calibration=CalibrationArgs(file=prompts_file, num_samples=16, batch_size=4),
-        cka=CkaArgs(pooling="tokens"),
-    )
+    # each method gets the options it reads (plan refuses the others)
+    options = {
+        "calibration": CalibrationArgs(file=prompts_file, num_samples=16, batch_size=4) if method != "qv" else CalibrationArgs(),
+        "cka": CkaArgs(pooling="tokens") if "cka" in method else CkaArgs(),
+    }
+    placement = plan(tiny_checkpoint, method=method, out_dir=out_dir, **options)
     assert sorted(p.name for p in out_dir.iterdir()) == ["placement.json", "report.md", "scores.png"]
     saved = json.loads((out_dir / "placement.json").read_text())
     assert {"schema_version", "method", "model", "sites", "flags", "trainable_params", "scores"} <= saved.keys()

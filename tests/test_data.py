@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 from jsonargparse import CLI
-from litgpt import GPT, Config, Tokenizer
+from litgpt import GPT, Tokenizer
 from litgpt.data import DataModule
 from litgpt.lora import GPT as LoRAGPT
 from litgpt.lora import Config as LoRAConfig
@@ -20,6 +20,8 @@ from litgpt_plop.data import (
     score_completion,
 )
 
+from helpers import SMOLLM2_VOCAB, load_gpt, tiny_config
+
 TWO_TERMS = {"min_terms": 2, "max_terms": 2, "max_digits": 2}
 
 
@@ -30,14 +32,7 @@ def tokenizer(smollm2_checkpoint: Path) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_checkpoint: Path) -> GPT:
-    model = GPT(Config.from_file(smollm2_checkpoint / "model_config.yaml"))
-    model.load_state_dict(torch.load(smollm2_checkpoint / "lit_model.pth", mmap=True, weights_only=True))
-    return model
-
-
-def tiny_config(**kwargs: object) -> dict:
-    # Real vocabulary size so that SmolLM2 token ids are valid inputs.
-    return dict(n_layer=2, n_head=4, n_embd=32, block_size=256, vocab_size=49152, padded_vocab_size=49152, **kwargs)
+    return load_gpt(smollm2_checkpoint)
 
 
 def test_litgpt_cli_builds_the_data_module() -> None:
@@ -146,7 +141,10 @@ def test_training_loss_on_a_batch(tokenizer: Tokenizer, smollm2: GPT) -> None:
 
     # Gradients flow on a LoRA model, as in `finetune_lora`.
     torch.manual_seed(0)
-    lora_model = LoRAGPT(LoRAConfig(**tiny_config(lora_r=4, lora_alpha=8, lora_query=True, lora_value=True)))
+    # LitGPT's default (Pythia-style) architecture, SmolLM2's vocabulary so that its token ids are valid inputs
+    lora_config = tiny_config(n_layer=2, mlp="neox", vocab_size=SMOLLM2_VOCAB, block_size=256, config_class=LoRAConfig,
+                              lora_r=4, lora_alpha=8, lora_query=True, lora_value=True)  # fmt: skip
+    lora_model = LoRAGPT(lora_config)
     loss = chunked_cross_entropy(lora_model(input_ids)[..., :-1, :], targets[..., 1:])
     loss.backward()
     assert torch.isfinite(loss) and 10.0 < loss.item() < 12.0  # random init: about ln(49152)
@@ -175,7 +173,8 @@ def test_accuracy_aggregates_scores(tokenizer: Tokenizer, monkeypatch: pytest.Mo
     completions = iter([items[0]["answer"], "wrong", f"It is {items[2]['answer']}", f" {items[3]['answer']} "])
     monkeypatch.setattr(data_module, "generate_completion", lambda *args, **kwargs: next(completions))
 
-    model = GPT(Config(**tiny_config()))
+    # LitGPT's default (Pythia-style) architecture, SmolLM2's vocabulary so that its token ids are valid inputs
+    model = GPT(tiny_config(n_layer=2, mlp="neox", vocab_size=SMOLLM2_VOCAB, block_size=256))
     model.max_seq_length = 16  # shorter than prompt + answer: must be extended, then restored
     model.train()
     result = evaluate_accuracy(model, tokenizer, items, data.scorer(), "smollm2", max_new_tokens=8)

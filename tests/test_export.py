@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from litgpt.scripts.merge_lora import merge_lora
-from litgpt.utils import save_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from litgpt_plop.adapt import apply_placement, current_placement, site_adapter
@@ -24,28 +23,18 @@ from litgpt_plop.export import LORA_FILE, load_adapter, save_adapter
 from litgpt_plop.stock import load_stock_state_dict
 from litgpt_plop.placement import HEAD_LAYER, Placement, PlacementError, Scores
 
+from helpers import load_gpt, tiny_config, write_checkpoint
+
+# The trained model: LLaMA-style, 3 layers, 64 wide, grouped-query attention (4 heads of 16, 2 groups).
 VOCAB = 96
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(**overrides) -> litgpt.Config:
-    """LLaMA-style, grouped-query attention (4 heads, 2 groups)."""
-    kwargs = dict(
-        name="tiny-llama", n_layer=3, n_embd=64, n_head=4, n_query_groups=2, head_size=16, intermediate_size=128,
-        mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm", bias=False, parallel_residual=False,
-        rotary_percentage=1.0, vocab_size=VOCAB, padded_vocab_size=VOCAB, block_size=32,
-    )  # fmt: skip
-    return litgpt.Config(**{**kwargs, **overrides})
-
-
-def write_checkpoint(directory: Path, config: litgpt.Config, seed: int = 0) -> Path:
+def write_checkpoint_with_tokenizer(directory: Path, config: litgpt.Config) -> Path:
     """A LitGPT checkpoint as ``litgpt download`` + ``convert_hf_checkpoint`` leave it, with a word-level tokenizer."""
-    directory.mkdir(parents=True)
-    torch.manual_seed(seed)
-    torch.save(litgpt.model.GPT(config).state_dict(), directory / "lit_model.pth")
-    save_config(config, directory)
+    write_checkpoint(directory, config)
     words = ["<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 2)]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -53,12 +42,6 @@ def write_checkpoint(directory: Path, config: litgpt.Config, seed: int = 0) -> P
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return directory
-
-
-def base_model(checkpoint_dir: Path) -> litgpt.model.GPT:
-    model = litgpt.model.GPT(litgpt.Config.from_file(checkpoint_dir / "model_config.yaml"))
-    model.load_state_dict(torch.load(checkpoint_dir / "lit_model.pth"))
-    return model
 
 
 def mixed_placement(config: litgpt.Config) -> Placement:
@@ -94,8 +77,9 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 @pytest.fixture
 def trained(tmp_path: Path) -> tuple[Path, litgpt.lora.GPT, Placement]:
     """(checkpoint dir, adapted and trained model, its placement)."""
-    checkpoint_dir = write_checkpoint(tmp_path / "checkpoints" / "tiny-llama", tiny_config())
-    model = base_model(checkpoint_dir)
+    config = tiny_config(n_layer=3, n_embd=64, vocab_size=VOCAB)
+    checkpoint_dir = write_checkpoint_with_tokenizer(tmp_path / "checkpoints" / "tiny-llama", config)
+    model = load_gpt(checkpoint_dir)
     placement = mixed_placement(model.config)
     apply_placement(model, placement)
     train(model)
@@ -114,7 +98,7 @@ def test_stock_merge_lora_reproduces_the_model(trained, tmp_path: Path) -> None:
 
     with contextlib.redirect_stdout(io.StringIO()):
         merge_lora(checkpoint_dir=out_dir)  # stock LitGPT, reading hyperparameters.yaml
-    merged = base_model(out_dir)  # the merged lit_model.pth, as a plain GPT, strictly loaded
+    merged = load_gpt(out_dir)  # the merged lit_model.pth, as a plain GPT, strictly loaded
     assert (logits(merged) - logits(model)).abs().max() < 1e-5
 
     # Stock generation runs on the merged directory and continues greedily as the adapted model does.
@@ -136,7 +120,7 @@ def test_load_adapter_recreates_the_model(trained, tmp_path: Path) -> None:
     saved = Placement.load(out_dir / "placement.json")
     assert saved.sites == placement.sites and saved.method == "test" and saved.scores == Scores(candidate_kinds=["value"])
 
-    for source in (checkpoint_dir, None, base_model(checkpoint_dir)):  # a directory, hyperparameters.yaml, a model
+    for source in (checkpoint_dir, None, load_gpt(checkpoint_dir)):  # a directory, hyperparameters.yaml, a model
         loaded = load_adapter(source, out_dir)
         assert isinstance(loaded, litgpt.lora.GPT)
         assert current_placement(loaded).sites == placement.sites
@@ -149,7 +133,7 @@ def test_load_adapter_recreates_the_model(trained, tmp_path: Path) -> None:
             torch.testing.assert_close(theirs.B, ours.B, rtol=1e-6, atol=1e-7)
 
     # The same through the lower-level pair: apply the placement, then load the stock-layout file into it.
-    other = apply_placement(base_model(checkpoint_dir), saved)
+    other = apply_placement(load_gpt(checkpoint_dir), saved)
     load_stock_state_dict(other, torch.load(out_dir / LORA_FILE)["model"])
     assert (logits(other) - logits(model)).abs().max() < 1e-6
 
@@ -191,10 +175,13 @@ def test_saved_file_is_stock_layout(trained, tmp_path: Path) -> None:
 def test_a_placement_for_another_model_is_refused_on_load(trained, tmp_path: Path) -> None:
     checkpoint_dir, model, placement = trained
     out_dir = save_adapter(model, placement, tmp_path / "out", checkpoint_dir=checkpoint_dir)
-    deeper = write_checkpoint(tmp_path / "deeper", tiny_config(n_layer=4))
+    deeper = write_checkpoint_with_tokenizer(tmp_path / "deeper", tiny_config(n_layer=4, n_embd=64, vocab_size=VOCAB))
     with pytest.raises(PlacementError, match="does not fit this model.*made for a model with 3 layers.*has 4"):
         load_adapter(deeper, out_dir)
-    narrower = litgpt.model.GPT(tiny_config(n_embd=32, n_head=2, n_query_groups=1))
+    narrower_config = tiny_config(
+        n_layer=3, n_embd=32, n_head=2, n_query_groups=1, intermediate_size=128, vocab_size=VOCAB
+    )
+    narrower = litgpt.model.GPT(narrower_config)
     with pytest.raises(PlacementError, match="does not fit this model.*width 64.*has width 32"):
         load_adapter(narrower, out_dir)
     assert type(narrower) is litgpt.model.GPT  # refused before it was touched
@@ -206,7 +193,7 @@ def test_adapter_file_and_placement_must_agree(trained, tmp_path: Path) -> None:
     # A placement.json that claims less than the file holds: layer 2's mlp_proj adapter dropped (same flags).
     fewer = Placement.from_sites(model.config, [s for s in placement.sites if (s.layer, s.kind) != (2, "mlp_proj")])
     fewer.save(out_dir / "placement.json", model.config)
-    untouched = base_model(checkpoint_dir)
+    untouched = load_gpt(checkpoint_dir)
     with pytest.raises(PlacementError, match=r"non-zero update beyond rank 0 at site 2.mlp_proj"):
         load_adapter(untouched, out_dir)
     assert type(untouched) is litgpt.model.GPT  # the file was checked before the model was adapted
@@ -227,7 +214,8 @@ def test_save_refuses_a_placement_that_is_not_on_the_model(trained, tmp_path: Pa
     with pytest.raises(PlacementError, match="are not the placement's"):
         save_adapter(model, other, tmp_path / "out", checkpoint_dir=checkpoint_dir)
     with pytest.raises(PlacementError, match="is not the model's.*made for a model with 3 layers"):
-        shallower = write_checkpoint(tmp_path / "shallower", tiny_config(n_layer=2))
+        shallower_config = tiny_config(n_layer=2, n_embd=64, vocab_size=VOCAB)
+        shallower = write_checkpoint_with_tokenizer(tmp_path / "shallower", shallower_config)
         save_adapter(model, placement, tmp_path / "out", checkpoint_dir=shallower)
     assert not (tmp_path / "out").exists()
 
@@ -236,7 +224,7 @@ def test_a_failed_save_leaves_nothing_half_written(trained, tmp_path: Path) -> N
     checkpoint_dir, model, placement = trained
     # A real failure after the adapter file has been written: a tokenizer "file" that cannot be copied.
     broken = tmp_path / "broken"
-    write_checkpoint(broken, tiny_config())
+    write_checkpoint_with_tokenizer(broken, tiny_config(n_layer=3, n_embd=64, vocab_size=VOCAB))
     (broken / "tokenizer.json").unlink()
     (broken / "tokenizer.json").mkdir()
 
@@ -268,11 +256,11 @@ def test_saving_again_replaces_the_whole_directory(trained, tmp_path: Path) -> N
     assert not (out_dir / "notes.txt").exists()
     with contextlib.redirect_stdout(io.StringIO()):
         merge_lora(checkpoint_dir=out_dir)
-    assert (logits(base_model(out_dir)) - logits(model)).abs().max() < 1e-5
+    assert (logits(load_gpt(out_dir)) - logits(model)).abs().max() < 1e-5
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_save_without_adapters_is_refused(tmp_path: Path) -> None:
-    model = litgpt.model.GPT(tiny_config())
+    model = litgpt.model.GPT(tiny_config(n_layer=3, n_embd=64, vocab_size=VOCAB))
     with pytest.raises(PlacementError, match="has no sites|no adapters"):
         save_adapter(model, Placement(sites=[]), tmp_path / "out")

@@ -12,6 +12,8 @@ from litgpt.prompts import PromptStyle, SmolLM2
 from litgpt_plop import prepare
 from litgpt_plop.prepare import prepare_smollm2, unpermute_rope
 
+from helpers import load_gpt
+
 # Plain English prose, not in any prompt format. SmolLM2-135M-Instruct scores a perplexity of about 12 on it.
 PARAGRAPH = (
     "Water is an inorganic compound with the chemical formula H2O. It is a transparent, tasteless, odorless, and nearly"
@@ -31,11 +33,7 @@ def _gguf_installed() -> bool:
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(smollm2_checkpoint: Path) -> tuple[GPT, Tokenizer]:
-    config = Config.from_file(smollm2_checkpoint / "model_config.yaml")
-    model = GPT(config)
-    model.load_state_dict(torch.load(smollm2_checkpoint / "lit_model.pth", mmap=True, weights_only=True))
-    model.eval()
-    return model, Tokenizer(smollm2_checkpoint)
+    return load_gpt(smollm2_checkpoint).eval(), Tokenizer(smollm2_checkpoint)
 
 
 @torch.no_grad()

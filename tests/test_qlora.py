@@ -49,9 +49,7 @@ from litgpt_plop.quantize import quantize_linears_4bit
 from litgpt_plop.scoring import CkaScorer, PlopScorer
 from litgpt_plop.select import plan_placement
 
-# The tiny checkpoint (random LLaMA-style weights + SmolLM2's tokenizer) and the finetune helpers of the CLI tests.
-from test_cli import logged_metric, tiny_checkpoint, tiny_run  # noqa: F401  (tiny_checkpoint is a fixture)
-from test_real_model import kendall_tau
+from helpers import kendall_tau, logged_metric, random_gpt, tiny_config, tiny_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,13 +67,8 @@ def tiny_4bit_lora_model() -> litgpt.lora.GPT:
     Output sizes are multiples of 32, as bitsandbytes' CPU repack needs. ``lora_B`` starts random (not LitGPT's
     zero), so that ``lora_A`` gets a gradient as well.
     """
-    torch.manual_seed(0)
-    config = litgpt.Config(
-        name="tiny-llama", n_layer=2, n_embd=64, n_head=4, n_query_groups=2, head_size=16, intermediate_size=128,
-        mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm", bias=False, parallel_residual=False,
-        rotary_percentage=1.0, vocab_size=VOCAB, padded_vocab_size=VOCAB, block_size=32,
-    )  # fmt: skip
-    model = litgpt.model.GPT(config)
+    config = tiny_config(n_layer=2, n_embd=64, vocab_size=VOCAB)
+    model = random_gpt(config)
     assert quantize_linears_4bit(model, quant_type="nf4", double_quant=True) == config.n_layer * 5
     placement = Placement.from_kinds(config, model_kinds(config), rank=4, lora_alpha=8)
     gpt = apply_placement(model, placement)

@@ -4,7 +4,7 @@
   64 reasoning-gym prompts rank the kinds alike.
 * NFN separates the kinds: some are far from 1 (value ~0.6, key ~1.6 on this model and task).
 * The closed-form denominator ``||W||_F / sqrt(d_in)`` and the authors' Monte-Carlo ``mean ||W r||`` agree on
-  the real matrices, the q/k/v row slices of the fused qkv included (methods.md section 1: within ~1.5%).
+  the real matrices, the q/k/v row slices of the fused qkv included (docs/methods.md section 1: within ~1.5%).
 """
 
 from __future__ import annotations
@@ -24,31 +24,11 @@ from litgpt_plop.checkpoint import load_checkpoint_model
 from litgpt_plop.scoring import closed_form_denominator, monte_carlo_denominator, weight_matrix
 from litgpt_plop.select import plan_placement
 
+from helpers import kendall_tau
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SET_SIZE = 64
-
-
-def kendall_tau(a: dict[str, float], b: dict[str, float]) -> float:
-    """Kendall's tau-b between two scorings of the same keys (ties counted as neither concordant nor discordant)."""
-    keys = sorted(a)
-    assert keys == sorted(b)
-    concordant = discordant = ties_a = ties_b = 0
-    for i, k in enumerate(keys):
-        for l in keys[i + 1 :]:
-            da, db = a[k] - a[l], b[k] - b[l]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ties_a += 1
-            elif db == 0:
-                ties_b += 1
-            elif (da > 0) == (db > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denominator = ((concordant + discordant + ties_a) * (concordant + discordant + ties_b)) ** 0.5
-    return (concordant - discordant) / denominator if denominator else 1.0
 
 
 @pytest.fixture(scope="module")

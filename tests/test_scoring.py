@@ -29,6 +29,8 @@ from litgpt_plop.scoring import (
 from litgpt_plop.methods import method_names
 from litgpt_plop.select import budget_params, plan_placement, select_placement
 
+from helpers import SCORING_MODEL, random_gpt, tiny_config
+
 
 def nfn(linear: nn.Module, inputs: torch.Tensor, denominator: str = "closed_form", mc_samples: int = 4096, seed: int = 0) -> float:
     """Reference NFN of one linear on one batch of inputs ``(N, d_in)`` (every row a real token), written
@@ -43,28 +45,6 @@ def nfn(linear: nn.Module, inputs: torch.Tensor, denominator: str = "closed_form
         return numerator / closed_form_denominator(weight)
     return numerator / monte_carlo_denominator(weight, mc_samples, seed)
 
-
-
-def tiny_config(n_layer: int = 4, **kwargs) -> Config:
-    """A LLaMA-style model with grouped queries (query 64 rows, key/value 32 rows each)."""
-    settings = dict(
-        name="tiny-llama",
-        n_layer=n_layer,
-        n_embd=64,
-        n_head=4,
-        n_query_groups=2,
-        block_size=128,
-        vocab_size=100,
-        padded_vocab_size=128,
-        bias=False,
-        mlp_class_name="LLaMAMLP",
-        intermediate_size=96,
-        norm_class_name="RMSNorm",
-        parallel_residual=False,
-        rotary_percentage=1.0,
-    )
-    settings.update(kwargs)
-    return Config(**settings)
 
 
 # ---- NFN --------------------------------------------------------------------------------------------------
@@ -137,9 +117,8 @@ def test_zero_inputs_are_skipped():
 
 
 def test_fused_qkv_slices_score_like_separate_linears():
-    torch.manual_seed(0)
-    config = tiny_config(n_layer=2, bias=True)
-    gpt = GPT(config)
+    config = tiny_config(n_layer=2, **SCORING_MODEL, bias=True)
+    gpt = random_gpt(config)
     with torch.no_grad():  # a bias that would change the numbers if it were not subtracted
         for block in gpt.transformer.h:
             block.attn.qkv.bias.uniform_(-2.0, 2.0)
@@ -267,7 +246,7 @@ def synthetic_cka(degenerate: list[int] | None = None) -> CkaScores:
 
 
 def test_plop_chooses_the_three_lowest_kinds_on_every_layer():
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     placement = select_placement(config, "plop", plop_scores=synthetic_plop(config))
     assert set(placement.kinds) == {"projection", "value", "mlp_proj"}
     assert placement.layers == [0, 1, 2, 3]
@@ -279,7 +258,7 @@ def test_plop_chooses_the_three_lowest_kinds_on_every_layer():
 
 
 def test_plop_inverse_chooses_the_highest_kinds():
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     placement = select_placement(config, "plop-inverse", plop_scores=synthetic_plop(config), plop=PlopArgs(num_kinds=2))
     assert set(placement.kinds) == {"query", "key"}
 
@@ -289,7 +268,7 @@ def kind_cost(config: Config, kind: str, rank: int = 8) -> int:
 
 
 def test_plop_budget_as_a_fraction_and_as_a_count():
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     scores = synthetic_plop(config)
     all_params = sum(kind_cost(config, k) for k in model_kinds(config))
     # projection (lowest) + value fit; mlp_proj (third) would not
@@ -305,7 +284,7 @@ def test_plop_budget_as_a_fraction_and_as_a_count():
 
 
 def test_plop_site_granularity_respects_the_budget_and_takes_the_lowest_sites():
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     scores = synthetic_plop(config)
     limit = 10 * site_params(config, "mlp_proj", 8)
     placement = select_placement(config, "plop", plop_scores=scores, plop=PlopArgs(budget=limit, granularity="site"))
@@ -320,7 +299,7 @@ def test_plop_site_granularity_respects_the_budget_and_takes_the_lowest_sites():
 
 
 def test_cka_keeps_the_lowest_ratio_of_layers_with_every_kind():
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     placement = select_placement(config, "cka", cka_scores=synthetic_cka())
     assert placement.layers == [1, 3]
     assert set(placement.kinds) == set(model_kinds(config))
@@ -330,7 +309,7 @@ def test_cka_keeps_the_lowest_ratio_of_layers_with_every_kind():
 
 
 def test_cka_never_selects_degenerate_layers():
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     with pytest.warns(UserWarning, match=r"layer\(s\) \[3\]"):
         placement = select_placement(config, "cka", cka_scores=synthetic_cka(degenerate=[3]))
     assert placement.layers == [1, 2]
@@ -340,7 +319,7 @@ def test_cka_never_selects_degenerate_layers():
 
 
 def test_plop_plus_cka_puts_plop_kinds_on_cka_layers():
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     placement = select_placement(config, "plop+cka", plop_scores=synthetic_plop(config), cka_scores=synthetic_cka())
     assert set(placement.kinds) == {"projection", "value", "mlp_proj"}
     assert placement.layers == [1, 3]
@@ -350,7 +329,7 @@ def test_plop_plus_cka_puts_plop_kinds_on_cka_layers():
 
 
 def test_methods_respect_candidate_kinds_and_layers():
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     plop, cka = synthetic_plop(config), synthetic_cka()
     placement = select_placement(
         config, "plop", plop_scores=plop, candidate_kinds=["query", "key", "mlp_fc_1", "mlp_fc_2"], candidate_layers=[0, 2]
@@ -366,7 +345,7 @@ def test_methods_respect_candidate_kinds_and_layers():
 
 
 def test_selection_errors_name_the_problem():
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     plop = synthetic_plop(config)
     with pytest.raises(PlacementError, match=r"budget .* selects nothing.*'projection'"):
         select_placement(config, "plop", plop_scores=plop, plop=PlopArgs(budget=100))
@@ -388,7 +367,7 @@ def test_selection_errors_name_the_problem():
 
 
 def test_plan_placement_rejects_an_unknown_method_before_calibrating():
-    gpt = GPT(tiny_config(n_layer=1))
+    gpt = GPT(tiny_config(n_layer=1, **SCORING_MODEL))
     with pytest.raises(PlacementError, match="Unknown placement method 'nope'"):
         plan_placement(gpt, [torch.tensor([1, 2, 3])], method="nope")
 
@@ -398,7 +377,7 @@ def test_plan_placement_rejects_an_unknown_method_before_calibrating():
 
 @pytest.mark.parametrize("method", ["plop", "cka", "plop+cka", "plop-site"])
 def test_report_is_written(tmp_path, method):
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     plop_args = PlopArgs(budget=0.3, granularity="site") if method == "plop-site" else PlopArgs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -431,7 +410,7 @@ def test_report_is_written(tmp_path, method):
 def test_report_of_a_fixed_preset_without_scores(tmp_path):
     from litgpt_plop.placement import preset
 
-    config = tiny_config()
+    config = tiny_config(n_layer=4, **SCORING_MODEL)
     placement = preset("qv", config)
     report_path, png_path = write_report(placement, config, tmp_path)
     assert png_path.read_bytes().startswith(b"\x89PNG")
@@ -442,9 +421,8 @@ def test_report_of_a_fixed_preset_without_scores(tmp_path):
 
 def test_nfn_does_not_depend_on_how_prompts_are_batched():
     """The same prompts in batches of 1 and of 8 give the same NFN per kind and per site (fp32, 1e-5 relative)."""
-    torch.manual_seed(0)
-    config = tiny_config(n_layer=2)
-    gpt = GPT(config)
+    config = tiny_config(n_layer=2, **SCORING_MODEL)
+    gpt = random_gpt(config)
     token_ids = [torch.randint(0, 100, (3 + 7 * (i % 5),), generator=torch.Generator().manual_seed(i)) for i in range(16)]
     results = []
     for batch_size in (1, 8):

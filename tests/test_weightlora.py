@@ -11,7 +11,6 @@ import math
 import weakref
 from pathlib import Path
 
-import lightning as L
 import litgpt
 import litgpt.model
 import pytest
@@ -19,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from litgpt.scripts.merge_lora import merge_lora
-from litgpt.utils import save_config
 from torch.utils.data import DataLoader
 
 from litgpt_plop.adapt import (
@@ -35,30 +33,19 @@ from litgpt_plop.weightlora import (
     round_steps,
 )  # fmt: skip
 
+from helpers import LitLLM, load_gpt, random_gpt, tiny_config, trainer, write_checkpoint
+
+# Every model here is tiny_config's default with this vocabulary: LLaMA-style, 2 layers, 32 wide, grouped-query
+# attention (4 heads of 8, 2 groups): q, k, v parts of different sizes.
 VOCAB = 64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(**overrides) -> litgpt.Config:
-    """LLaMA-style with grouped-query attention (4 heads, 2 groups): q, k, v parts of different sizes."""
-    kwargs = dict(
-        name="tiny-llama", n_layer=2, n_embd=32, n_head=4, n_query_groups=2, head_size=8, intermediate_size=64,
-        mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm", bias=False, parallel_residual=False,
-        rotary_percentage=1.0, vocab_size=VOCAB, padded_vocab_size=VOCAB, block_size=32,
-    )  # fmt: skip
-    return litgpt.Config(**{**kwargs, **overrides})
-
-
 def square_config() -> litgpt.Config:
     """Every site is 32 x 32 (no GQA, intermediate size = width), so every adapter of rank r costs the same."""
-    return tiny_config(n_query_groups=4, intermediate_size=32)
-
-
-def fresh_model(config: litgpt.Config, seed: int = 0) -> litgpt.model.GPT:
-    torch.manual_seed(seed)
-    return litgpt.model.GPT(config)
+    return tiny_config(vocab_size=VOCAB, n_query_groups=4, intermediate_size=32)
 
 
 TOKENS = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(5))
@@ -107,8 +94,8 @@ def updates(model: torch.nn.Module, placement: Placement) -> dict[str, torch.Ten
 
 
 def test_exactly_k_gates_every_step_then_only_k_adapters_and_no_stale_optimizer_state():
-    config = tiny_config()
-    model = fresh_model(config)
+    config = tiny_config(vocab_size=VOCAB)
+    model = random_gpt(config)
     candidates = preset_placement("all", config, rank=2)  # 2 layers x 7 kinds
     k, warmup = 5, 4
     controller = WeightLoRAController(model, candidates, WeightLoRAArgs(k=k, warmup_steps=warmup), max_steps=6)
@@ -157,8 +144,8 @@ def test_exactly_k_gates_every_step_then_only_k_adapters_and_no_stale_optimizer_
 
 def test_the_end_of_warmup_changes_nothing_the_model_computes():
     """Removing zero-gated adapters and folding the gates into B is exact."""
-    config = tiny_config()
-    model = fresh_model(config)
+    config = tiny_config(vocab_size=VOCAB)
+    model = random_gpt(config)
     candidates = preset_placement("all", config, rank=2)
     controller = WeightLoRAController(model, candidates, WeightLoRAArgs(k=6, warmup_steps=3))
     optimizer = adamw(model)
@@ -179,8 +166,8 @@ def test_the_end_of_warmup_changes_nothing_the_model_computes():
 def test_fused_qkv_parts_are_separate_adapters_and_keep_their_optimizer_state():
     """Gates per part of the fused qkv; when a part is removed the others move to a new tensor with their Adam
     moments (rescaled for the folded gate), the rest keep theirs."""
-    config = tiny_config()
-    model = fresh_model(config)
+    config = tiny_config(vocab_size=VOCAB)
+    model = random_gpt(config)
     sites = [(0, "query", 2), (0, "key", 2), (0, "value", 2), (1, "mlp_proj", 2)]
     candidates = Placement.from_sites(config, sites, method="test")
     controller = WeightLoRAController(model, candidates, WeightLoRAArgs(k=2, warmup_steps=2))
@@ -220,8 +207,8 @@ def test_fused_qkv_parts_are_separate_adapters_and_keep_their_optimizer_state():
 
 
 def test_rank_extension_leaves_every_update_unchanged():
-    config = tiny_config()
-    model = fresh_model(config)
+    config = tiny_config(vocab_size=VOCAB)
+    model = random_gpt(config)
     sites = [(0, "query", 2), (0, "value", 2), (0, "mlp_proj", 2), (1, "projection", 3)]
     placement = Placement.from_sites(config, sites)
     apply_placement(model, placement)
@@ -261,7 +248,7 @@ MLP = ("mlp_fc_1", "mlp_fc_2", "mlp_proj")
 )
 def test_weightlora_plus_ends_with_the_budget_it_started_with(kinds, k):
     config = square_config()
-    model = fresh_model(config)
+    model = random_gpt(config)
     rank, warmup = 2, 7
     candidates = Placement.from_kinds(config, kinds, rank=rank)
     args = WeightLoRAArgs(k=k, warmup_steps=warmup, plus=True, rounds=2)
@@ -379,31 +366,20 @@ def test_rescale_state_rows_divides_exp_avg_by_w_and_exp_avg_sq_by_w_squared():
 # ---- export ------------------------------------------------------------------------------------------------
 
 
-def write_checkpoint(directory: Path, config: litgpt.Config) -> Path:
-    """A LitGPT checkpoint directory: weights, config and (placeholder) tokenizer files that merge_lora checks for."""
-    directory.mkdir(parents=True)
-    torch.save(fresh_model(config, seed=1).state_dict(), directory / "lit_model.pth")
-    save_config(config, directory)
-    (directory / "tokenizer.json").write_text("{}")
-    (directory / "tokenizer_config.json").write_text("{}")
-    return directory
-
-
 def merged_logits(model: torch.nn.Module, placement: Placement, checkpoint_dir: Path, out_dir: Path) -> torch.Tensor:
     """Save, merge with stock ``litgpt merge_lora``, reload the merged weights as a plain ``litgpt.model.GPT``."""
     save_adapter(model, placement, out_dir, checkpoint_dir=checkpoint_dir)
     with contextlib.redirect_stdout(io.StringIO()):
         merge_lora(checkpoint_dir=out_dir)
-    plain = litgpt.model.GPT(litgpt.Config.from_file(out_dir / "model_config.yaml"))
-    plain.load_state_dict(torch.load(out_dir / "lit_model.pth"))
-    return logits(plain.eval())
+    return logits(load_gpt(out_dir).eval())
 
 
 def test_saved_adapters_merge_in_stock_litgpt_during_and_after_warmup(tmp_path):
-    config = tiny_config()
-    checkpoint_dir = write_checkpoint(tmp_path / "base", config)
-    model = litgpt.model.GPT(config)
-    model.load_state_dict(torch.load(checkpoint_dir / "lit_model.pth"))
+    config = tiny_config(vocab_size=VOCAB)
+    checkpoint_dir = write_checkpoint(tmp_path / "base", config, seed=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # placeholders: merge_lora only checks they exist
+        (checkpoint_dir / name).write_text("{}")
+    model = load_gpt(checkpoint_dir)
     sites = [(0, "query", 2), (0, "key", 4), (0, "value", 2), (0, "mlp_fc_2", 4), (1, "projection", 2)]
     sites += [(1, "mlp_proj", 4), (HEAD_LAYER, "head", 2)]
     candidates = Placement.from_sites(config, sites, method="plop")  # e.g. a PLoP placement, mixed ranks
@@ -432,25 +408,9 @@ def test_saved_adapters_merge_in_stock_litgpt_during_and_after_warmup(tmp_path):
 # ---- Lightning ---------------------------------------------------------------------------------------------
 
 
-class LitLLM(L.LightningModule):
-    """A LightningModule around a plain LitGPT model: next-token loss on batches of token ids."""
-
-    def __init__(self, lr: float = 1e-2) -> None:
-        super().__init__()
-        self.model = fresh_model(tiny_config())
-        self.lr = lr
-        self.losses: list[float] = []
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
-        self.losses.append(loss.item())
-        return loss
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 100)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+def lit_module() -> LitLLM:
+    """The tiny model, AdamW at 1e-2 decaying linearly to 0 over 100 steps."""
+    return LitLLM(tiny_config(vocab_size=VOCAB), lr=1e-2, lr_decay_steps=100)
 
 
 def loader(n: int = 32, seed: int = 0) -> DataLoader:
@@ -458,17 +418,10 @@ def loader(n: int = 32, seed: int = 0) -> DataLoader:
     return DataLoader((starts + 3 * torch.arange(17)) % VOCAB, batch_size=2)
 
 
-def trainer(tmp_path: Path, callbacks: list, max_steps: int, **kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1
-    )
-    return L.Trainer(default_root_dir=tmp_path, max_steps=max_steps, callbacks=callbacks, **{**options, **kwargs})
-
-
 def test_trainer_fit_end_to_end_with_gradient_accumulation(tmp_path):
     callback = WeightLoRACallback(WeightLoRAArgs(k=3, warmup_steps=4), candidates="all", lora_r=2)
-    module = LitLLM()
-    t = trainer(tmp_path, [callback], max_steps=7, accumulate_grad_batches=2)
+    module = lit_module()
+    t = trainer(tmp_path, [callback], max_steps=7, accumulate_grad_batches=2, log_every_n_steps=1)  # metrics read below
     t.fit(module, train_dataloaders=loader())
 
     assert t.global_step == 7 and len(module.losses) == 14
@@ -494,14 +447,14 @@ def test_trainer_fit_end_to_end_with_gradient_accumulation(tmp_path):
 
 def test_resume_mid_warmup_continues_as_an_uninterrupted_run(tmp_path):
     args = WeightLoRAArgs(k=4, warmup_steps=4)
-    straight = LitLLM()
+    straight = lit_module()
     every_2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     callbacks = [WeightLoRACallback(args, lora_r=2), every_2]
     trainer(tmp_path / "straight", callbacks, max_steps=6).fit(straight, loader(n=4))
     (mid_warmup,) = (tmp_path / "ckpt").glob("*step=2.ckpt")
 
     resumed_callback = WeightLoRACallback(args, lora_r=2)
-    resumed = LitLLM()
+    resumed = lit_module()
     t = trainer(tmp_path / "resumed", [resumed_callback], max_steps=6)
     t.fit(resumed, loader(n=4), ckpt_path=mid_warmup)  # 2 batches an epoch: the checkpoint is at an epoch's end
 
@@ -515,8 +468,8 @@ def test_resume_mid_warmup_continues_as_an_uninterrupted_run(tmp_path):
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
-    config = tiny_config()
-    model = fresh_model(config)
+    config = tiny_config(vocab_size=VOCAB)
+    model = random_gpt(config)
     qv = preset_placement("qv", config, rank=2)  # 4 candidates
     with pytest.raises(ValueError, match=r"K=5 is larger than the number of candidate adapters \(4\)"):
         WeightLoRAController(model, qv, WeightLoRAArgs(k=5, warmup_steps=2))
@@ -539,4 +492,4 @@ def test_bad_input_is_a_clear_error(tmp_path):
     # the callback knows the run's length from the Trainer
     callback = WeightLoRACallback(WeightLoRAArgs(k=2, warmup_steps=10), candidates="qv", lora_r=2)
     with pytest.raises(ValueError, match=r"warm-up \(10 steps\) is longer than the run \(3 optimizer steps\)"):
-        trainer(tmp_path, [callback], max_steps=3).fit(LitLLM(), loader())
+        trainer(tmp_path, [callback], max_steps=3).fit(lit_module(), loader())
