@@ -231,23 +231,9 @@ def test_every_command_parses_and_a_malformed_one_does_not():
 
 
 @pytest.fixture(scope="module")
-def tiny_cpu_checkpoint(tmp_path_factory, smollm2_checkpoint) -> Path:
-    from litgpt import GPT, Config
-    from litgpt.utils import save_config
-
-    checkpoint_dir = tmp_path_factory.mktemp("gpu_check") / "tiny-llama"
-    checkpoint_dir.mkdir()
-    config = Config(
-        name="tiny-llama", block_size=256, n_layer=2, n_embd=32, n_head=4, n_query_groups=2, head_size=8,
-        intermediate_size=64, vocab_size=49152, padded_vocab_size=49152, bias=False, parallel_residual=False,
-        norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", rotary_percentage=1.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    torch.save(GPT(config).state_dict(), checkpoint_dir / "lit_model.pth")
-    save_config(config, checkpoint_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy2(smollm2_checkpoint / name, checkpoint_dir / name)
-    return checkpoint_dir
+def tiny_cpu_checkpoint(tiny_checkpoint) -> Path:
+    """The shared tiny random LLaMA-style checkpoint (conftest)."""
+    return tiny_checkpoint
 
 
 @pytest.mark.parametrize("kind", ["litgpt", "plugin-qv"])

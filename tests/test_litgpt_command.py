@@ -9,7 +9,6 @@ it is without this package.
 import importlib.metadata
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from litgpt import Config
-from litgpt.model import GPT
-from litgpt.utils import save_config
 
 from litgpt_plop.litgpt_command import supported_litgpt
 from litgpt_plop.litgpt_hook import DISABLE_VARIABLE
@@ -45,21 +41,9 @@ TINY_FINETUNE = [
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, smollm2_checkpoint) -> Path:
-    """A tiny random LLaMA-style LitGPT checkpoint with SmolLM2's tokenizer (where the real model is not needed)."""
-    checkpoint_dir = tmp_path_factory.mktemp("checkpoints") / "tiny-llama"
-    checkpoint_dir.mkdir()
-    config = Config(
-        name="tiny-llama", block_size=256, n_layer=2, n_embd=32, n_head=4, n_query_groups=2, head_size=8,
-        intermediate_size=64, vocab_size=49152, padded_vocab_size=49152, bias=False, parallel_residual=False,
-        norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", rotary_percentage=1.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    torch.save(GPT(config).state_dict(), checkpoint_dir / "lit_model.pth")
-    save_config(config, checkpoint_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(smollm2_checkpoint / name, checkpoint_dir / name)
-    return checkpoint_dir
+def tiny_llama(tiny_checkpoint) -> Path:
+    """The shared tiny random LLaMA-style checkpoint (conftest), where the real model is not needed."""
+    return tiny_checkpoint
 
 
 def run(command: list, cwd: Path, disable: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
