@@ -94,7 +94,7 @@ class Settings:
 class Budget:
     """Seconds: the whole check, and the longest any one step may take (each is cut to what is left)."""
 
-    total_s: float = 330.0
+    total_s: float = 400.0
     install_s: float = 90.0
     prepare_s: float = 120.0
     run_s: dict[str, float] = dataclasses.field(default_factory=lambda: {"Llama-3.2-1B": 120.0, "SmolLM2-135M": 75.0})

@@ -95,7 +95,9 @@ def test_qlora_on_cuda_updates_exactly_the_adapters(runs, kind):
     assert run["optimizer_params"] == run["lora_params"]
     assert run["fit_peak_cuda_mib"] > 0 and run["peak_cuda_whole_run_mib"] >= run["fit_peak_cuda_mib"]
     losses = run["losses"]
-    assert len(losses) == SETTINGS.steps and all(math.isfinite(x) for x in losses)
+    # LitGPT's CSV logger writes a row when the next one comes and is never finalized, so the last step's row is
+    # missing from metrics.csv (stock `litgpt finetune_lora` on CPU: 5 rows for 6 steps)
+    assert SETTINGS.steps - 1 <= len(losses) <= SETTINGS.steps and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], losses
     final = run["out_dir"] / "final"
     assert (final / "lit_model.pth.lora").is_file() and (final / "lit_model.pth").is_file()
