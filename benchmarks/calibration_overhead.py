@@ -15,7 +15,8 @@ On SmolLM2-135M-Instruct with reasoning-gym prompts (the model's chat style), fo
 
 Two forward baselines: ``forward`` is the plain model call (it computes the vocabulary-sized logits);
 ``forward_blocks`` stops before ``ln_f`` as the calibration pass does (same compute as the pass without the
-hooks). Goals (from the issues): time <= 1.15x, memory <= 1.10x the plain forward.
+hooks): the fair floor, which the time goals refer to (issue #17): PLoP and PLoP+CKA <= 1.10x, CKA over all
+tokens <= 1.15x, CKA on the last token <= 1.10x a blocks-only forward. Memory goal: <= 1.10x the plain forward.
 
 The 4-bit case (QLoRA): the model's block linears in NF4 (bitsandbytes' CPU kernels, fp32 compute, as
 ``litgpt-plop finetune --quantize bnb.nf4`` runs on CPU): PLoP's peak against the 4-bit inference forward over
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import time
 import warnings
@@ -50,7 +52,9 @@ METHODS = {
     "plop+cka": ("plop+cka", "last"),
 }
 MODES = FORWARDS + tuple(METHODS)
-TIME_GOAL, MEMORY_GOAL, MEMORY_GOAL_4BIT = 1.15, 1.10, 1.05
+# time / forward_blocks, per method (issue #17)
+TIME_GOALS = {"plop": 1.10, "cka_last": 1.10, "cka_tokens": 1.15, "plop+cka": 1.10}
+MEMORY_GOAL, MEMORY_GOAL_4BIT = 1.10, 1.05
 
 
 # ---- one measurement --------------------------------------------------------------------------------------
@@ -247,6 +251,8 @@ def finish(model, mode: str, scorers: list):
     from litgpt_plop.select import select_placement
 
     method, pooling = METHODS[mode]
+    for scorer in scorers:  # the batches were fed with reduce=False, one calibrate call each
+        scorer.reduce()
     plop = next((s for s in scorers if isinstance(s, PlopScorer)), None)
     cka = next((s for s in scorers if isinstance(s, CkaScorer)), None)
     with warnings.catch_warnings():
@@ -263,7 +269,8 @@ def finish(model, mode: str, scorers: list):
 def measure_time(args, log) -> tuple[dict, dict, dict, list[str]]:
     """Wall time of every mode on ``args.num_prompts`` prompts, ``args.reps`` times.
 
-    Interleaved batch by batch: for each batch, every mode runs on it back to back (the order rotates), so a
+    After an unmeasured warm-up pass over every batch in every mode, interleaved batch by batch: for each batch,
+    every mode runs on it back to back (the order rotates), so a
     change in the machine's load hits every mode alike. A method's batch is one ``calibrate`` call on its
     scorers (hooks registered and removed each time: a few ms per call, so this slightly overstates the
     pass); after the last batch its scores and selection are computed (``finish``), as in ``plan_placement``.
@@ -276,12 +283,16 @@ def measure_time(args, log) -> tuple[dict, dict, dict, list[str]]:
     ids = token_ids(args.checkpoint_dir, args.num_prompts)
     batches = batches_of(ids, args.batch_size)
     model = load_model(args.checkpoint_dir, None)
-    # warm-up: one batch of each (thread pools, kernel caches)
-    for mode in MODES:
-        if mode in FORWARDS:
-            run_forward(model, batches[:1], blocks_only=mode == "forward_blocks")
-        else:
-            calibrate(model, batches[:1], make_scorers(model, mode), progress=False)
+    # warm-up, not measured: every batch once in every mode (thread pools, kernel caches, and the allocator
+    # grown to every batch shape: a first repetition measured cold ran up to 10% slower in some modes)
+    warm = {mode: make_scorers(model, mode) for mode in METHODS}
+    for batch in batches:
+        for mode in MODES:
+            if mode in FORWARDS:
+                run_forward(model, [batch], blocks_only=mode == "forward_blocks")
+            else:
+                calibrate(model, [batch], warm[mode], progress=False, reduce=False)
+    del warm
     samples: dict[str, list[float]] = {mode: [] for mode in MODES}
     finish_samples: dict[str, list[float]] = {mode: [] for mode in METHODS}
     batch_samples: dict[str, list[float]] = {mode: [] for mode in MODES}  # every (rep, batch), in the same order
@@ -297,7 +308,7 @@ def measure_time(args, log) -> tuple[dict, dict, dict, list[str]]:
                 if mode in FORWARDS:
                     run_forward(model, [batch], blocks_only=mode == "forward_blocks")
                 else:
-                    calibrate(model, [batch], scorers[mode], progress=False)
+                    calibrate(model, [batch], scorers[mode], progress=False, reduce=False)
                 batch_samples[mode].append(time.perf_counter() - start)
                 totals[mode] += batch_samples[mode][-1]
         for mode in METHODS:
@@ -347,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     host = machine()
     started = time.perf_counter()
+    load_start = list(os.getloadavg())  # a shared machine: ratios are side by side, but say how busy it was
 
     def log(text: str) -> None:
         print(text, flush=True)
@@ -412,7 +424,9 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Machine: {host['cpu']}, {host['logical_cpus']} CPUs, torch {torch.__version__},"
         f" {torch.get_num_threads()} threads; memory method: {memory['forward']['memory_method']};"
-        f" MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset (glibc dynamic)'} in the memory subprocesses.",
+        f" MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset (glibc dynamic)'} in the memory subprocesses."
+        f" Load average (1/5/15 min) at start {', '.join(f'{x:.1f}' for x in load_start)},"
+        f" at end {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {host['logical_cpus']} CPUs.",
         (f"Time: {args.reps} in-process repetitions interleaved batch by batch; ratios are medians of per-repetition ratios."
          if args.reps > 0 else "Time: not measured in this run (--reps 0): the time columns are nan.")
         + f" Memory: one fresh subprocess per figure (median of {args.mem_reps}).",
@@ -422,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
             f" +{memory[m]['increase_mib']:.1f} MiB" for m in FORWARDS
         ) + ".",
         "",
-        f"| method | time s (of which scores + selection) | time / forward (goal <= {TIME_GOAL}) | time / forward_blocks |"
+        "| method | time s (of which scores + selection) | time / forward | time / forward_blocks (goal) |"
         " per-batch time / forward, median | per-batch / forward_blocks, median |"
         f" peak RSS / forward (goal <= {MEMORY_GOAL}) | peak RSS / forward_blocks | pass adds MiB | adds / forward's |"
         " adds / forward_blocks' |",
@@ -430,7 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for r in rows:
         md.append(
-            f"| {r['mode']} | {r['time_s']:.2f} ({r['finish_s']:.2f}) | {r['time_vs_forward']:.3f} | {r['time_vs_forward_blocks']:.3f} |"
+            f"| {r['mode']} | {r['time_s']:.2f} ({r['finish_s']:.2f}) | {r['time_vs_forward']:.3f} |"
+            f" {r['time_vs_forward_blocks']:.3f} (<= {TIME_GOALS[r['mode']]}: {'met' if r['time_vs_forward_blocks'] <= TIME_GOALS[r['mode']] else 'NOT met'}) |"
             f" {r['batch_time_vs_forward']:.3f} | {r['batch_time_vs_forward_blocks']:.3f} |"
             f" {r['peak_vs_forward']:.3f} | {r['peak_vs_forward_blocks']:.3f} | {r['increase_mib']:.1f} |"
             f" {r['increase_vs_forward']:.2f} | {r['increase_vs_forward_blocks']:.2f} |"
@@ -495,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
         "growth": {str(k): v for k, v in growth.items()},
         "four_bit": four_bit,
         "plop_kinds": plop_kinds,
-        "goals": {"time": TIME_GOAL, "memory": MEMORY_GOAL, "memory_4bit": MEMORY_GOAL_4BIT},
+        "goals": {"time_vs_forward_blocks": TIME_GOALS, "memory": MEMORY_GOAL, "memory_4bit": MEMORY_GOAL_4BIT},
+        "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "machine": host,
     }
     write_results(args.out, "calibration_overhead" + (f"_{args.tag}" if args.tag else ""), results, text)

@@ -18,7 +18,8 @@ On a CUDA machine (detected) the runs are ``litgpt finetune_lora --quantize bnb.
 
 Figures per run:
 * process peak RSS (``os.wait4`` on the child: its own ``ru_maxrss``): the whole run, so loading (the CPU 4-bit
-  path loads the dense checkpoint first, then quantizes), calibration, training and the final merge;
+  path quantizes each block linear as it loads from the memory-mapped checkpoint, ``litgpt_plop.checkpoint``),
+  calibration, training and the final merge (LitGPT's ``merge_lora``, which loads the dense model);
 * peak RSS during LitGPT's training loop only, over the RSS just before it (the kernel's peak counter is reset
   when ``fit`` starts: ``/proc/self/clear_refs``), measured inside the child;
 * on CUDA: ``torch.cuda.max_memory_allocated`` over the whole run and over the training loop, and the GPU's name;
@@ -40,7 +41,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.common import REPO_ROOT, RESULTS_ROOT, PeakRss, benchmark_parser, machine, run_worker, write_results
+from benchmarks.common import REPO_ROOT, RESULTS_ROOT, PeakRss, benchmark_parser, machine, run_worker, status_kib, write_results
 
 
 def child(argv: list[str], report: Path) -> None:
@@ -57,6 +58,9 @@ def child(argv: list[str], report: Path) -> None:
             measured["fit_baseline_cuda_mib"] = torch.cuda.memory_allocated() / 2**20
             measured["peak_cuda_before_fit_mib"] = torch.cuda.max_memory_allocated() / 2**20
             torch.cuda.reset_peak_memory_stats()
+        # the process's own peak so far: PeakRss resets the kernel's counter (ru_maxrss from wait4 is no substitute:
+        # after a vfork + exec it starts at the launching process's peak)
+        measured["vmhwm_before_fit_mib"] = status_kib("VmHWM") / 1024
         rss = PeakRss()
         try:
             with rss:
@@ -80,6 +84,7 @@ def child(argv: list[str], report: Path) -> None:
             from litgpt_plop.__main__ import main
         main()
     finally:
+        measured["vmhwm_end_mib"] = status_kib("VmHWM") / 1024  # the peak since fit started, or since exec
         if torch.cuda.is_available():
             measured["peak_cuda_whole_run_mib"] = max(
                 measured.get("peak_cuda_before_fit_mib", 0.0), torch.cuda.max_memory_allocated() / 2**20
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
                         " (default: %(default)s)")
     parser.add_argument("--malloc_mmap_threshold", type=int, default=0, help="glibc MALLOC_MMAP_THRESHOLD_ of every run (bytes; 0: glibc's dynamic default)."
                         " A fixed threshold (e.g. 65536) returns large freed blocks to the system, so RSS follows the memory actually"
-                        " held rather than what malloc keeps for reuse (the CPU 4-bit path frees the dense weights it quantized)"
+                        " held rather than what malloc keeps for reuse"
                         " (default: %(default)s)")
     parser.add_argument("--tag", default="", help="suffix of the result files: qlora_memory_<tag>.{json,md}")
     parser.add_argument("--_child", help=argparse.SUPPRESS)

@@ -242,11 +242,14 @@ def calibrate(
     scorers: Sequence[Scorer],
     progress: bool = True,
     truncated: int = 0,
+    reduce: bool = True,
 ) -> CalibrationStats:
     """Run ``batches`` through the LitGPT model inside ``model`` once, feeding every scorer.
 
     The batches are used as given (shard them first under data parallelism: ``shard_batches``). After the
-    last batch each scorer sums its statistics over ranks, so call this on every rank.
+    last batch each scorer sums its statistics over ranks, so call this on every rank. ``reduce=False`` leaves
+    that to the caller (who then calls each scorer's ``reduce`` once): for feeding the same scorers batch by
+    batch over several calls, as ``benchmarks/calibration_overhead.py`` does.
 
     Raises ``ValueError`` for no batches, a batch that is all padding (see ``as_batch``), a batch longer than
     the model's ``max_seq_length``, and (from the scorers) non-finite activations.
@@ -296,8 +299,9 @@ def calibrate(
             handle.remove()
         for module, mode in training.items():
             module.training = mode
-    for scorer in scorers:
-        scorer.reduce()
+    if reduce:
+        for scorer in scorers:
+            scorer.reduce()
     counts = all_reduce_sum(torch.tensor([samples, tokens, len(batches)], dtype=torch.float64))
     if counts[1] == 0:
         raise InputError("Calibration data is empty: no real tokens on any rank")

@@ -1,14 +1,23 @@
 """Loading a LitGPT checkpoint directory into a frozen base model: the one loader every command and API uses.
 
-The weights are memory-mapped and assigned to a model built on the meta device, so loading never holds a second
-dense copy of the model.
+The model is built on the meta device and the checkpoint's tensors, memory-mapped, are assigned to it, so loading
+never holds a second dense copy of the model. What is converted (``precision``) or quantized (``quantize``) is
+done one tensor at a time straight from the mapping, and the pages of each tensor done with are handed back to
+the kernel (``MappedCheckpoint.release``): on Linux, the pages of a file mapping that a process touched count in
+its RSS for as long as the mapping lives, so without this, quantizing a model would leave the whole dense file
+resident. Peak memory of a 4-bit load: about the 4-bit model plus one dense layer.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn as nn
 from litgpt import Config
 from litgpt.model import GPT
 from litgpt.utils import check_valid_checkpoint_dir
@@ -19,6 +28,7 @@ from litgpt_plop.quantize import QUANTIZE_CHOICES, quantize_choice, quantize_lin
 PRECISION_DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 WEIGHTS_FILE = "lit_model.pth"
 CONFIG_FILE = "model_config.yaml"
+_MADV_DONTNEED = 4  # Linux <sys/mman.h>
 
 
 def check_checkpoint_dir(checkpoint_dir: Path, tokenizer: bool = False) -> Path:
@@ -36,6 +46,98 @@ def check_checkpoint_dir(checkpoint_dir: Path, tokenizer: bool = False) -> Path:
     return checkpoint_dir
 
 
+class MappedCheckpoint:
+    """A ``lit_model.pth`` memory-mapped by ``torch.load(mmap=True)``, and the address ranges of its mapping.
+
+    ``release(tensor)`` drops the pages under a tensor read from the file out of this process (``madvise`` with
+    ``MADV_DONTNEED``): the file is mapped private and never written, so a later access reads the same bytes back
+    from the page cache. Only addresses inside the file's own mapping (from ``/proc/self/maps``) are touched, never
+    anonymous memory; elsewhere than Linux it does nothing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+        self.state_dict: dict[str, Any] = state.get("model", state)
+        self.ranges = self._mapped_ranges()
+        self._madvise = None
+        if self.ranges:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            self._madvise = libc.madvise
+
+    def _mapped_ranges(self) -> list[tuple[int, int]]:
+        if not sys.platform.startswith("linux"):
+            return []
+        target = str(self.path.resolve())
+        ranges = []
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].strip() == target:
+                        start, end = (int(value, 16) for value in fields[0].split("-"))
+                        ranges.append((start, end))
+        except OSError:
+            return []
+        return ranges
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Hand back the pages of ``tensor``'s storage that lie in the mapped file (whole pages only)."""
+        if self._madvise is None or tensor.device.type != "cpu":
+            return
+        storage = tensor.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        for low, high in self.ranges:
+            # a page shared with a neighbouring tensor is dropped too: harmless, it is read back on its next access
+            first = max(start // mmap.PAGESIZE * mmap.PAGESIZE, low)
+            last = min(-(-end // mmap.PAGESIZE) * mmap.PAGESIZE, high)
+            if first < last:
+                self._madvise(first, last - first, _MADV_DONTNEED)
+
+
+def convert_floats(model: nn.Module, dtype: torch.dtype, checkpoint: MappedCheckpoint | None = None) -> None:
+    """``model.to(dtype)`` one tensor at a time (parameters keep their identity, so tied weights stay tied), handing
+    each converted source's pages back to ``checkpoint``: the same numbers, without holding every source and
+    every copy at once."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype and not param.is_meta:
+                source = param.data
+                param.data = source.to(dtype)
+                if checkpoint is not None:
+                    checkpoint.release(source)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != dtype and not buffer.is_meta:
+                setattr(module, name, buffer.to(dtype))
+                if checkpoint is not None:
+                    checkpoint.release(buffer)
+
+
+def stream_checkpoint(
+    model: GPT, checkpoint_dir: Path, dtype: torch.dtype | None = None, quantize: str | None = None, strict: bool = True
+) -> int:
+    """Fill ``model`` (a ``litgpt.model.GPT`` or ``litgpt.lora.GPT`` built on the meta device) with the checkpoint's
+    weights: assigned from the memory-mapped file, the block linears quantized to 4-bit one at a time when
+    ``quantize`` asks, then every other float tensor converted to ``dtype``, each source's pages handed back as it
+    is done. ``strict=False`` leaves parameters the checkpoint lacks (LoRA adapters) on the meta device for the
+    caller. Returns how many linears were quantized."""
+    checkpoint = MappedCheckpoint(Path(checkpoint_dir) / WEIGHTS_FILE)
+    model.load_state_dict(checkpoint.state_dict, strict=strict, assign=True)
+    checkpoint.state_dict = {}  # the model holds the tensors it uses now
+    # the rope cache is a non-persistent buffer, so it is still on the meta device: build it for real
+    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
+    count = 0
+    if quantize is not None:
+        quant_type, double_quant = quantize_choice(quantize)
+        count = quantize_linears_4bit(
+            model, quant_type=quant_type, double_quant=double_quant, dtype=dtype, release=checkpoint.release
+        )
+    if dtype is not None:
+        convert_floats(model, dtype, checkpoint)
+    return count
+
+
 def load_checkpoint_model(
     checkpoint_dir: Path,
     precision: str | None = None,
@@ -48,7 +150,7 @@ def load_checkpoint_model(
         checkpoint_dir: a LitGPT checkpoint directory (``lit_model.pth`` and ``model_config.yaml``).
         precision: ``32-true``, ``bf16-true`` or ``16-true``; None keeps the dtype the weights are stored in.
         quantize: ``bnb.nf4``, ``bnb.nf4-dq``, ``bnb.fp4`` or ``bnb.fp4-dq``: swap the block linears for
-            bitsandbytes 4-bit ones (this works on CPU as well as GPU).
+            bitsandbytes 4-bit ones, quantized as they load (this works on CPU as well as GPU).
         device: where the model goes; None: the GPU if there is one, else the CPU.
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
@@ -59,17 +161,8 @@ def load_checkpoint_model(
     config = Config.from_file(checkpoint_dir / CONFIG_FILE)
     with torch.device("meta"):
         model = GPT(config)
-    state_dict = torch.load(checkpoint_dir / WEIGHTS_FILE, map_location="cpu", mmap=True, weights_only=True)
-    state_dict = state_dict.get("model", state_dict)
-    model.load_state_dict(state_dict, assign=True)
-    # the rope cache is a non-persistent buffer, so it is still on the meta device: build it for real
-    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
-    if precision is not None:
-        model.to(PRECISION_DTYPES[precision])
+    stream_checkpoint(model, checkpoint_dir, PRECISION_DTYPES[precision] if precision is not None else None, quantize)
     model.requires_grad_(False)
-    if quantize is not None:
-        quant_type, double_quant = quantize_choice(quantize)
-        quantize_linears_4bit(model, quant_type=quant_type, double_quant=double_quant)
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device)

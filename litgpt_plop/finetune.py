@@ -41,7 +41,7 @@ from litgpt.utils import (
 from litgpt_plop.adapt import apply_placement, current_placement, lora_config
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.atomic import recover_directory
-from litgpt_plop.checkpoint import PRECISION_DTYPES
+from litgpt_plop.checkpoint import PRECISION_DTYPES, stream_checkpoint
 from litgpt_plop.errors import InputError
 from litgpt_plop.export import save_adapter, write_placement_files
 from litgpt_plop.inputs import check_checkpoint, check_lora, check_out_dir, check_text_file
@@ -49,7 +49,7 @@ from litgpt_plop.kappa import KappaArgs
 from litgpt_plop.methods import Method, check_option_groups, get_method
 from litgpt_plop.placement import LORA_FLAGS, Placement, PlacementError, kinds_from_flags, model_kinds
 from litgpt_plop.prompts import calibration_token_ids
-from litgpt_plop.quantize import QuantizeChoice, quantize_choice, quantize_linears_4bit
+from litgpt_plop.quantize import QuantizeChoice
 from litgpt_plop.report import summary_table
 from litgpt_plop.select import decide_placement
 from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController, check_litgpt_warmup
@@ -362,17 +362,38 @@ def load_base_model(fabric: L.Fabric, run: Run) -> GPT:
     with none yet for a plugin, whose adapters are all created (and seeded) by the placement, whatever the
     candidate flags were."""
     config = run.config if run.method.kind == "none" else lora_config(run.config, dict.fromkeys(LORA_FLAGS, False))
+    if run.cpu_quantize is not None:
+        return load_base_model_4bit(fabric, run, config)
     with fabric.init_module(empty_init=False):
         model = GPT(config)
     model = fabric.setup_module(model)
     # Unlike ``litgpt finetune_lora``, the weights load before the optimizer exists: calibration needs them, and
     # the optimizer must hold exactly the placed adapters.
     load_checkpoint(fabric, model, run.checkpoint_dir / "lit_model.pth", strict=False)
-    if run.cpu_quantize is not None:
-        quant_type, double_quant = quantize_choice(run.cpu_quantize)
-        count = quantize_linears_4bit(model, quant_type=quant_type, double_quant=double_quant)
-        fabric.print(f"Quantized {count} linear layers to 4-bit ({run.cpu_quantize}) with bitsandbytes' CPU kernels")
     return model
+
+
+def load_base_model_4bit(fabric: L.Fabric, run: Run, config: Config) -> GPT:
+    """The CPU 4-bit path: built on the meta device and filled from the memory-mapped checkpoint, each block linear
+    quantized as it loads (``litgpt_plop.checkpoint.stream_checkpoint``), so the dense model never exists. The
+    adapters LitGPT's flags ask for (``none``) are then created as ``litgpt.lora`` initialises them, in the run's
+    precision; the base weights they start from are not drawn first as in the dense path, so their random values
+    differ from it."""
+    dtype = PRECISION_DTYPES.get(getattr(fabric.strategy.precision, "precision", ""))  # Fabric's "bf16-true", ...
+    with torch.device("meta"):
+        model = GPT(config)
+    count = stream_checkpoint(model, run.checkpoint_dir, dtype=dtype, quantize=run.cpu_quantize, strict=False)
+    for module in model.modules():  # what the checkpoint lacks: the adapters of LitGPT's flags
+        metas = [name for name, param in module.named_parameters(recurse=False) if param.is_meta]
+        if metas and not all(name.startswith("lora_") for name in metas):
+            raise RuntimeError(f"The checkpoint has no weights for {type(module).__name__} parameters {metas}")
+        for name in metas:
+            meta = getattr(module, name)
+            setattr(module, name, torch.nn.Parameter(torch.empty(meta.shape, dtype=dtype or torch.float32), meta.requires_grad))
+        if metas:
+            module.reset_parameters()  # litgpt.lora's: kaiming-uniform A, zero B
+    fabric.print(f"Quantized {count} linear layers to 4-bit ({run.cpu_quantize}) with bitsandbytes' CPU kernels, while loading")
+    return fabric.setup_module(model)
 
 
 def place_adapters(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Literal, get_args
+from typing import Callable, Iterable, Iterator, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -79,16 +79,22 @@ def quantize_linears_4bit(
     compute_dtype: torch.dtype | None = None,
     double_quant: bool = True,
     blocksize: int = 64,
+    dtype: torch.dtype | None = None,
+    release: Callable[[torch.Tensor], None] | None = None,
 ) -> int:
-    """Replace every ``nn.Linear`` in the model's blocks (not ``lm_head``, not ``wte``) by a ``Linear4bit``.
+    """Replace every ``nn.Linear`` in the model's blocks (not ``lm_head``, not ``wte``) by a ``Linear4bit``, one at a
+    time: at most one layer's dense weight (and its ``dtype`` copy) is alive beside the 4-bit ones.
 
     Args:
         model: a LitGPT ``GPT`` (plain or ``litgpt.lora``; a LoRA wrapper's ``.linear`` is replaced, its adapter kept),
             or a module containing one.
         quant_type: ``"nf4"`` or ``"fp4"``.
-        compute_dtype: the dtype the 4-bit matmul runs in; default: each weight's own dtype.
+        compute_dtype: the dtype the 4-bit matmul runs in; default: each weight's own dtype (after ``dtype``).
         double_quant: also quantize the quantization constants (QLoRA's double quantization).
         blocksize: quantization block size.
+        dtype: convert each weight (and bias) to this dtype just before quantizing it; None keeps its dtype.
+        release: called with each dense weight (and converted bias) once it is no longer needed, e.g. to hand the
+            pages of a memory-mapped checkpoint back (``litgpt_plop.checkpoint``).
 
     Returns:
         How many linears were quantized.
@@ -103,9 +109,10 @@ def quantize_linears_4bit(
         for name, linear in list(block.named_modules()):
             if type(linear) is not nn.Linear:  # exactly nn.Linear: skips LoRA wrappers and what is already 4-bit
                 continue
-            weight = linear.weight
-            if not weight.dtype.is_floating_point:
-                raise ValueError(f"Cannot quantize {name}: its weight has dtype {weight.dtype}")
+            source = linear.weight.data
+            if not source.dtype.is_floating_point:
+                raise ValueError(f"Cannot quantize {name}: its weight has dtype {source.dtype}")
+            weight = source.to(dtype) if dtype is not None else source
             with torch.device("meta"):  # the constructor's own random weight is never allocated
                 quantized = bnb.nn.Linear4bit(
                     linear.in_features,
@@ -116,7 +123,7 @@ def quantize_linears_4bit(
                     quant_type=quant_type,
                 )
             quantized.weight = bnb.nn.Params4bit(
-                weight.data,
+                weight,
                 requires_grad=False,
                 blocksize=blocksize,
                 compress_statistics=double_quant,
@@ -125,9 +132,18 @@ def quantize_linears_4bit(
             )
             # Params4bit quantizes on its first move to a real device (CPU included); it returns itself.
             quantized.weight = quantized.weight.to(weight.device)
-            quantized.bias = linear.bias
+            bias = linear.bias
+            if bias is not None and dtype is not None and bias.dtype != dtype:
+                quantized.bias = nn.Parameter(bias.data.to(dtype), requires_grad=bias.requires_grad)
+                if release is not None:
+                    release(bias.data)
+            else:
+                quantized.bias = bias
             disable_cpu_repack([quantized])
             parent_name, _, attr = name.rpartition(".")
             setattr(block.get_submodule(parent_name) if parent_name else block, attr, quantized)
+            del linear, weight
+            if release is not None:
+                release(source)
             count += 1
     return count

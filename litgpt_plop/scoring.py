@@ -2,9 +2,9 @@
 
 PLoP, per site (one LoRA-able linear map in one block)::
 
-    NFN(site) = mean over batches of [ mean_t ||W z_t / ||z_t|| || ] / denominator
+    NFN(site) = [ mean over every real token t of ||W z_t|| / ||z_t|| ] / denominator
 
-over the real (non-padding) tokens z_t of each batch. The numerator is the module's own output:
+over the real (non-padding) tokens z_t of every batch. The numerator is the module's own output:
 ``||W z|| = ||y - bias||``, so no extra matmul. The fused ``attn.qkv`` is split into its ``[q | k | v]`` row
 slices, each its own site. The denominator is a per-site constant: ``||W||_F / sqrt(d_in)`` (closed form, the
 default) or a seeded Monte-Carlo ``mean_r ||W r||`` over random unit vectors r. (The authors draw fresh r per
@@ -14,7 +14,9 @@ the task = gets LoRA.
 
 CKA, per block: X = residual stream entering it, Y = leaving it. ``last`` pooling keeps one vector per prompt
 (its last real token) and computes linear CKA with the biased HSIC; ``tokens`` treats every real token as a
-sample and averages the unbiased HSIC over batches (Nguyen, Raghu, Kornblith 2021) with O(1) state per layer.
+sample and averages the unbiased HSIC over batches (Nguyen, Raghu, Kornblith 2021) with O(1) state per layer,
+computed by ``litgpt_plop.hsic.BatchHsic`` (one Gram matrix per block boundary, shared by the two blocks it
+joins; equal to ``unbiased_hsic`` to float64 rounding).
 LOWER similarity = the block changes its input more = gets LoRA. A layer whose pooled inputs (or outputs) are
 the same for every sample has a ~zero centred matrix and a meaningless CKA: it is listed in
 ``degenerate_layers`` with a warning, and ``litgpt_plop.select`` never selects it.
@@ -33,6 +35,7 @@ import torch.nn as nn
 from litgpt import GPT
 
 from litgpt_plop.calibration import Batch, ForwardHook, all_gather_rows, all_reduce_sum
+from litgpt_plop.hsic import BatchHsic, TokenSide, unbiased_hsic  # noqa: F401 - unbiased_hsic: part of this API
 from litgpt_plop.modules import KIND_TO_PATH, base_linear, qkv_row_slices, site_module
 from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, QKV_KINDS
 
@@ -64,9 +67,15 @@ def normalized_output_norms(inputs: torch.Tensor, outputs: torch.Tensor) -> torc
     return outputs.float()[keep].norm(dim=-1) / input_norms[keep]
 
 
+def _norms(rows: torch.Tensor) -> torch.Tensor:
+    """Float32 norms over the last dimension, the numbers ``rows.float().norm(dim=-1)`` gives without the copy."""
+    return torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
+
+
 def closed_form_denominator(weight: torch.Tensor) -> float:
     """``||W||_F / sqrt(d_in)``: the expected ``||W r||`` for a random unit vector r (up to Jensen's gap)."""
-    return float(weight.double().norm() / math.sqrt(weight.shape[1]))
+    # accumulated in float64 without a float64 copy of the matrix (the same number as weight.double().norm())
+    return float(torch.linalg.vector_norm(weight, dtype=torch.float64) / math.sqrt(weight.shape[1]))
 
 
 def monte_carlo_denominator(weight: torch.Tensor, num_samples: int, seed: int) -> float:
@@ -89,37 +98,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     if denominator == 0:
         return 0.0
     return float((k * l).sum() / denominator)
-
-
-def _cross_frobenius(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``||X^T Y||_F^2`` through whichever side is smaller (features or samples)."""
-    n, d1 = x.shape
-    if n < min(d1, y.shape[1]):
-        return ((x @ x.T) * (y @ y.T)).sum()
-    return (x.T @ y).square().sum()
-
-
-def unbiased_hsic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The unbiased HSIC estimator (Song et al. 2012) with linear kernels K = X X^T, L = Y Y^T, for ``n >= 4``
-    samples (rows), computed in feature space without forming n x n matrices when ``n > d``::
-
-        HSIC = [tr(K~L~) + 1^T K~ 1 * 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) * 1^T K~ L~ 1] / (n(n-3))
-
-    with K~, L~ the Gram matrices with zeroed diagonals.
-    """
-    n = x.shape[0]
-    if n < 4:
-        raise ValueError(f"The unbiased HSIC needs at least 4 samples, got {n}")
-    x = x.double()
-    y = y.double()
-    k_diag = x.square().sum(dim=1)
-    l_diag = y.square().sum(dim=1)
-    trace_kl = _cross_frobenius(x, y) - (k_diag * l_diag).sum()
-    k_rows = x @ x.sum(dim=0) - k_diag  # K~ 1
-    l_rows = y @ y.sum(dim=0) - l_diag  # L~ 1
-    k_sum = k_rows.sum()
-    l_sum = l_rows.sum()
-    return (trace_kl + k_sum * l_sum / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k_rows * l_rows).sum()) / (n * (n - 3))
 
 
 def _relative_centred_norm(x: torch.Tensor) -> float:
@@ -212,7 +190,11 @@ class PlopScorer:
         self.sample_sums: list[torch.Tensor] | torch.Tensor = []
         self.batches = 0
         self._batch: Batch | None = None
-        self._current: torch.Tensor | None = None
+        self._ratios: torch.Tensor | None = None  # (sites, B, T): ||W z|| / ||z|| over the current batch's grid
+        self._site_input_norms: torch.Tensor | None = None  # (sites, B, T): ||z||
+        self._input: torch.Tensor | None = None  # the last input seen, and its version and per-token norms
+        self._input_version = 0
+        self._input_norms: torch.Tensor | None = None
         self._denominators: dict[tuple[int, str], float] = {}
         self._reduced = False
 
@@ -238,41 +220,54 @@ class PlopScorer:
         return [(linear, self._make_hook(layer, parts)) for layer, linear, parts in self._module_groups()]
 
     def _make_hook(self, layer: int, parts: list[tuple[str, int | None, int | None]]) -> ForwardHook:
+        rows = [self.index[(layer, kind)] for kind, _, _ in parts]
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-            mask = self._batch.mask
-            inputs = (args[0] if args else kwargs["input"])[mask].float()  # (N, d_in), real tokens only
-            outputs = output[mask].float()
-            if module.bias is not None:
-                outputs = outputs - module.bias.float()
-            input_norms = inputs.norm(dim=-1)
-            where = f"the linear of site {layer}.{parts[0][0] if len(parts) == 1 else 'qkv'}"
-            if not torch.isfinite(input_norms).all() or not torch.isfinite(outputs).all():
-                raise ValueError(
-                    f"Non-finite activations (NaN or inf) at {where} in calibration batch {self._batch.index}"
-                )
-            keep = input_norms > 0  # an exactly-zero input has no direction: skip it
-            input_norms = input_norms[keep]
-            outputs = outputs[keep]
-            if input_norms.numel() == 0:
-                return
-            prompts = mask.nonzero()[:, 0][keep].cpu()  # which prompt of the batch each token belongs to
-            counts = torch.bincount(prompts, minlength=mask.shape[0]).double()
-            for kind, start, stop in parts:
-                ratios = (outputs[:, start:stop].norm(dim=-1) / input_norms).double().cpu()
-                site = self._current[:, self.index[(layer, kind)]]
-                site[:, 0].index_add_(0, prompts, ratios)
-                site[:, 1] += counts
+            inputs = args[0] if args else kwargs["input"]
+            # fc_1 and fc_2 (and a LoRA wrapper's linear) get the very same input tensor: its norms once
+            if self._input is not inputs or self._input_version != inputs._version:
+                self._input, self._input_version = inputs, inputs._version
+                self._input_norms = _norms(inputs)  # (B, T)
+            # ||W z|| = ||y - bias||; without a bias, y itself (no float32 copy of a bf16 output)
+            outputs = output if module.bias is None else output.float() - module.bias.float()
+            for row, (_, start, stop) in zip(rows, parts):
+                torch.div(_norms(outputs[..., start:stop]), self._input_norms, out=self._ratios[row])
+                self._site_input_norms[row] = self._input_norms
 
         return hook
 
     def start_batch(self, batch: Batch) -> None:
         self._batch = batch
-        self._current = torch.zeros(batch.mask.shape[0], len(self.sites), 2, dtype=torch.float64)
+        # Per site, the ratios and input norms over the whole padded (B, T) grid, on the activations' device; the
+        # real tokens are picked and summed per prompt once, in end_batch: one gather, transfer and index_add for
+        # all sites rather than one per site. (Norms on the grid are the numbers norms of the gathered rows give:
+        # each row is reduced on its own.)
+        shape = (len(self.sites), *batch.mask.shape)
+        self._ratios = torch.zeros(shape, device=batch.mask.device)
+        self._site_input_norms = torch.zeros(shape, device=batch.mask.device)
+        self._input = None
 
     def end_batch(self) -> None:
-        self.sample_sums.append(self._current)
+        batch = self._batch
+        kept = self._site_input_norms[:, batch.mask] != 0  # (sites, N); an exactly-zero input has no direction: left out
+        # 0.0 in place of a left-out token adds nothing to a sum, so summing every token is summing the kept ones.
+        ratios = self._ratios[:, batch.mask].masked_fill_(~kept, 0.0).T.double().cpu()  # (N, sites)
+        # A NaN or inf input or output element makes that token's ratio NaN or inf (W z with a non-finite z is
+        # non-finite), so checking the ratios checks the activations, once per batch.
+        finite = torch.isfinite(ratios).all(dim=0)
+        if not bool(finite.all()):
+            layer, kind = self.sites[int((~finite).nonzero()[0, 0])]
+            raise ValueError(
+                f"Non-finite activations (NaN or inf) at the linear of site {layer}.{kind} in calibration batch {batch.index}"
+            )
+        prompts = batch.mask.nonzero()[:, 0].cpu()  # which prompt of the batch each real token belongs to
+        current = torch.zeros(batch.mask.shape[0], len(self.sites), 2, dtype=torch.float64)
+        # index_add_ adds the tokens one after another, per site: the order of the former per-site loop
+        current[:, :, 0].index_add_(0, prompts, ratios)
+        current[:, :, 1].index_add_(0, prompts, kept.T.double().cpu())
+        self.sample_sums.append(current)
         self.batches += 1
-        self._batch, self._current = None, None
+        self._batch = self._ratios = self._site_input_norms = self._input = self._input_norms = None
 
     def reduce(self) -> None:
         """Every rank ends with every rank's prompts (two numbers per site and prompt) and batch count."""
@@ -359,6 +354,8 @@ class CkaScorer:
         self.sums = torch.zeros(len(self.layers), 9, dtype=torch.float64)
         self.skipped_batches = 0
         self._grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # for resampling ('last' pooling)
+        self._hsic: BatchHsic | None = None  # tokens: the current batch's HSIC work
+        self._batch_sums: torch.Tensor | None = None
 
     def hooks(self) -> list[tuple[nn.Module, ForwardHook]]:
         return [(self.gpt.transformer.h[layer], self._make_hook(row, layer)) for row, layer in enumerate(self.layers)]
@@ -367,50 +364,55 @@ class CkaScorer:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
             batch = self._batch
             x = args[0] if args else kwargs["x"]
-            if self.pooling == "last":
-                lengths = batch.lengths
-                samples = torch.nonzero(lengths > 0).flatten()
-                last = lengths[samples] - 1
-                xs, ys = x[samples, last].float(), output[samples, last].float()
-            else:
-                xs, ys = x[batch.mask].double(), output[batch.mask].double()
+            if self.pooling == "tokens":
+                x_side = self._side(x, layer)  # block - 1's output side, when that block is scored too
+                self._add_tokens(row, x_side, self._side(output, layer))
+                return
+            lengths = batch.lengths
+            samples = torch.nonzero(lengths > 0).flatten()
+            last = lengths[samples] - 1
+            xs, ys = x[samples, last].float(), output[samples, last].float()
             if not torch.isfinite(xs).all() or not torch.isfinite(ys).all():
-                raise ValueError(
-                    f"Non-finite activations (NaN or inf) entering or leaving block {layer} in calibration batch {batch.index}"
-                )
-            if self.pooling == "last":
-                self.pooled[layer][0].append(xs.detach())  # advanced indexing already copied
-                self.pooled[layer][1].append(ys.detach())
-                return
-            n = xs.shape[0]
-            if n < 4:  # the unbiased estimator needs 4 samples
-                if row == 0:
-                    self.skipped_batches += 1
-                return
-            # Centring does not change the HSIC; it keeps the float64 sums from losing precision.
-            xs_centred = xs - xs.mean(dim=0)
-            ys_centred = ys - ys.mean(dim=0)
-            self.sums[row] += torch.stack(
-                [
-                    unbiased_hsic(xs_centred, ys_centred),
-                    unbiased_hsic(xs_centred, xs_centred),
-                    unbiased_hsic(ys_centred, ys_centred),
-                    torch.ones((), dtype=torch.float64, device=xs.device),
-                    xs_centred.square().sum(),
-                    xs.square().sum(),
-                    ys_centred.square().sum(),
-                    ys.square().sum(),
-                    torch.full((), float(n), dtype=torch.float64, device=xs.device),
-                ]
-            ).cpu()
+                raise self._non_finite(layer)
+            self.pooled[layer][0].append(xs.detach())  # advanced indexing already copied
+            self.pooled[layer][1].append(ys.detach())
 
         return hook
 
+    def _non_finite(self, layer: int) -> ValueError:
+        return ValueError(
+            f"Non-finite activations (NaN or inf) entering or leaving block {layer} in calibration batch {self._batch.index}"
+        )
+
+    def _side(self, activations: torch.Tensor, layer: int) -> TokenSide:
+        side = self._hsic.side(activations)
+        # Squares of float32/bf16/fp16 values cannot overflow float64: the sum is finite exactly when every element is.
+        finite = torch.isfinite(side.raw_sq) if activations.dtype != torch.float64 else torch.isfinite(activations).all()
+        if not bool(finite):
+            raise self._non_finite(layer)
+        return side
+
+    def _add_tokens(self, row: int, x: TokenSide, y: TokenSide) -> None:
+        """Add one batch's HSIC terms and norms to ``sums[row]`` (batches of fewer than 4 tokens are skipped)."""
+        n = x.centred.shape[0]
+        if n < 4:  # the unbiased estimator needs 4 samples
+            if row == 0:
+                self.skipped_batches += 1
+            return
+        one = torch.ones((), dtype=torch.float64, device=x.centred.device)
+        terms = [self._hsic.cross_hsic(x, y), x.self_hsic, y.self_hsic, one, x.centred_sq, x.raw_sq, y.centred_sq, y.raw_sq, n * one]
+        self._batch_sums[row] = torch.stack(terms)  # added to self.sums in end_batch: one transfer per batch
+
     def start_batch(self, batch: Batch) -> None:
         self._batch = batch
+        self._hsic = BatchHsic(batch.mask) if self.pooling == "tokens" else None
+        # this batch's terms per layer, zero for a layer it skips (adding 0.0 leaves a sum as it was)
+        self._batch_sums = torch.zeros(len(self.layers), 9, dtype=torch.float64, device=batch.mask.device)
 
     def end_batch(self) -> None:
-        self._batch = None
+        if self.pooling == "tokens":
+            self.sums += self._batch_sums.cpu()
+        self._batch = self._hsic = self._batch_sums = None
 
     def reduce(self) -> None:
         if self.pooling == "last":

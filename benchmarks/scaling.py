@@ -1,0 +1,286 @@
+"""Scaling: what ``litgpt-plop plan`` and a 4-bit finetune cost as the model grows, dense bf16 against NF4.
+
+Models: SmolLM2-135M-Instruct (the real one) and random-weight checkpoints shaped like LitGPT configs (built by
+``benchmarks.shaped`` when missing; ``--delete_shaped`` removes them afterwards). Per model, each in a fresh
+process, one at a time (OMP_NUM_THREADS and torch threads 1, MALLOC_MMAP_THRESHOLD_=65536 so RSS follows the
+memory held):
+
+* ``plan-bf16`` / ``plan-nf4``: ``litgpt-plop plan --precision bf16-true [--quantize bnb.nf4] --method plop`` on
+  reasoning-gym prompts: wall time and the process's own peak RSS (``VmHWM`` at its end: loading, calibration,
+  scores; ``ru_maxrss`` from ``wait4`` is recorded too, but it starts at the launching process's peak);
+* ``calibration``: in one process on the bf16 model, batches interleaved: a blocks-only forward, the PLoP pass and
+  the CKA-over-all-tokens pass; CPU seconds of this thread, ratios to the forward (median of per-batch ratios);
+* ``finetune-bf16`` / ``finetune-nf4``: ``litgpt-plop finetune --plugin plop`` for 2 optimizer steps of one
+  example (max 128 tokens): the peak RSS of LitGPT's training loop (``PeakRss`` reset when ``fit`` starts,
+  ``benchmarks.qlora_memory``'s measuring child), the process's own peak (``VmHWM``: also loading, calibration
+  and the final merge), step time.
+
+Resumable: each (model, measurement) is one line of ``results/scaling/results.jsonl`` and is skipped when there
+(``--rerun`` repeats it). ``scaling.md`` beside it is written from all lines at the end.
+
+    python -m benchmarks.scaling                                  # 135M, 1B-shaped, 3B-shaped
+    python -m benchmarks.scaling --models Llama-3.2-1B --only plan-bf16 plan-nf4 --rerun
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    DEFAULT_CHECKPOINT,
+    REPO_ROOT,
+    RESULTS_ROOT,
+    append_jsonl,
+    answer_worker,
+    git_commit,
+    json_worker,
+    machine,
+    read_jsonl,
+    run_worker,
+    write_text,
+)
+
+MODELS = {"SmolLM2-135M-Instruct": DEFAULT_CHECKPOINT, "Llama-3.2-1B": None, "Llama-3.2-3B": None}  # None: shaped
+MEASUREMENTS = ("plan-bf16", "plan-nf4", "calibration", "finetune-bf16", "finetune-nf4")
+OUT_DIR = RESULTS_ROOT / "scaling"
+WORK_DIR = REPO_ROOT / "out" / "benchmarks" / "scaling"
+ENV = dict(threads=1, malloc_mmap_threshold=65536)
+
+
+def checkpoint_of(model: str) -> Path:
+    """The real checkpoint, or the shaped one, built in a process of its own: this one must stay small, because a
+    child's ``ru_maxrss`` starts at its launcher's peak (vfork + exec), and building a 3B checkpoint peaks at 7 GB."""
+    from benchmarks.shaped import shaped_dir
+
+    if MODELS.get(model) is not None:
+        return Path(MODELS[model])
+    run = run_worker("benchmarks.shaped", [model], console=True)
+    if not run.ok:
+        raise RuntimeError(f"building the {model}-shaped checkpoint failed (exit {run.returncode})")
+    return shaped_dir(model)
+
+
+def cli_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run a ``litgpt-plop`` command line in this process and report its own peak RSS (``VmHWM``)."""
+    import sys
+
+    from benchmarks.common import status_kib
+    from litgpt_plop.__main__ import main as cli
+
+    sys.argv = spec["argv"]
+    cli()
+    return {"vmhwm_mib": status_kib("VmHWM") / 1024}
+
+
+def data_args(prompts: int) -> list[str]:
+    return ["--data", "litgpt_plop.data.ReasoningGym", "--data.train_size", str(prompts), "--data.val_size", "2"]
+
+
+def measure_plan(checkpoint: Path, quantize: bool, prompts: int) -> dict[str, Any]:
+    out = WORK_DIR / "plan"
+    args = ["plan", str(checkpoint), "--precision", "bf16-true", "--method", "plop", *data_args(prompts),
+            "--calibration.num_samples", str(prompts), "--calibration.progress", "false", "--out_dir", str(out)]  # fmt: skip
+    if quantize:
+        args += ["--quantize", "bnb.nf4"]
+    spec = {"argv": ["litgpt-plop", *args]}
+    run = run_worker("benchmarks.scaling", ["--_cli", json.dumps(spec)], **ENV, log=WORK_DIR / "plan.log")
+    if not run.ok:
+        raise RuntimeError(f"plan failed (exit {run.returncode}); see {WORK_DIR / 'plan.log'}")
+    vmhwm = json.loads((WORK_DIR / "plan.log").read_text().strip().splitlines()[-1])["vmhwm_mib"]
+    return {"command": "litgpt-plop " + " ".join(args), "wall_s": run.wall_s, "peak_rss_mib": vmhwm,
+            "ru_maxrss_mib": run.peak_rss_mib, "cpu_per_wall": run.cpu_per_wall}  # fmt: skip
+
+
+def measure_finetune(checkpoint: Path, quantize: bool, prompts: int) -> dict[str, Any]:
+    out = WORK_DIR / ("finetune-nf4" if quantize else "finetune-bf16")
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["litgpt-plop", "finetune", str(checkpoint), "--out_dir", str(out), "--precision", "bf16-true",
+            "--plugin", "plop", *data_args(8), "--calibration.num_samples", str(prompts),
+            "--train.micro_batch_size", "1", "--train.global_batch_size", "1", "--train.max_steps", "2",
+            "--train.max_seq_length", "128", "--train.lr_warmup_steps", "1", "--train.save_interval", "100000",
+            "--train.log_interval", "1", "--eval.interval", "100000", "--eval.initial_validation", "false",
+            "--eval.final_validation", "false", "--logger_name", "csv", "--seed", "1337"]  # fmt: skip
+    if quantize:
+        argv += ["--quantize", "bnb.nf4"]
+    report = WORK_DIR / "finetune-report.json"
+    run = run_worker("benchmarks.qlora_memory", ["--_child", json.dumps({"argv": argv, "report": str(report)})],
+                     **ENV, log=WORK_DIR / "finetune.log")  # fmt: skip
+    if not run.ok:
+        raise RuntimeError(f"finetune failed (exit {run.returncode}); see {WORK_DIR / 'finetune.log'}")
+    from benchmarks.qlora_memory import csv_metric
+
+    measured = json.loads(report.read_text())
+    steps = csv_metric(out, "iter_time")
+    shutil.rmtree(out, ignore_errors=True)  # the merged model alone is as large as the checkpoint
+    process_peak = max(measured["vmhwm_before_fit_mib"], measured["vmhwm_end_mib"])
+    return {"command": " ".join(argv), "wall_s": run.wall_s, "peak_rss_mib": process_peak, "ru_maxrss_mib": run.peak_rss_mib,
+            "loop_peak_rss_mib": measured["fit_peak_rss_mib"], "loop_baseline_rss_mib": measured["fit_baseline_rss_mib"],
+            "step_s": steps, "cpu_per_wall": run.cpu_per_wall}  # fmt: skip
+
+
+def calibration_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: blocks-only forward, PLoP pass and tokens-CKA pass, interleaved batch by batch."""
+    import torch
+
+    from benchmarks import calibration_overhead as co
+    from litgpt_plop.calibration import calibrate
+    from litgpt_plop.checkpoint import load_checkpoint_model
+    from litgpt_plop.placement import model_kinds
+    from litgpt_plop.scoring import CkaScorer, PlopScorer
+
+    torch.set_num_threads(1)
+    checkpoint = Path(spec["checkpoint"])
+    batches = co.batches_of(co.token_ids(checkpoint, spec["prompts"]), spec["batch_size"])
+    model = load_checkpoint_model(checkpoint, "bf16-true", device="cpu")
+    layers = list(range(model.config.n_layer))
+    make = {
+        "plop": lambda: [PlopScorer(model, model_kinds(model.config), layers)],
+        "cka_tokens": lambda: [CkaScorer(model, layers, "tokens")],
+    }
+    seconds: dict[str, list[float]] = {"forward_blocks": [], "plop": [], "cka_tokens": []}
+    co.run_forward(model, batches[:1], blocks_only=True)  # warm-up
+    for rep in range(spec["reps"]):
+        for i, batch in enumerate(batches):
+            order = list(seconds) if (i + rep) % 2 == 0 else list(reversed(seconds))
+            for mode in order:
+                start = time.thread_time()
+                if mode == "forward_blocks":
+                    co.run_forward(model, [batch], blocks_only=True)
+                else:
+                    calibrate(model, [batch], make[mode](), progress=False, reduce=False)
+                seconds[mode].append(time.thread_time() - start)
+    forward = seconds["forward_blocks"]
+    return {
+        "tokens": int(sum(int(b.mask.sum()) for b in batches)),
+        "batches": len(batches),
+        "forward_blocks_cpu_s": sum(forward) / spec["reps"],
+        **{f"{m}_vs_forward_blocks": statistics.median(a / b for a, b in zip(seconds[m], forward)) for m in make},
+    }
+
+
+def measure_calibration(checkpoint: Path, prompts: int, reps: int) -> dict[str, Any]:
+    spec = {"checkpoint": str(checkpoint), "prompts": prompts, "batch_size": 8, "reps": reps}
+    return json_worker("benchmarks.scaling", spec, "calibration measurement", **ENV)
+
+
+def model_figures(model: str) -> dict[str, Any]:
+    """Parameter counts from the config: blocks' linears (what 4-bit quantizes), embedding, head, the rest."""
+    import torch
+    from litgpt import Config
+    from litgpt.model import GPT
+
+    with torch.device("meta"):
+        gpt = GPT(Config.from_name(model))
+    linears = sum(m.weight.numel() for m in gpt.transformer.h.modules() if isinstance(m, torch.nn.Linear))
+    total = sum(p.numel() for p in gpt.parameters())
+    c = gpt.config
+    return {"n_layer": c.n_layer, "n_embd": c.n_embd, "intermediate_size": c.intermediate_size,
+            "vocab": c.padded_vocab_size, "params": total, "block_linear_params": linears}  # fmt: skip
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of every measured model (latest line per measurement)."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        latest[(row["model"], row["measurement"])] = row
+    models = list(dict.fromkeys(row["model"] for row in rows))
+
+    def get(model: str, measurement: str, key: str, fmt: str = "{:.0f}") -> str:
+        row = latest.get((model, measurement))
+        value = None if row is None else row["result"].get(key)
+        if isinstance(value, list):
+            value = statistics.median(value) if value else None
+        return "-" if value is None else fmt.format(value)
+
+    lines = [
+        "| model | params (block linears) | layers x width | plan s bf16 / nf4 | calibration / blocks-only forward: PLoP, CKA tokens |"
+        " plan peak RSS MiB bf16 / nf4 (ratio) | finetune loop peak MiB bf16 / nf4 (ratio) | finetune process peak MiB bf16 / nf4 |"
+        " step s bf16 / nf4 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in models:
+        figures = next(r["figures"] for r in rows if r["model"] == model)
+
+        def ratio(measurement_a: str, measurement_b: str, key: str) -> str:
+            a, b = latest.get((model, measurement_a)), latest.get((model, measurement_b))
+            return "-" if a is None or b is None else f"{b['result'][key] / a['result'][key]:.2f}"
+
+        lines.append(
+            f"| {model} | {figures['params'] / 1e9:.2f} B ({figures['block_linear_params'] / 1e9:.2f} B) |"
+            f" {figures['n_layer']} x {figures['n_embd']} |"
+            f" {get(model, 'plan-bf16', 'wall_s')} / {get(model, 'plan-nf4', 'wall_s')} |"
+            f" {get(model, 'calibration', 'plop_vs_forward_blocks', '{:.3f}')}, {get(model, 'calibration', 'cka_tokens_vs_forward_blocks', '{:.3f}')} |"
+            f" {get(model, 'plan-bf16', 'peak_rss_mib')} / {get(model, 'plan-nf4', 'peak_rss_mib')} ({ratio('plan-bf16', 'plan-nf4', 'peak_rss_mib')}) |"
+            f" {get(model, 'finetune-bf16', 'loop_peak_rss_mib')} / {get(model, 'finetune-nf4', 'loop_peak_rss_mib')}"
+            f" ({ratio('finetune-bf16', 'finetune-nf4', 'loop_peak_rss_mib')}) |"
+            f" {get(model, 'finetune-bf16', 'peak_rss_mib')} / {get(model, 'finetune-nf4', 'peak_rss_mib')} |"
+            f" {get(model, 'finetune-bf16', 'step_s', '{:.1f}')} / {get(model, 'finetune-nf4', 'step_s', '{:.1f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="LitGPT config names (default: %(default)s)")
+    parser.add_argument("--only", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS), help="measurements to run")
+    parser.add_argument("--prompts", type=int, default=16, help="calibration prompts per plan and finetune (default: %(default)s)")
+    parser.add_argument("--calibration_prompts", type=int, default=32, help="prompts of the calibration timing (default: %(default)s)")
+    parser.add_argument("--reps", type=int, default=1, help="repetitions of the calibration timing (default: %(default)s)")
+    parser.add_argument("--rerun", action="store_true", help="measure again what results.jsonl already has")
+    parser.add_argument("--delete_shaped", action="store_true", help="delete each shaped checkpoint after its measurements")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="results directory (default: %(default)s)")
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    parser.add_argument("--_cli", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker:
+        answer_worker(args._worker, calibration_worker)
+        return
+    if args._cli:
+        answer_worker(args._cli, cli_child)
+        return
+    results = args.out / "results.jsonl"
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    done = {(r["model"], r["measurement"]) for r in read_jsonl(results)}
+    host, commit = machine(), git_commit()
+    for model in args.models:
+        todo = [m for m in args.only if args.rerun or (model, m) not in done]
+        if not todo:
+            continue
+        checkpoint, figures = checkpoint_of(model), model_figures(model)
+        for measurement in todo:
+            load = os.getloadavg()
+            print(f"{model} {measurement} (load {load[0]:.1f}) ...", flush=True)
+            kind, _, variant = measurement.partition("-")
+            if kind == "plan":
+                result = measure_plan(checkpoint, variant == "nf4", args.prompts)
+            elif kind == "finetune":
+                result = measure_finetune(checkpoint, variant == "nf4", args.prompts)
+            else:
+                result = measure_calibration(checkpoint, args.calibration_prompts, args.reps)
+            print(f"  {json.dumps({k: v for k, v in result.items() if k != 'command'})}", flush=True)
+            append_jsonl(results, {"model": model, "measurement": measurement, "result": result, "figures": figures,
+                                   "load_before": list(load), "load_after": list(os.getloadavg()),
+                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit, "machine": host})  # fmt: skip
+        if args.delete_shaped and MODELS.get(model, None) is None:
+            from benchmarks.shaped import delete
+
+            delete(model)
+    rows = read_jsonl(results)
+    text = "\n".join(["# Scaling: plan and 4-bit finetune, dense bf16 against NF4", "", table(rows), "",
+                      "Commands:", ""] + sorted({f"- `{r['result']['command']}`" for r in rows if "command" in r["result"]}))  # fmt: skip
+    write_text(args.out / "scaling.md", text)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
