@@ -13,9 +13,12 @@ from setuptools.command.build_py import build_py
 
 PTH_NAME = "litgpt_plop.pth"
 # One line: site.py executes lines that start with "import". `__editable__.*.pth` (which makes the package importable
-# in an editable install) sorts before this name, so the package is importable when this line runs.
+# in an editable install) sorts before this name, so the package is importable when this line runs. `sys.argv` is
+# already set then: any interpreter but LitGPT's `litgpt` console script pays for an environment lookup and a string
+# comparison, and imports nothing (`os` and `sys` are loaded by `site` itself).
 PTH_LINE = (
-    'import os; os.environ.get("LITGPT_PLOP_DISABLE", "") in ("", "0")'
+    'import os, sys; os.environ.get("LITGPT_PLOP_DISABLE", "") in ("", "0")'
+    ' and os.path.basename(sys.argv[0]) in ("litgpt", "litgpt.exe", "litgpt-script.py")'
     ' and __import__("litgpt_plop.litgpt_hook").litgpt_hook.install()\n'
 )
 

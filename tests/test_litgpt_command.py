@@ -86,14 +86,23 @@ def test_the_pth_file_is_part_of_the_distribution(tmp_path):
     assert line.startswith("import ") and "litgpt_plop.litgpt_hook" in line and DISABLE_VARIABLE in line
 
 
-def test_start_up_loads_only_the_hook(tmp_path):
-    script = "import json, sys; print(json.dumps([sorted(sys.modules), [type(f).__name__ for f in sys.meta_path]]))"
-    modules_on, finders_on = json.loads(run([sys.executable, "-c", script], tmp_path).stdout)
-    modules_off, finders_off = json.loads(run([sys.executable, "-c", script], tmp_path, disable=True).stdout)
-    # the hook is the one difference at start-up: no torch, no litgpt, nothing else imported
+def test_start_up_loads_the_hook_for_the_litgpt_script_only(tmp_path):
+    probe = "import json, sys; print(json.dumps([sorted(sys.modules), [type(f).__name__ for f in sys.meta_path]]))\n"
+    for name in ("litgpt", "other"):
+        (tmp_path / name).write_text(probe)
+
+    def start_up(name: str, disable: bool = False) -> list:
+        return json.loads(run([sys.executable, str(tmp_path / name)], tmp_path, disable=disable).stdout)
+
+    modules_on, finders_on = start_up("litgpt")
+    modules_off, finders_off = start_up("litgpt", disable=True)
+    modules_other, finders_other = start_up("other")
+    # in LitGPT's script the hook is the one difference at start-up: no torch, no litgpt, nothing else imported
     assert set(modules_on) - set(modules_off) == {"litgpt_plop", "litgpt_plop.litgpt_hook"}
     assert finders_on[0] == "LitgptPlopFinder" and finders_on[1:] == finders_off
     assert "LitgptPlopFinder" not in finders_off
+    # every other program: not even the hook
+    assert modules_other == modules_off and finders_other == finders_off
 
 
 def test_help_shows_the_plugin_and_the_off_switch_restores_stock_help(tmp_path):
@@ -208,12 +217,14 @@ def test_a_plugin_option_without_plugin_is_one_line(tiny_llama, tmp_path):
 def test_an_unexpected_litgpt_cli_runs_stock_and_says_why(tmp_path):
     # A LitGPT whose `finetune` is not LoRA's setup (as another version might have): simulated by pointing the real
     # PARSER_DATA's entry at LitGPT's full finetune before `main` runs.
-    script = (
-        "import sys; sys.argv = ['litgpt', 'finetune', '--help'];"
-        " import litgpt.__main__ as cli, litgpt.finetune.full as full;"
-        " cli.PARSER_DATA['finetune'] = full.setup; cli.main()"
+    # The hook is installed for LitGPT's `litgpt` script only (by its name), so the simulation is a script called that.
+    script = tmp_path / "litgpt"
+    script.write_text(
+        "import litgpt.__main__ as cli, litgpt.finetune.full as full\n"
+        "cli.PARSER_DATA['finetune'] = full.setup\n"
+        "cli.main()\n"
     )
-    result = run([sys.executable, "-c", script], tmp_path)
+    result = run([sys.executable, str(script), "finetune", "--help"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     version = importlib.metadata.version("litgpt")
     assert result.stderr.strip().splitlines() == [
