@@ -171,28 +171,3 @@ def logged_metric(out_dir: Path, name: str) -> list[float]:
     (metrics,) = out_dir.glob("logs/csv/*/metrics.csv")
     with open(metrics) as f:
         return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
-
-
-# ---- statistics --------------------------------------------------------------------------------------------
-
-
-def kendall_tau(a: dict[str, float], b: dict[str, float]) -> float:
-    """Kendall's tau-b between two scorings of the same keys (ties counted as neither concordant nor discordant)."""
-    keys = sorted(a)
-    assert keys == sorted(b)
-    concordant = discordant = ties_a = ties_b = 0
-    for i, k in enumerate(keys):
-        for l in keys[i + 1 :]:
-            da, db = a[k] - a[l], b[k] - b[l]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ties_a += 1
-            elif db == 0:
-                ties_b += 1
-            elif (da > 0) == (db > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denominator = ((concordant + discordant + ties_a) * (concordant + discordant + ties_b)) ** 0.5
-    return (concordant - discordant) / denominator if denominator else 1.0

@@ -49,7 +49,8 @@ from litgpt_plop.quantize import quantize_linears_4bit
 from litgpt_plop.scoring import CkaScorer, PlopScorer
 from litgpt_plop.select import plan_placement
 
-from helpers import kendall_tau, logged_metric, random_gpt, tiny_config, tiny_run
+from benchmarks.stats import kendall_tau
+from helpers import logged_metric, random_gpt, tiny_config, tiny_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -202,12 +203,6 @@ def test_guard_matters_without_it_calibration_breaks_the_4bit_model(monkeypatch)
 # ---- the real model: 4-bit vs full precision ---------------------------------------------------------------
 
 SMOLLM2_PROMPTS = 32
-
-
-def test_kendall_tau():
-    assert kendall_tau({"a": 1, "b": 2, "c": 3}, {"a": 10, "b": 20, "c": 30}) == 1.0
-    assert kendall_tau({"a": 1, "b": 2, "c": 3}, {"a": 3, "b": 2, "c": 1}) == -1.0
-    assert kendall_tau({"a": 1, "b": 2, "c": 3, "d": 4}, {"a": 1, "b": 3, "c": 2, "d": 4}) == pytest.approx(4 / 6)
 
 
 def bf16_is_fast() -> bool:

@@ -24,7 +24,7 @@ from litgpt_plop.checkpoint import load_checkpoint_model
 from litgpt_plop.scoring import closed_form_denominator, monte_carlo_denominator, weight_matrix
 from litgpt_plop.select import plan_placement
 
-from helpers import kendall_tau
+from benchmarks.stats import kendall_tau
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
