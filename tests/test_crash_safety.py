@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from litgpt import Config
-from litgpt.model import GPT
 from litgpt.scripts.merge_lora import merge_lora
-from litgpt.utils import save_config
 
+from helpers import tiny_config, write_checkpoint
 from litgpt_plop.atomic import replace_directory
 from litgpt_plop.export import load_adapter
 from litgpt_plop.placement import Placement
@@ -36,19 +34,9 @@ FINAL_FILES = {
 @pytest.fixture(scope="module")
 def wide_checkpoint(tmp_path_factory, smollm2_checkpoint) -> Path:
     """A small random model whose merged weights take long enough to write that a kill can land inside."""
-    checkpoint_dir = tmp_path_factory.mktemp("checkpoints") / "wide-llama"
-    checkpoint_dir.mkdir()
-    config = Config(
-        name="wide-llama", block_size=128, n_layer=2, n_embd=256, n_head=4, n_query_groups=2, head_size=64,
-        intermediate_size=512, vocab_size=49152, padded_vocab_size=49152, bias=False, parallel_residual=False,
-        norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", rotary_percentage=1.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    torch.save(GPT(config).state_dict(), checkpoint_dir / "lit_model.pth")
-    save_config(config, checkpoint_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(smollm2_checkpoint / name, checkpoint_dir / name)
-    return checkpoint_dir
+    # 256 wide with SmolLM2's vocabulary: merged weights large enough that writing them takes a while
+    config = tiny_config(name="wide-llama", n_embd=256, head_size=64, vocab_size=49152, block_size=128)
+    return write_checkpoint(tmp_path_factory.mktemp("checkpoints") / "wide-llama", config, tokenizer_from=smollm2_checkpoint)
 
 
 def finetune_command(checkpoint_dir: Path, out_dir: Path, seed: int) -> list[str]:
