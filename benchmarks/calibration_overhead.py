@@ -232,7 +232,8 @@ def in_subprocess(spec: dict) -> dict:
 def make_scorers(model, mode: str) -> list:
     """Fresh scorers for ``mode``, as ``plan_placement`` builds them (every kind but the head, every layer)."""
     from litgpt_plop.placement import model_kinds
-    from litgpt_plop.scoring import CkaScorer, PlopScorer
+    from litgpt_plop.cka import CkaScorer
+    from litgpt_plop.scoring import PlopScorer
 
     method, pooling = METHODS[mode]
     layers = list(range(model.config.n_layer))
@@ -247,7 +248,8 @@ def make_scorers(model, mode: str) -> list:
 def finish(model, mode: str, scorers: list):
     """Scores and selection from filled scorers: what ``plan_placement`` does after the pass."""
     from litgpt_plop.args import CkaArgs
-    from litgpt_plop.scoring import CkaScorer, PlopScorer
+    from litgpt_plop.cka import CkaScorer
+    from litgpt_plop.scoring import PlopScorer
     from litgpt_plop.select import select_placement
 
     method, pooling = METHODS[mode]

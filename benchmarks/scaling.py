@@ -133,7 +133,8 @@ def calibration_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from litgpt_plop.calibration import calibrate
     from litgpt_plop.checkpoint import load_checkpoint_model
     from litgpt_plop.placement import model_kinds
-    from litgpt_plop.scoring import CkaScorer, PlopScorer
+    from litgpt_plop.cka import CkaScorer
+    from litgpt_plop.scoring import PlopScorer
 
     torch.set_num_threads(1)
     checkpoint = Path(spec["checkpoint"])

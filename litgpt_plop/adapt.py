@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import litgpt.lora
 import litgpt.model
@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from litgpt.lora import LoRALayer, LoRALinear, LoRAQKVLinear
 
-from litgpt_plop.modules import KIND_TO_PATH, base_linear, gpt_of, qkv_row_slices, site_module
+from litgpt_plop.modules import base_linear, gpt_of, qkv_row_slices, site_experts, site_module, site_modules, site_parent
 from litgpt_plop.quantize import disable_cpu_repack
 from litgpt_plop.placement import (
     HEAD_KIND,
@@ -55,6 +55,9 @@ _TO_LORA_CLASS: dict[type, type] = {
     litgpt.model.LLaMAMLP: litgpt.lora.LLaMAMLP,
     litgpt.model.GemmaMLP: litgpt.lora.GemmaMLP,
     litgpt.model.GptNeoxMLP: litgpt.lora.GptNeoxMLP,
+    # a mixture of experts: its experts are LLaMAMLPs (swapped like any other), its router ``gate`` gets a
+    # LoRALinear wrapper as litgpt.lora's constructor gives it (rank 0 unless the placement has the router site)
+    litgpt.model.LLaMAMoE: litgpt.lora.LLaMAMoE,
 }
 _LORA_CLASSES = tuple(_TO_LORA_CLASS.values())
 
@@ -172,10 +175,11 @@ def _qkv_adapters(module: nn.Module) -> dict[str, SiteAdapter]:
     return {}
 
 
-def site_adapter(model: nn.Module, layer: int, kind: str) -> SiteAdapter | None:
-    """The adapter at (layer, kind) of ``model``, or None when the site has none."""
+def site_adapter(model: nn.Module, layer: int, kind: str, expert: int | None = None) -> SiteAdapter | None:
+    """The adapter at (layer, kind) of ``model`` (in expert ``expert`` of a mixture of experts), or None when the
+    site has none."""
     gpt = gpt_of(model)
-    module = site_module(gpt, layer, kind)
+    module = site_module(gpt, layer, kind, expert)
     if kind in QKV_KINDS:
         return _qkv_adapters(module).get(kind)
     if isinstance(module, LoRALinear) and module.r > 0 and hasattr(module, "lora_A"):
@@ -203,14 +207,14 @@ def _raw_parameter(module: nn.Module, name: str) -> nn.Parameter:
     return getattr(module, name)
 
 
-def site_parameters(model: nn.Module, layer: int, kind: str) -> SiteParameters | None:
+def site_parameters(model: nn.Module, layer: int, kind: str, expert: int | None = None) -> SiteParameters | None:
     """The parameters (and rows of them) that hold the adapter at (layer, kind) of ``model``, or None.
 
     Same layouts as ``site_adapter``: a ``LoRALinear`` owns its whole ``lora_A``/``lora_B``; in LitGPT's fused
     ``LoRAQKVLinear`` the i-th enabled part has the i-th chunk of ``r`` rows of ``lora_A`` and the i-th block of
     rows of ``lora_B``; ``LoRAQKVMixedRankLinear`` has one ``lora_A_<part>``/``lora_B_<part>`` per part.
     """
-    module = site_module(gpt_of(model), layer, kind)
+    module = site_module(gpt_of(model), layer, kind, expert)
     if isinstance(module, LoRAQKVMixedRankLinear):
         if kind not in QKV_KINDS or module.ranks[QKV_KINDS.index(kind)] == 0:
             return None
@@ -229,6 +233,19 @@ def site_parameters(model: nn.Module, layer: int, kind: str) -> SiteParameters |
     return SiteParameters(A, A_rows, B, qkv_row_slices(module, enabled)[kind], module.scaling)
 
 
+def unit_parameters(model: nn.Module, sites: Iterable[tuple[int, str]]) -> dict[tuple, SiteParameters]:
+    """``site_parameters`` of every adapter the ``(layer, kind)`` sites hold: keyed ``(layer, kind)``, or
+    ``(layer, kind, expert)`` once per expert for an MLP site of a mixture of experts. Sites without one are left out."""
+    gpt = gpt_of(model)
+    units = {}
+    for layer, kind in sites:
+        for expert in site_experts(gpt, kind):
+            sp = site_parameters(gpt, layer, kind, expert)
+            if sp is not None:
+                units[(layer, kind) if expert is None else (layer, kind, expert)] = sp
+    return units
+
+
 def current_placement(model: nn.Module, lora_alpha: int | None = None, method: str = "current") -> Placement:
     """The placement that is on ``model`` now: one site per adapter, with its rank, recorded as made by ``method``.
 
@@ -237,12 +254,15 @@ def current_placement(model: nn.Module, lora_alpha: int | None = None, method: s
     gpt = gpt_of(model)
     config = gpt.config
     sites, alphas = [], set()
-    locations = [(layer, kind) for layer in range(config.n_layer) for kind in model_kinds(config)]
+    locations = [(layer, kind) for layer in range(config.n_layer) for kind in model_kinds(config, include_router=True)]
     for layer, kind in locations + [(HEAD_LAYER, HEAD_KIND)]:
-        adapter = site_adapter(gpt, layer, kind)
-        if adapter is not None:
-            sites.append(Site(layer, kind, adapter.A.shape[0]))
-            alphas.add(site_module(gpt, layer, kind).lora_alpha)
+        experts = site_experts(gpt, kind)
+        ranks = [adapter.A.shape[0] if adapter else 0 for adapter in (site_adapter(gpt, layer, kind, e) for e in experts)]
+        if len(set(ranks)) > 1:  # a site is one (layer, kind): every expert of it carries the same adapter
+            raise PlacementError(f"The experts of site {layer}.{kind} carry adapters of different ranks {ranks}")
+        if ranks[0]:
+            sites.append(Site(layer, kind, ranks[0]))
+            alphas.update(site_module(gpt, layer, kind, e).lora_alpha for e in experts)
     if lora_alpha is None:
         if len(alphas) > 1:
             raise PlacementError(
@@ -304,17 +324,17 @@ def apply_placement(model: nn.Module, placement: Placement) -> litgpt.lora.GPT:
     ranks = {(s.layer, s.kind): s.rank for s in placement.sites}
     alpha, dropout = placement.lora_alpha, placement.lora_dropout
     activation_dtype = gpt.transformer.wte.weight.dtype
-    kinds = model_kinds(new_config)
+    kinds = model_kinds(new_config, include_router=True)
     for layer, block in enumerate(gpt.transformer.h):
         qkv_ranks = tuple(ranks.get((layer, part), 0) for part in QKV_KINDS)
         block.attn.qkv = _placed_qkv(block.attn.qkv, qkv_ranks, alpha, dropout, new_config, activation_dtype)
         for kind in kinds:
             if kind in QKV_KINDS:
                 continue
-            parent_path, attr = KIND_TO_PATH[kind].rsplit(".", 1)
-            parent = block.get_submodule(parent_path)
             rank = ranks.get((layer, kind), 0)
-            setattr(parent, attr, _placed_linear(getattr(parent, attr), rank, alpha, dropout, activation_dtype))
+            for expert in site_experts(gpt, kind):  # every expert of a mixture of experts alike
+                parent, attr = site_parent(gpt, layer, kind, expert)
+                setattr(parent, attr, _placed_linear(getattr(parent, attr), rank, alpha, dropout, activation_dtype))
     head_rank = ranks.get((HEAD_LAYER, HEAD_KIND), 0)
     gpt.lm_head = _placed_linear(gpt.lm_head, head_rank, alpha, dropout, activation_dtype)
 
@@ -327,15 +347,16 @@ def apply_placement(model: nn.Module, placement: Placement) -> litgpt.lora.GPT:
 def _check_structure(gpt: litgpt.model.GPT) -> None:
     """Every module ``apply_placement`` will change is one it knows, with the config's shapes. Changes nothing."""
     config = gpt.config
-    for module in [gpt, *gpt.transformer.h, *(b.attn for b in gpt.transformer.h), *(b.mlp for b in gpt.transformer.h)]:
+    experts = [e for b in gpt.transformer.h for e in getattr(b.mlp, "experts", ())]
+    blocks = gpt.transformer.h
+    for module in [gpt, *blocks, *(b.attn for b in blocks), *(b.mlp for b in blocks), *experts]:
         if not isinstance(module, _LORA_CLASSES) and type(module) not in _TO_LORA_CLASS:
             raise PlacementError(
                 f"Cannot adapt module of type {type(module).__module__}.{type(module).__qualname__}: litgpt-plop adapts"
                 f" LitGPT's own {sorted(c.__name__ for c in _TO_LORA_CLASS)} (plain or litgpt.lora)"
             )
-    locations = [(layer, kind) for layer in range(config.n_layer) for kind in model_kinds(config)]
-    for layer, kind in locations + [(HEAD_LAYER, HEAD_KIND)]:
-        module = site_module(gpt, layer, kind)
+    locations = [(layer, kind) for layer in range(config.n_layer) for kind in model_kinds(config, include_router=True)]
+    for layer, kind, module in [(l, k, m) for l, k in locations + [(HEAD_LAYER, HEAD_KIND)] for m in site_modules(gpt, l, k)]:
         where = f"{kind!r} at layer {layer}"
         if kind in QKV_KINDS and isinstance(module, LoRALinear) and not isinstance(module, LoRAQKVLinear):
             raise PlacementError(

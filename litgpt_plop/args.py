@@ -2,7 +2,7 @@
 
 Each dataclass is one ``--<group>.*`` group on the command line (jsonargparse reads the field docstrings for
 ``--help``). They only hold values and check them; the work is done in ``litgpt_plop.calibration``,
-``litgpt_plop.scoring`` and ``litgpt_plop.select``.
+``litgpt_plop.scoring``, ``litgpt_plop.cka`` and ``litgpt_plop.select``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
 import torch
@@ -25,7 +25,7 @@ import torch.nn as nn
 from litgpt import GPT, Config
 
 from litgpt_plop.errors import InputError
-from litgpt_plop.modules import KIND_TO_PATH, base_linear, gpt_of, qkv_row_slices, site_module
+from litgpt_plop.modules import KIND_TO_PATH, base_linear, gpt_of, qkv_row_slices, site_experts, site_module
 from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, Placement, PlacementError, Scores
 from litgpt_plop.quantize import no_cpu_repack
 from litgpt_plop.scoring import weight_matrix
@@ -81,11 +81,14 @@ class KappaScores:
         per_site: ``sigma_max / sigma_min`` of each ``"<layer>.<kind>"`` site's weight (``inf`` if singular).
         per_kind: each kind's geometric mean over the candidate layers (what ``kappa`` ranks).
         seconds: how long computing them took.
+        per_expert: in a mixture of experts, each MLP site's condition number per expert; ``per_site`` holds
+            their geometric mean (every expert weighs the same: no data says how often each is used).
     """
 
     per_site: dict[str, float]
     per_kind: dict[str, float]
     seconds: float = 0.0
+    per_expert: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,22 +142,24 @@ def geometric_mean(values: Sequence[float]) -> float:
 
 
 def site_weights(gpt: GPT, kinds: Sequence[str], layers: Sequence[int]):
-    """``(layer, kind, weight)`` for every candidate site, one dequantized module at a time (q/k/v: row slices)."""
+    """``(layer, kind, expert, weight)`` for every candidate site, one dequantized module at a time (q/k/v: row
+    slices; in a mixture of experts, an MLP site once per expert; expert None elsewhere)."""
     block_kinds = [k for k in kinds if k != HEAD_KIND]
     paths = list(dict.fromkeys(KIND_TO_PATH[k] for k in block_kinds))
     for layer in layers:
         for path in paths:
             path_kinds = [k for k in block_kinds if KIND_TO_PATH[k] == path]
-            weight = weight_matrix(base_linear(site_module(gpt, layer, path_kinds[0])))
-            if path == "attn.qkv":
-                slices = qkv_row_slices(gpt.config)
-                for kind in path_kinds:
-                    yield layer, kind, weight[slices[kind]]
-            else:
-                yield layer, path_kinds[0], weight
-            del weight
+            for expert in site_experts(gpt, path_kinds[0]):
+                weight = weight_matrix(base_linear(site_module(gpt, layer, path_kinds[0], expert)))
+                if path == "attn.qkv":
+                    slices = qkv_row_slices(gpt.config)
+                    for kind in path_kinds:
+                        yield layer, kind, None, weight[slices[kind]]
+                else:
+                    yield layer, path_kinds[0], expert, weight
+                del weight
     if HEAD_KIND in kinds:
-        yield HEAD_LAYER, HEAD_KIND, weight_matrix(base_linear(site_module(gpt, HEAD_LAYER, HEAD_KIND)))
+        yield HEAD_LAYER, HEAD_KIND, None, weight_matrix(base_linear(site_module(gpt, HEAD_LAYER, HEAD_KIND)))
 
 
 def score_weights(model: nn.Module, kinds: Sequence[str], layers: Sequence[int]) -> KappaScores:
@@ -162,17 +167,25 @@ def score_weights(model: nn.Module, kinds: Sequence[str], layers: Sequence[int])
     gpt = gpt_of(model)
     t0 = time.perf_counter()
     per_site: dict[str, float] = {}
+    per_expert: dict[str, list[float]] = {}
     # a 4-bit weight repacked by an earlier eval-mode forward is unpacked first (dequantizing it would be garbage)
     with torch.no_grad(), no_cpu_repack(gpt):
-        for layer, kind, weight in site_weights(gpt, kinds, layers):
+        for layer, kind, expert, weight in site_weights(gpt, kinds, layers):
+            where = f"{layer}.{kind}" if expert is None else f"{layer}.{kind} (expert {expert})"
             try:
-                per_site[f"{layer}.{kind}"] = condition_number(weight)
+                value = condition_number(weight)
             except ValueError as e:
-                raise ValueError(f"Site {layer}.{kind}: {e}") from None
+                raise ValueError(f"Site {where}: {e}") from None
+            if expert is None:
+                per_site[f"{layer}.{kind}"] = value
+            else:
+                per_expert.setdefault(f"{layer}.{kind}", []).append(value)
+    # a site spanning every expert: the geometric mean over them, as over layers for a kind
+    per_site.update({key: geometric_mean(values) for key, values in per_expert.items()})
     per_kind = {}
     for kind in kinds:
         per_kind[kind] = geometric_mean([v for key, v in per_site.items() if key.split(".", 1)[1] == kind])
-    return KappaScores(per_site=per_site, per_kind=per_kind, seconds=time.perf_counter() - t0)
+    return KappaScores(per_site=per_site, per_kind=per_kind, seconds=time.perf_counter() - t0, per_expert=per_expert)
 
 
 # ---- choosing ---------------------------------------------------------------------------------------------
@@ -227,6 +240,7 @@ def kappa_placement(
         kappa_per_site=scores.per_site,
         kappa_per_kind=scores.per_kind,
         kappa=_record(config, scores, sites, rank, args, None),
+        kappa_per_expert=scores.per_expert,
     )
     return Placement.from_sites(
         config, [(layer, kind, rank) for layer, kind in sites], lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -252,6 +266,7 @@ def with_data_free_choice(placement: Placement, model: nn.Module, rank: int, arg
         kappa_per_site=scores.per_site,
         kappa_per_kind=scores.per_kind,
         kappa=_record(config, scores, sites, rank, args, error),
+        kappa_per_expert=scores.per_expert,
     )
     calibration = {**(placement.calibration or {}), "kappa_seconds": round(scores.seconds, 3)}
     return replace(placement, scores=extended, calibration=calibration)

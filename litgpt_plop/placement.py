@@ -25,7 +25,10 @@ ATTENTION_KINDS = ("query", "key", "value", "projection")
 LLAMA_MLP_KINDS = ("mlp_fc_1", "mlp_fc_2", "mlp_proj")
 NEOX_MLP_KINDS = ("mlp_fc", "mlp_proj")  # GPT-NeoX (Pythia): dense_h_to_4h, dense_4h_to_h
 HEAD_KIND = "head"
-ALL_KINDS = ATTENTION_KINDS + ("mlp_fc_1", "mlp_fc_2", "mlp_fc", "mlp_proj", HEAD_KIND)
+# The router of a mixture-of-experts MLP (``mlp.gate``, n_embd -> n_expert). Never a candidate of a method: it is
+# a site only because stock LitGPT's ``lora_mlp`` gives it an adapter, which ``--plugin none`` must reproduce.
+ROUTER_KIND = "mlp_router"
+ALL_KINDS = ATTENTION_KINDS + ("mlp_fc_1", "mlp_fc_2", "mlp_fc", "mlp_proj", ROUTER_KIND, HEAD_KIND)
 QKV_KINDS = ("query", "key", "value")
 
 # The head is not inside a block; its site carries this layer index.
@@ -41,12 +44,28 @@ KIND_TO_FLAG = {
     "mlp_fc_2": "lora_mlp",
     "mlp_fc": "lora_mlp",
     "mlp_proj": "lora_mlp",
+    ROUTER_KIND: "lora_mlp",
     "head": "lora_head",
 }
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp", "lora_head")
 
 # The MLP classes whose linears we know how to adapt, and the kinds each one has.
-_MLP_KINDS = {"LLaMAMLP": LLAMA_MLP_KINDS, "GemmaMLP": LLAMA_MLP_KINDS, "GptNeoxMLP": NEOX_MLP_KINDS}
+# In a mixture of experts (``LLaMAMoE``) each MLP kind is the same matrix in every expert of the block: a site
+# (layer, kind) is that matrix in all ``n_expert`` experts, so a placement stays loadable by stock LitGPT's flags.
+_MLP_KINDS = {
+    "LLaMAMLP": LLAMA_MLP_KINDS, "GemmaMLP": LLAMA_MLP_KINDS, "GptNeoxMLP": NEOX_MLP_KINDS, "LLaMAMoE": LLAMA_MLP_KINDS,
+}  # fmt: skip
+EXPERT_KINDS = LLAMA_MLP_KINDS  # the kinds that live in every expert of a mixture-of-experts block
+
+
+def is_moe(config: Config) -> bool:
+    """Whether the model's MLPs are LitGPT's mixture of experts (``LLaMAMoE``: Mixtral, Qwen3-MoE, ...)."""
+    return config.mlp_class_name == "LLaMAMoE"
+
+
+def expert_count(config: Config, kind: str) -> int:
+    """How many matrices one site of ``kind`` spans: ``n_expert`` for an MLP kind of a mixture of experts, else 1."""
+    return config.n_expert if is_moe(config) and kind in EXPERT_KINDS else 1
 
 
 class PlacementError(InputError):
@@ -58,17 +77,25 @@ def check_supported(config: Config) -> None:
     if config.mlp_class_name not in _MLP_KINDS:
         raise PlacementError(
             f"Model {config.name!r} uses MLP class {config.mlp_class_name!r}; litgpt-plop supports"
-            f" {sorted(_MLP_KINDS)} (LLaMA/Qwen/SmolLM-style, Gemma-style and GPT-NeoX/Pythia-style models)."
-            " Mixture-of-experts models are not supported."
+            f" {sorted(_MLP_KINDS)} (LLaMA/Qwen/SmolLM-style, Gemma-style, GPT-NeoX/Pythia-style and"
+            " Mixtral/Qwen3-MoE-style mixture-of-experts models)."
+        )
+    if is_moe(config) and (config.n_shared_expert or config.n_expert_groups):
+        raise PlacementError(
+            f"Model {config.name!r} has shared experts or a grouped router (DeepSeek-style), which litgpt-plop does not"
+            " support; Mixtral/Qwen3-MoE-style mixtures of experts are supported."
         )
     if getattr(config, "latent_attention", None):
         raise PlacementError(f"Model {config.name!r} uses multi-head latent attention, which litgpt-plop does not support.")
 
 
-def model_kinds(config: Config, include_head: bool = False) -> tuple[str, ...]:
-    """The kinds a model of this config has, in a fixed order (attention first, then MLP)."""
+def model_kinds(config: Config, include_head: bool = False, include_router: bool = False) -> tuple[str, ...]:
+    """The kinds a model of this config has, in a fixed order (attention first, then MLP). The router of a mixture
+    of experts only with ``include_router``: it is never a candidate."""
     check_supported(config)
     kinds = ATTENTION_KINDS + _MLP_KINDS[config.mlp_class_name]
+    if include_router and is_moe(config):
+        kinds += (ROUTER_KIND,)
     return kinds + ((HEAD_KIND,) if include_head else ())
 
 
@@ -91,15 +118,18 @@ def site_shape(config: Config, kind: str) -> tuple[int, int]:
     """(d_out, d_in) of the weight a site of this kind adapts; for q/k/v, the row slice of the fused qkv."""
     sizes = qkv_part_sizes(config)
     q_size, kv_size = sizes["query"], sizes["key"]
+    # one expert's matrix in a mixture of experts (LitGPT: moe_intermediate_size, or intermediate_size if unset)
+    mlp_size = (config.moe_intermediate_size or config.intermediate_size) if is_moe(config) else config.intermediate_size
     shapes = {
         "query": (q_size, config.n_embd),
         "key": (kv_size, config.n_embd),
         "value": (kv_size, config.n_embd),
         "projection": (config.n_embd, q_size),
-        "mlp_fc_1": (config.intermediate_size, config.n_embd),
-        "mlp_fc_2": (config.intermediate_size, config.n_embd),
-        "mlp_fc": (config.intermediate_size, config.n_embd),
-        "mlp_proj": (config.n_embd, config.intermediate_size),
+        "mlp_fc_1": (mlp_size, config.n_embd),
+        "mlp_fc_2": (mlp_size, config.n_embd),
+        "mlp_fc": (mlp_size, config.n_embd),
+        "mlp_proj": (config.n_embd, mlp_size),
+        ROUTER_KIND: (config.n_expert, config.n_embd),
         "head": (config.padded_vocab_size, config.n_embd),
     }
     if kind not in shapes:
@@ -108,9 +138,10 @@ def site_shape(config: Config, kind: str) -> tuple[int, int]:
 
 
 def site_params(config: Config, kind: str, rank: int) -> int:
-    """Trainable parameters of one adapter: A is (rank x d_in), B is (d_out x rank)."""
+    """Trainable parameters of one adapter: A is (rank x d_in), B is (d_out x rank); in a mixture of experts an
+    MLP site has one such adapter in every expert."""
     d_out, d_in = site_shape(config, kind)
-    return rank * (d_in + d_out)
+    return rank * (d_in + d_out) * expert_count(config, kind)
 
 
 @dataclass(frozen=True, order=True)
@@ -154,6 +185,12 @@ class Scores:
         kappa: the data-free choice the condition numbers make (``choice``: its site keys, or ``error`` when it
             cannot be made) and its options (``num_kinds``, ``budget``, ``budget_params``, ``granularity``, ``rank``),
             and how they were computed (``computed_as``).
+        nfn_per_expert: in a mixture of experts, each candidate MLP site's NFN per expert (None: the expert received
+            no calibration token); ``nfn_per_site`` holds their mean weighted by ``expert_tokens``.
+        expert_tokens: the calibration tokens each expert of each such site received.
+        unused_experts: per MoE block (``"<layer>"``), the experts that received no calibration token.
+        kappa_per_expert: in a mixture of experts, each candidate MLP site's condition number per expert (``kappa_per_site``
+            holds their geometric mean).
         stability: how often bootstrap resamples of the calibration prompts make the same choice
             (``litgpt_plop.stability``): ``same_choice``, ``kind_frequency``, ``layer_frequency``, ...
     """
@@ -172,6 +209,10 @@ class Scores:
     kappa_per_site: dict[str, float] = field(default_factory=dict)
     kappa_per_kind: dict[str, float] = field(default_factory=dict)
     kappa: dict[str, Any] | None = None
+    nfn_per_expert: dict[str, list[float | None]] = field(default_factory=dict)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    unused_experts: dict[str, list[int]] = field(default_factory=dict)
+    kappa_per_expert: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -302,7 +343,7 @@ class Placement:
 
     def validate(self, config: Config, require_sites: bool = True) -> None:
         """Check that the placement fits a model of ``config``; raise ``PlacementError`` naming the problem."""
-        kinds = model_kinds(config, include_head=True)
+        kinds = model_kinds(config, include_head=True, include_router=True)
         if require_sites and not self.sites:
             raise PlacementError(f"Placement {self.method!r} has no sites: nothing would be trained")
         if self.n_layer and self.n_layer != config.n_layer:

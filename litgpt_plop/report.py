@@ -14,6 +14,7 @@ from litgpt import Config
 
 from litgpt_plop.atomic import write_bytes_atomic
 from litgpt_plop.methods import METHODS, title
+from litgpt_plop.experts import expert_section
 from litgpt_plop.placement import HEAD_LAYER, Placement, Scores, model_kinds, site_params
 from litgpt_plop.report_kappa import data_free_section, kappa_kind_table, kappa_summary_lines, kappa_why
 
@@ -195,6 +196,8 @@ def _markdown(placement: Placement, config: Config) -> str:
         "",
     ]
     out += _kind_table(placement) + kappa_kind_table(placement) + data_free_section(placement)
+    scores = placement.scores
+    out += expert_section(scores.nfn_per_expert, scores.expert_tokens, scores.unused_experts, scores.kappa_per_expert)
     out += _layer_table(placement) + _stability_section(placement) + _calibration_section(placement.calibration)
     out += ["![scores](scores.png)", ""]
     return "\n".join(out)

@@ -1,4 +1,5 @@
-"""The two scores a calibration pass computes (docs/methods.md sections 1 and 2) and the scorers that compute them.
+"""PLoP's score, computed in the calibration pass (docs/methods.md section 1), and its scorer. CKA's is in
+``litgpt_plop.cka``.
 
 PLoP, per site (one LoRA-able linear map in one block)::
 
@@ -11,21 +12,11 @@ default) or a seeded Monte-Carlo ``mean_r ||W r||`` over random unit vectors r. 
 batch; a fixed seeded draw estimates the same expectation, and keeps padded/unpadded batches and every rank
 identical.) Per kind: mean over layers. Per layer: mean over that layer's kinds. LOWER = less aligned with
 the task = gets LoRA.
-
-CKA, per block: X = residual stream entering it, Y = leaving it. ``last`` pooling keeps one vector per prompt
-(its last real token) and computes linear CKA with the biased HSIC; ``tokens`` treats every real token as a
-sample and averages the unbiased HSIC over batches (Nguyen, Raghu, Kornblith 2021) with O(1) state per layer,
-computed by ``litgpt_plop.hsic.BatchHsic`` (one Gram matrix per block boundary, shared by the two blocks it
-joins; equal to ``unbiased_hsic`` to float64 rounding).
-LOWER similarity = the block changes its input more = gets LoRA. A layer whose pooled inputs (or outputs) are
-the same for every sample has a ~zero centred matrix and a meaningless CKA: it is listed in
-``degenerate_layers`` with a warning, and ``litgpt_plop.select`` never selects it.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -35,8 +26,8 @@ import torch.nn as nn
 from litgpt import GPT
 
 from litgpt_plop.calibration import Batch, ForwardHook, all_gather_rows, all_reduce_sum
-from litgpt_plop.hsic import BatchHsic, TokenSide, unbiased_hsic  # noqa: F401 - unbiased_hsic: part of this API
-from litgpt_plop.modules import KIND_TO_PATH, base_linear, qkv_row_slices, site_module
+from litgpt_plop.experts import ExpertRouting, token_weighted, unused_experts
+from litgpt_plop.modules import KIND_TO_PATH, base_linear, is_expert_site, qkv_row_slices, site_experts, site_module
 from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, QKV_KINDS
 
 # ---- the math, on plain tensors ---------------------------------------------------------------------------
@@ -86,29 +77,6 @@ def monte_carlo_denominator(weight: torch.Tensor, num_samples: int, seed: int) -
     return float((r.to(weight.device) @ weight.double().T).norm(dim=1).mean())
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA with the biased HSIC between ``x`` ``(n, d1)`` and ``y`` ``(n, d2)`` (rows are samples):
-    centre the columns, then ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``. 0.0 when a centred matrix is zero."""
-    x = x.double() - x.double().mean(dim=0)
-    y = y.double() - y.double().mean(dim=0)
-    # Gram form (n x n), the same numbers as the feature form, cheaper for n << d.
-    k = x @ x.T
-    l = y @ y.T
-    denominator = k.norm() * l.norm()
-    if denominator == 0:
-        return 0.0
-    return float((k * l).sum() / denominator)
-
-
-def _relative_centred_norm(x: torch.Tensor) -> float:
-    """``||X - mean||_F / ||X||_F`` (0.0 for an all-zero X)."""
-    x = x.double()
-    total = x.norm()
-    if total == 0:
-        return 0.0
-    return float((x - x.mean(dim=0)).norm() / total)
-
-
 # ---- results ----------------------------------------------------------------------------------------------
 
 
@@ -123,6 +91,10 @@ class PlopScores:
         denominator: ``closed_form`` or ``monte_carlo``.
         tokens: real tokens seen (all ranks).
         batches: batches seen (all ranks).
+        per_expert: in a mixture of experts, each MLP site's NFN per expert (None for an expert that received no
+            calibration token); the site's NFN is their mean weighted by ``expert_tokens``.
+        expert_tokens: the real tokens each expert of each such site received.
+        unused_experts: per MoE block (``"<layer>"``), the experts that received no calibration token at all.
     """
 
     per_site: dict[str, float]
@@ -131,25 +103,9 @@ class PlopScores:
     denominator: str = "closed_form"
     tokens: int = 0
     batches: int = 0
-
-
-@dataclass
-class CkaScores:
-    """Layer-wise CKA similarity between what enters and what leaves each block. Lower = the block changes
-    the representation more = more important.
-
-    Args:
-        per_layer: CKA per layer.
-        degenerate_layers: layers whose centred input or output is ~zero (every sample the same there): their
-            CKA means nothing and they must not be selected on it.
-        pooling: ``last`` or ``tokens``.
-        samples: pooled vectors (``last``) or tokens (``tokens``) the similarity was computed on.
-    """
-
-    per_layer: dict[int, float]
-    degenerate_layers: list[int] = field(default_factory=list)
-    pooling: str = "last"
-    samples: int = 0
+    per_expert: dict[str, list[float | None]] = field(default_factory=dict)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    unused_experts: dict[str, list[int]] = field(default_factory=dict)
 
 
 # ---- scorers (hooked into the calibration pass) -----------------------------------------------------------
@@ -162,6 +118,9 @@ class PlopScorer:
     their count. A site's NFN is the mean over every token the pass saw (summed sums / summed counts), so how
     the prompts are grouped into batches does not change it. ``reduce`` gathers every rank's prompts; the
     per-prompt rows stay for resampling (``litgpt_plop.stability``).
+
+    In a mixture of experts an MLP site is one matrix per expert: each (site, expert) is a *unit* with its own sums
+    over the tokens the router sent to that expert (``litgpt_plop.experts``); elsewhere a unit is a site.
     """
 
     def __init__(
@@ -186,50 +145,66 @@ class PlopScorer:
         if self.needs_head:
             self.sites.append((HEAD_LAYER, HEAD_KIND))
         self.index = {site: i for i, site in enumerate(self.sites)}
-        # per prompt: (sum of normalised output norms, tokens) for every site; (prompts, sites, 2) after reduce
+        # the rows of the statistics: one per site, or one per (site, expert) in a mixture of experts
+        self.units = [(layer, kind, e) for layer, kind in self.sites for e in site_experts(gpt, kind)]
+        self.unit_index = {unit: i for i, unit in enumerate(self.units)}
+        moe_layers = sorted({layer for layer, kind in self.sites if is_expert_site(gpt, kind)})
+        self.routing = ExpertRouting(gpt, moe_layers) if moe_layers else None
+        # per prompt: (sum of normalised output norms, tokens) for every unit; (prompts, units, 2) after reduce
         self.sample_sums: list[torch.Tensor] | torch.Tensor = []
         self.batches = 0
         self._batch: Batch | None = None
-        self._ratios: torch.Tensor | None = None  # (sites, B, T): ||W z|| / ||z|| over the current batch's grid
-        self._site_input_norms: torch.Tensor | None = None  # (sites, B, T): ||z||
+        self._ratios: torch.Tensor | None = None  # (units, B, T): ||W z|| / ||z|| over the current batch's grid
+        self._site_input_norms: torch.Tensor | None = None  # (units, B, T): ||z||; 0 where an expert got no token
         self._input: torch.Tensor | None = None  # the last input seen, and its version and per-token norms
         self._input_version = 0
         self._input_norms: torch.Tensor | None = None
-        self._denominators: dict[tuple[int, str], float] = {}
+        self._denominators: dict[tuple[int, str, int | None], float] = {}
         self._reduced = False
 
-    def _module_groups(self) -> list[tuple[int, nn.Module, list[tuple[str, int | None, int | None]]]]:
-        """``(layer, base linear, [(kind, row start, row stop)])`` per distinct module; q/k/v share the qkv."""
+    def _module_groups(self) -> list[tuple[int, int | None, nn.Module, list[tuple[str, int | None, int | None]]]]:
+        """``(layer, expert, base linear, [(kind, row start, row stop)])`` per distinct module; q/k/v share the qkv;
+        in a mixture of experts each expert's linear is its own module (expert None elsewhere)."""
         groups = []
         block_kinds = [k for k in self.kinds if k != HEAD_KIND]
         paths = list(dict.fromkeys(KIND_TO_PATH[k] for k in block_kinds))
         for layer in self.layers:
             for path in paths:
                 kinds = [k for k in block_kinds if KIND_TO_PATH[k] == path]
-                linear = base_linear(site_module(self.gpt, layer, kinds[0]))
                 if path == "attn.qkv":
+                    linear = base_linear(site_module(self.gpt, layer, kinds[0]))
                     rows = qkv_row_slices(self.gpt.config)
-                    groups.append((layer, linear, [(k, rows[k].start, rows[k].stop) for k in QKV_KINDS if k in kinds]))
+                    groups.append((layer, None, linear, [(k, rows[k].start, rows[k].stop) for k in QKV_KINDS if k in kinds]))
                 else:
-                    groups.append((layer, linear, [(kinds[0], None, None)]))
+                    for expert in site_experts(self.gpt, kinds[0]):
+                        linear = base_linear(site_module(self.gpt, layer, kinds[0], expert))
+                        groups.append((layer, expert, linear, [(kinds[0], None, None)]))
         if self.needs_head:
-            groups.append((HEAD_LAYER, base_linear(site_module(self.gpt, HEAD_LAYER, HEAD_KIND)), [(HEAD_KIND, None, None)]))
+            head = base_linear(site_module(self.gpt, HEAD_LAYER, HEAD_KIND))
+            groups.append((HEAD_LAYER, None, head, [(HEAD_KIND, None, None)]))
         return groups
 
     def hooks(self) -> list[tuple[nn.Module, ForwardHook]]:
-        return [(linear, self._make_hook(layer, parts)) for layer, linear, parts in self._module_groups()]
+        routers = self.routing.hooks() if self.routing is not None else []
+        return routers + [(linear, self._make_hook(layer, expert, parts)) for layer, expert, linear, parts in self._module_groups()]
 
-    def _make_hook(self, layer: int, parts: list[tuple[str, int | None, int | None]]) -> ForwardHook:
-        rows = [self.index[(layer, kind)] for kind, _, _ in parts]
+    def _make_hook(self, layer: int, expert: int | None, parts: list[tuple[str, int | None, int | None]]) -> ForwardHook:
+        rows = [self.unit_index[(layer, kind, expert)] for kind, _, _ in parts]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
             inputs = args[0] if args else kwargs["input"]
             # fc_1 and fc_2 (and a LoRA wrapper's linear) get the very same input tensor: its norms once
             if self._input is not inputs or self._input_version != inputs._version:
                 self._input, self._input_version = inputs, inputs._version
-                self._input_norms = _norms(inputs)  # (B, T)
+                self._input_norms = _norms(inputs)  # (B, T), or (routed tokens,) for an expert
             # ||W z|| = ||y - bias||; without a bias, y itself (no float32 copy of a bf16 output)
             outputs = output if module.bias is None else output.float() - module.bias.float()
+            if expert is not None:  # an expert sees only its routed tokens: put each back at its grid position
+                tokens = self.routing.of(layer, expert, inputs.shape[0])
+                row = rows[0]
+                self._ratios[row].view(-1)[tokens] = _norms(outputs) / self._input_norms
+                self._site_input_norms[row].view(-1)[tokens] = self._input_norms
+                return
             for row, (_, start, stop) in zip(rows, parts):
                 torch.div(_norms(outputs[..., start:stop]), self._input_norms, out=self._ratios[row])
                 self._site_input_norms[row] = self._input_norms
@@ -242,54 +217,58 @@ class PlopScorer:
         # real tokens are picked and summed per prompt once, in end_batch: one gather, transfer and index_add for
         # all sites rather than one per site. (Norms on the grid are the numbers norms of the gathered rows give:
         # each row is reduced on its own.)
-        shape = (len(self.sites), *batch.mask.shape)
+        shape = (len(self.units), *batch.mask.shape)
         self._ratios = torch.zeros(shape, device=batch.mask.device)
         self._site_input_norms = torch.zeros(shape, device=batch.mask.device)
         self._input = None
 
     def end_batch(self) -> None:
         batch = self._batch
-        kept = self._site_input_norms[:, batch.mask] != 0  # (sites, N); an exactly-zero input has no direction: left out
+        # (units, N); an exactly-zero input has no direction, and an expert's unrouted tokens have none: left out
+        kept = self._site_input_norms[:, batch.mask] != 0
         # 0.0 in place of a left-out token adds nothing to a sum, so summing every token is summing the kept ones.
-        ratios = self._ratios[:, batch.mask].masked_fill_(~kept, 0.0).T.double().cpu()  # (N, sites)
+        ratios = self._ratios[:, batch.mask].masked_fill_(~kept, 0.0).T.double().cpu()  # (N, units)
         # A NaN or inf input or output element makes that token's ratio NaN or inf (W z with a non-finite z is
         # non-finite), so checking the ratios checks the activations, once per batch.
         finite = torch.isfinite(ratios).all(dim=0)
         if not bool(finite.all()):
-            layer, kind = self.sites[int((~finite).nonzero()[0, 0])]
+            layer, kind, _ = self.units[int((~finite).nonzero()[0, 0])]
             raise ValueError(
                 f"Non-finite activations (NaN or inf) at the linear of site {layer}.{kind} in calibration batch {batch.index}"
             )
         prompts = batch.mask.nonzero()[:, 0].cpu()  # which prompt of the batch each real token belongs to
-        current = torch.zeros(batch.mask.shape[0], len(self.sites), 2, dtype=torch.float64)
+        current = torch.zeros(batch.mask.shape[0], len(self.units), 2, dtype=torch.float64)
         # index_add_ adds the tokens one after another, per site: the order of the former per-site loop
         current[:, :, 0].index_add_(0, prompts, ratios)
         current[:, :, 1].index_add_(0, prompts, kept.T.double().cpu())
         self.sample_sums.append(current)
         self.batches += 1
         self._batch = self._ratios = self._site_input_norms = self._input = self._input_norms = None
+        if self.routing is not None:
+            self.routing.clear()
 
     def reduce(self) -> None:
         """Every rank ends with every rank's prompts (two numbers per site and prompt) and batch count."""
-        n = len(self.sites)
+        n = len(self.units)
         mine = torch.cat(self.sample_sums) if len(self.sample_sums) else torch.zeros(0, n, 2, dtype=torch.float64)
         self.sample_sums = all_gather_rows(mine.flatten(1)).view(-1, n, 2)
         self.batches = int(all_reduce_sum(torch.tensor([float(self.batches)], dtype=torch.float64)).item())
         self._reduced = True
 
-    def denominators(self) -> dict[tuple[int, str], float]:
-        """The per-site denominator, computed once (one dequantized module at a time) and cached."""
+    def denominators(self) -> dict[tuple[int, str, int | None], float]:
+        """The denominator per unit ``(layer, kind, expert)`` (expert None outside a mixture of experts), computed
+        once (one dequantized module at a time) and cached."""
         if not self._denominators:
-            for layer, linear, parts in self._module_groups():
+            for layer, expert, linear, parts in self._module_groups():
                 weight = weight_matrix(linear)
                 for kind, start, stop in parts:
                     rows = weight[start:stop]
                     if self.denominator == "closed_form":
                         value = closed_form_denominator(rows)
                     else:
-                        seed = zlib.crc32(f"{self.seed}:{layer}.{kind}".encode())
-                        value = monte_carlo_denominator(rows, self.mc_samples, seed)
-                    self._denominators[(layer, kind)] = value
+                        name = f"{layer}.{kind}" if expert is None else f"{layer}.{kind}.{expert}"
+                        value = monte_carlo_denominator(rows, self.mc_samples, zlib.crc32(f"{self.seed}:{name}".encode()))
+                    self._denominators[(layer, kind, expert)] = value
                 del weight
         return self._denominators
 
@@ -304,14 +283,23 @@ class PlopScorer:
         sample_sums = self.sample_sums if isinstance(self.sample_sums, torch.Tensor) else torch.cat(self.sample_sums)
         chosen = sample_sums if prompts is None else sample_sums[torch.as_tensor(list(prompts), dtype=torch.long)]
         sums = chosen.sum(dim=0)
-        per_site = {}
-        for (layer, kind), i in self.index.items():
-            total, tokens = sums[i].tolist()
-            if tokens == 0:
+        per_site, per_expert, expert_tokens = {}, {}, {}
+        for layer, kind in self.sites:
+            values, counts = [], []
+            for expert in site_experts(self.gpt, kind):
+                total, tokens = sums[self.unit_index[(layer, kind, expert)]].tolist()
+                where = f"{layer}.{kind}" if expert is None else f"{layer}.{kind} (expert {expert})"
+                if denominators[(layer, kind, expert)] == 0:
+                    raise ValueError(f"The weight of site {where} is all zeros: its NFN is undefined")
+                values.append(total / tokens / denominators[(layer, kind, expert)] if tokens else None)
+                counts.append(int(tokens))
+            if not any(counts):
                 raise ValueError(f"PLoP saw no token with a non-zero input at site {layer}.{kind}")
-            if denominators[(layer, kind)] == 0:
-                raise ValueError(f"The weight of site {layer}.{kind} is all zeros: its NFN is undefined")
-            per_site[f"{layer}.{kind}"] = total / tokens / denominators[(layer, kind)]
+            if is_expert_site(self.gpt, kind):  # weighted by the tokens each expert saw; unused experts weigh 0
+                per_expert[f"{layer}.{kind}"], expert_tokens[f"{layer}.{kind}"] = values, counts
+                per_site[f"{layer}.{kind}"] = token_weighted(values, counts)
+            else:
+                per_site[f"{layer}.{kind}"] = values[0]
         per_kind = {}
         for kind in self.kinds:
             values = [v for (layer, k), v in zip(self.sites, per_site.values()) if k == kind]
@@ -321,174 +309,20 @@ class PlopScorer:
             values = [v for (l, k), v in zip(self.sites, per_site.values()) if l == layer and k != HEAD_KIND]
             if values:
                 per_layer[layer] = sum(values) / len(values)
+        dense = [self.unit_index[u] for u in self.units if u[2] is None]
+        tokens = 0
+        if dense:
+            tokens = int(sums[dense, 1].max().item())
+        elif expert_tokens:  # every scored site is in the experts: each token reaches n_expert_per_token of them
+            tokens = max(sum(counts) for counts in expert_tokens.values()) // self.gpt.config.n_expert_per_token
         return PlopScores(
             per_site=per_site,
             per_kind=per_kind,
             per_layer=per_layer,
             denominator=self.denominator,
-            tokens=int(sums[:, 1].max().item()) if len(self.sites) else 0,
+            tokens=tokens,
             batches=self.batches,
+            per_expert=per_expert,
+            expert_tokens=expert_tokens,
+            unused_experts=unused_experts(expert_tokens),
         )
-
-
-class CkaScorer:
-    """Running CKA statistics for the blocks ``layers`` of ``gpt`` (hooks on ``gpt.transformer.h[i]``).
-
-    ``last``: the last real token's input and output vector of each prompt, n x d per layer (fine for n ~ 128;
-    gathered from every rank by ``reduce``). ``tokens``: per layer, sums over batches of the three unbiased
-    HSIC values and of the norms the degeneracy check needs: O(1) state, summed over ranks by ``reduce``.
-    """
-
-    def __init__(self, gpt: GPT, layers: Sequence[int], pooling: str = "last", degenerate_tol: float = 1e-4) -> None:
-        if pooling not in ("last", "tokens"):
-            raise ValueError(f"Unknown CKA pooling {pooling!r}; use 'last' or 'tokens'")
-        self.gpt = gpt
-        self.layers = list(layers)
-        self.pooling = pooling
-        self.degenerate_tol = degenerate_tol
-        self.needs_head = False
-        self._batch: Batch | None = None
-        # last: pooled (inputs, outputs) per layer
-        self.pooled: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {l: ([], []) for l in self.layers}
-        # tokens: per layer [hsic_xy, hsic_xx, hsic_yy, batches, ||Xc||^2, ||X||^2, ||Yc||^2, ||Y||^2, tokens]
-        self.sums = torch.zeros(len(self.layers), 9, dtype=torch.float64)
-        self.skipped_batches = 0
-        self._grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # for resampling ('last' pooling)
-        self._hsic: BatchHsic | None = None  # tokens: the current batch's HSIC work
-        self._batch_sums: torch.Tensor | None = None
-
-    def hooks(self) -> list[tuple[nn.Module, ForwardHook]]:
-        return [(self.gpt.transformer.h[layer], self._make_hook(row, layer)) for row, layer in enumerate(self.layers)]
-
-    def _make_hook(self, row: int, layer: int) -> ForwardHook:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-            batch = self._batch
-            x = args[0] if args else kwargs["x"]
-            if self.pooling == "tokens":
-                x_side = self._side(x, layer)  # block - 1's output side, when that block is scored too
-                self._add_tokens(row, x_side, self._side(output, layer))
-                return
-            lengths = batch.lengths
-            samples = torch.nonzero(lengths > 0).flatten()
-            last = lengths[samples] - 1
-            xs, ys = x[samples, last].float(), output[samples, last].float()
-            if not torch.isfinite(xs).all() or not torch.isfinite(ys).all():
-                raise self._non_finite(layer)
-            self.pooled[layer][0].append(xs.detach())  # advanced indexing already copied
-            self.pooled[layer][1].append(ys.detach())
-
-        return hook
-
-    def _non_finite(self, layer: int) -> ValueError:
-        return ValueError(
-            f"Non-finite activations (NaN or inf) entering or leaving block {layer} in calibration batch {self._batch.index}"
-        )
-
-    def _side(self, activations: torch.Tensor, layer: int) -> TokenSide:
-        side = self._hsic.side(activations)
-        # Squares of float32/bf16/fp16 values cannot overflow float64: the sum is finite exactly when every element is.
-        finite = torch.isfinite(side.raw_sq) if activations.dtype != torch.float64 else torch.isfinite(activations).all()
-        if not bool(finite):
-            raise self._non_finite(layer)
-        return side
-
-    def _add_tokens(self, row: int, x: TokenSide, y: TokenSide) -> None:
-        """Add one batch's HSIC terms and norms to ``sums[row]`` (batches of fewer than 4 tokens are skipped)."""
-        n = x.centred.shape[0]
-        if n < 4:  # the unbiased estimator needs 4 samples
-            if row == 0:
-                self.skipped_batches += 1
-            return
-        one = torch.ones((), dtype=torch.float64, device=x.centred.device)
-        terms = [self._hsic.cross_hsic(x, y), x.self_hsic, y.self_hsic, one, x.centred_sq, x.raw_sq, y.centred_sq, y.raw_sq, n * one]
-        self._batch_sums[row] = torch.stack(terms)  # added to self.sums in end_batch: one transfer per batch
-
-    def start_batch(self, batch: Batch) -> None:
-        self._batch = batch
-        self._hsic = BatchHsic(batch.mask) if self.pooling == "tokens" else None
-        # this batch's terms per layer, zero for a layer it skips (adding 0.0 leaves a sum as it was)
-        self._batch_sums = torch.zeros(len(self.layers), 9, dtype=torch.float64, device=batch.mask.device)
-
-    def end_batch(self) -> None:
-        if self.pooling == "tokens":
-            self.sums += self._batch_sums.cpu()
-        self._batch = self._hsic = self._batch_sums = None
-
-    def reduce(self) -> None:
-        if self.pooling == "last":
-            for layer, (xs, ys) in self.pooled.items():
-                width = self.gpt.config.n_embd
-                x = torch.cat(xs) if xs else torch.zeros(0, width)
-                y = torch.cat(ys) if ys else torch.zeros(0, width)
-                self.pooled[layer] = ([all_gather_rows(x)], [all_gather_rows(y)])
-        else:
-            self.sums = all_reduce_sum(self.sums)
-
-    def result(self) -> CkaScores:
-        """The scores (after the pass). Warns about degenerate layers."""
-        return self.scores_of(None)
-
-    def _resampled(self, layer: int, index: torch.Tensor) -> tuple[float, float]:
-        """(CKA, relative centred norm) of the prompts ``index`` of ``layer``: ``linear_cka`` on the resampled rows,
-        computed from the full-sample Gram matrices (cached), to float rounding."""
-        if layer not in self._grams:
-            x, y = torch.cat(self.pooled[layer][0]).double(), torch.cat(self.pooled[layer][1]).double()
-            self._grams[layer] = (x @ x.T, y @ y.T)
-        centred, relative = [], []
-        for gram in self._grams[layer]:
-            g = gram[index][:, index]
-            g = g - g.mean(dim=0, keepdim=True) - g.mean(dim=1, keepdim=True) + g.mean()  # H G H
-            centred.append(g)
-            total = float(gram[index, index].sum())
-            relative.append(math.sqrt(max(float(g.trace()), 0.0) / total) if total > 0 else 0.0)
-        k, l = centred
-        denominator = float(k.norm() * l.norm())
-        return (float((k * l).sum()) / denominator if denominator else 0.0), min(relative)
-
-    def scores_of(self, prompts: Sequence[int] | None, warn: bool = True) -> CkaScores:
-        """The scores over the given prompts (indices, repeats counting again: for resampling; only with ``last``
-        pooling, whose state is one row per prompt); ``None``: every prompt."""
-        if prompts is not None and self.pooling != "last":
-            raise ValueError("CKA can be resampled by prompt only with 'last' pooling")
-        index = None if prompts is None else torch.as_tensor(list(prompts), dtype=torch.long)
-        per_layer, degenerate = {}, []
-        samples = 0
-        if self.skipped_batches and warn:
-            warnings.warn(
-                f"CKA 'tokens' pooling skipped {self.skipped_batches} batch(es) with fewer than 4 real tokens",
-                stacklevel=2,
-            )
-        for row, layer in enumerate(self.layers):
-            if self.pooling == "last":
-                if index is not None:  # a resample: from the Gram matrices, O(n^2) per layer
-                    samples = len(index)
-                    per_layer[layer], relative = self._resampled(layer, index)
-                    flat = relative <= self.degenerate_tol
-                    if flat:
-                        degenerate.append(layer)
-                    continue
-                x, y = torch.cat(self.pooled[layer][0]), torch.cat(self.pooled[layer][1])
-                samples = x.shape[0]
-                if samples < 2:
-                    raise ValueError(f"CKA with 'last' pooling needs at least 2 prompts, got {samples}")
-                flat = min(_relative_centred_norm(x), _relative_centred_norm(y)) <= self.degenerate_tol
-                per_layer[layer] = linear_cka(x, y)
-            else:
-                hsic_xy, hsic_xx, hsic_yy, batches, xc, x_sq, yc, y_sq, tokens = self.sums[row].tolist()
-                samples = int(tokens)
-                if batches == 0:
-                    raise ValueError("CKA with 'tokens' pooling needs batches of at least 4 real tokens; none had that many")
-                relative = min(math.sqrt(xc / x_sq) if x_sq > 0 else 0.0, math.sqrt(yc / y_sq) if y_sq > 0 else 0.0)
-                flat = relative <= self.degenerate_tol or hsic_xx <= 0 or hsic_yy <= 0
-                per_layer[layer] = 0.0 if (hsic_xx <= 0 or hsic_yy <= 0) else hsic_xy / math.sqrt(hsic_xx * hsic_yy)
-            if flat:
-                degenerate.append(layer)
-        if degenerate and warn:
-            warnings.warn(
-                f"CKA is degenerate on layer(s) {degenerate}: the {self.pooling!r}-pooled vectors entering or leaving"
-                " these blocks are (nearly) the same for every calibration sample (e.g. every prompt ends with the"
-                " same template token), so their similarity says nothing. They will not be selected. Use more varied"
-                " prompts or --cka.pooling tokens.",
-                stacklevel=2,
-            )
-        return CkaScores(per_layer=per_layer, degenerate_layers=degenerate, pooling=self.pooling, samples=samples)

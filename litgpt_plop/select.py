@@ -44,7 +44,8 @@ from litgpt_plop.placement import (
     site_params,
 )
 from litgpt_plop.stability import choice_stability
-from litgpt_plop.scoring import CkaScorer, CkaScores, PlopScorer, PlopScores
+from litgpt_plop.cka import CkaScorer, CkaScores
+from litgpt_plop.scoring import PlopScorer, PlopScores
 
 if TYPE_CHECKING:  # litgpt_plop.kappa builds on this module
     from litgpt_plop.kappa import KappaArgs
@@ -280,6 +281,9 @@ def _with_nfn(
         nfn_per_site={f"{l}.{k}": _plop_site_score(plop_scores, l, k) for k in kinds for l in _site_layers(k, layers)},
         nfn_per_kind=plop_kind_scores(plop_scores, kinds, layers),
         nfn_per_layer=per_layer,
+        nfn_per_expert={key: v for key, v in plop_scores.per_expert.items() if _is_candidate(key, kinds, layers)},
+        expert_tokens={key: v for key, v in plop_scores.expert_tokens.items() if _is_candidate(key, kinds, layers)},
+        unused_experts={l: v for l, v in plop_scores.unused_experts.items() if int(l) in layers},
         plop={
             "denominator": plop_scores.denominator,
             "num_kinds": plop.num_kinds if plop.budget is None else None,
@@ -288,6 +292,12 @@ def _with_nfn(
             "granularity": plop.granularity,
         },
     )
+
+
+def _is_candidate(key: str, kinds: Sequence[str], layers: Sequence[int]) -> bool:
+    """Whether the site ``"<layer>.<kind>"`` is among the candidates."""
+    layer, kind = key.split(".", 1)
+    return kind in kinds and int(layer) in layers
 
 
 def plan_placement(
@@ -357,6 +367,13 @@ def plan_placement(
         )  # fmt: skip
 
     placement = choose(None)
+    if placement.scores.unused_experts:  # reported, and left out of the token-weighted means
+        idle = "; ".join(f"block {layer}: {experts}" for layer, experts in placement.scores.unused_experts.items())
+        warnings.warn(
+            f"Some experts received no calibration token, so PLoP has no score for them ({idle}); each site's NFN is"
+            " the token-weighted mean over the experts that did. More or more varied prompts would reach them.",
+            stacklevel=2,
+        )
     if calibration.resamples and (cka_scorer is None or cka.pooling == "last"):
         prompts = stats.samples  # every rank's prompts, as the scorers gathered them
         stability = choice_stability(choose, prompts, calibration.resamples, calibration.seed)

@@ -25,31 +25,43 @@ import torch.nn as nn
 from litgpt import Config
 
 from litgpt_plop.adapt import current_placement, lora_config, site_adapter
-from litgpt_plop.modules import KIND_TO_PATH, gpt_of
+from litgpt_plop.modules import EXPERT_ATTR, KIND_TO_PATH, gpt_of, site_experts
 from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, QKV_KINDS, Placement, PlacementError, model_kinds, site_shape
 
+# A site's adapter in stock layout: (layer, kind), or (layer, kind, expert) for one expert of a mixture of experts.
+PieceKey = tuple
 
-def _stock_modules(config: Config, flags: dict[str, Any]) -> dict[str, tuple[int, list[str], dict[str, torch.Size]]]:
+
+def _stock_modules(
+    config: Config, flags: dict[str, Any]
+) -> dict[str, tuple[int, list[str], int | None, dict[str, torch.Size]]]:
     """For each module that stock LitGPT gives adapters under ``flags``: (layer, the kinds it holds in stock's
-    order, {parameter key: shape}). Read off a ``litgpt.lora.GPT`` built on the meta device, so the keys and
-    shapes are LitGPT's own."""
+    order, its expert in a mixture of experts or None, {parameter key: shape}). Read off a ``litgpt.lora.GPT``
+    built on the meta device, so the keys and shapes are LitGPT's own."""
     with torch.device("meta"):
         reference = litgpt.lora.GPT(lora_config(config, flags))
-    paths = set(KIND_TO_PATH.values())
-    kinds_at = {path: [k for k in model_kinds(config) if KIND_TO_PATH[k] == path] for path in paths}
+    kinds = model_kinds(config, include_router=True)
+    kinds_at = {path: [k for k in kinds if KIND_TO_PATH[k] == path] for path in set(KIND_TO_PATH.values())}
+    expert_kind = {attr: kind for kind, attr in EXPERT_ATTR.items()}
     result = {}
     for name, module in reference.named_modules():
         params = {f"{name}.{p}": q.shape for p, q in module.named_parameters(recurse=False) if p.startswith("lora_")}
         if not params:
             continue
+        expert = None
         if name == "lm_head":
             layer, kinds = HEAD_LAYER, [HEAD_KIND]
-        else:  # transformer.h.<layer>.<path>
+        else:  # transformer.h.<layer>.<path>, or transformer.h.<layer>.mlp.experts.<expert>.<attribute>
             _, _, layer_str, path = name.split(".", 3)
-            layer, kinds = int(layer_str), kinds_at[path]
+            layer = int(layer_str)
+            if path.startswith("mlp.experts."):
+                _, _, expert_str, attr = path.split(".")
+                expert, kinds = int(expert_str), [expert_kind[attr]]
+            else:
+                kinds = kinds_at[path]
             if path == KIND_TO_PATH["query"]:
                 kinds = [k for k, on in zip(QKV_KINDS, module.enable_lora) if on]
-        result[name] = (layer, kinds, params)
+        result[name] = (layer, kinds, expert, params)
     return result
 
 
@@ -61,17 +73,18 @@ def to_stock_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise PlacementError("The model has no adapters to save")
     flags = placement.flags()
     r_max, stock_scaling = flags["lora_r"], flags["lora_alpha"] / flags["lora_r"]
-    first = site_adapter(gpt, placement.sites[0].layer, placement.sites[0].kind)
+    site = placement.sites[0]
+    first = site_adapter(gpt, site.layer, site.kind, site_experts(gpt, site.kind)[0])
     dtype, device = first.A.dtype, first.A.device
     state_dict = {}
-    for name, (layer, kinds, params) in _stock_modules(gpt.config, flags).items():
+    for name, (layer, kinds, expert, params) in _stock_modules(gpt.config, flags).items():
         A_parts, B_parts = [], []
         for kind in kinds:
             d_in = params[f"{name}.lora_A"][1]
             d_out = _part_rows(gpt.config, kind)
             A_pad = torch.zeros(r_max, d_in, dtype=dtype, device=device)
             B_pad = torch.zeros(d_out, r_max, dtype=dtype, device=device)
-            adapter = site_adapter(gpt, layer, kind)
+            adapter = site_adapter(gpt, layer, kind, expert)
             if adapter is not None:
                 r = adapter.A.shape[0]
                 A_pad[:r] = adapter.A
@@ -99,15 +112,16 @@ def load_stock_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor])
 
 def unpad_stock_state_dict(
     state_dict: dict[str, torch.Tensor], config: Config, placement: Placement
-) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """Per site of ``placement``: (A, B) cut back to the site's rank, B un-folded by ``r / r_max``. Checks it all."""
+) -> dict[PieceKey, tuple[torch.Tensor, torch.Tensor]]:
+    """Per site of ``placement`` (per expert in a mixture of experts: key ``(layer, kind, expert)``): (A, B) cut back
+    to the site's rank, B un-folded by ``r / r_max``. Checks it all."""
     flags = placement.flags()
     modules = _stock_modules(config, flags)
     _check_stock_keys(state_dict, modules)
     r_max = flags["lora_r"]
     ranks = {(s.layer, s.kind): s.rank for s in placement.sites}
     result = {}
-    for name, (layer, kinds, _) in modules.items():
+    for name, (layer, kinds, expert, _) in modules.items():
         A_chunks = state_dict[f"{name}.lora_A"].split(r_max, dim=0)
         B_blocks = state_dict[f"{name}.lora_B"].split([_part_rows(config, kind) for kind in kinds], dim=0)
         for kind, A_pad, B_pad in zip(kinds, A_chunks, B_blocks):
@@ -119,20 +133,21 @@ def unpad_stock_state_dict(
                 )
             if r:
                 # stock scaling / site scaling = (alpha / r_max) / (alpha / r)
-                result[(layer, kind)] = (A_pad[:r], B_pad[:, :r].float() * (r / r_max))
+                key = (layer, kind) if expert is None else (layer, kind, expert)
+                result[key] = (A_pad[:r], B_pad[:, :r].float() * (r / r_max))
     return result
 
 
-def copy_into(gpt: nn.Module, pieces: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+def copy_into(gpt: nn.Module, pieces: dict[PieceKey, tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
-        for (layer, kind), (A, B) in pieces.items():
-            adapter = site_adapter(gpt, layer, kind)
+        for key, (A, B) in pieces.items():
+            adapter = site_adapter(gpt, *key)
             adapter.A.copy_(A)
             adapter.B.copy_(B)
 
 
 def _check_stock_keys(state_dict: dict[str, torch.Tensor], modules: dict[str, Any]) -> None:
-    expected = {key: shape for _, _, params in modules.values() for key, shape in params.items()}
+    expected = {key: shape for *_, params in modules.values() for key, shape in params.items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:

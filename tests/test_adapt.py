@@ -367,16 +367,17 @@ def test_apply_refuses_bad_placements_before_touching_the_model() -> None:
     assert model.state_dict().keys() == snapshot.keys()
 
 
-def test_mixture_of_experts_is_refused_and_left_untouched() -> None:
+def test_shared_expert_mixture_of_experts_is_refused_and_left_untouched() -> None:
+    # Mixtral/Qwen3-MoE-style mixtures are supported (tests/test_moe.py); DeepSeek-style shared experts are not.
     moe = litgpt.Config(
         **{**asdict(llama_config()), "name": "tiny-moe", "mlp_class_name": "LLaMAMoE", "n_expert": 4,
-           "n_expert_per_token": 2, "moe_intermediate_size": 32},
+           "n_expert_per_token": 2, "moe_intermediate_size": 32, "n_shared_expert": 1},
     )  # fmt: skip
     model = litgpt.model.GPT(moe)
     types = [type(m) for m in model.modules()]
     keys = list(model.state_dict())
     placement = Placement.from_kinds(llama_config(), ["query", "value"])  # same depth and width
-    with pytest.raises(PlacementError, match="LLaMAMoE.*Mixture-of-experts models are not supported"):
+    with pytest.raises(PlacementError, match="shared experts or a grouped router"):
         apply_placement(model, placement)
     assert [type(m) for m in model.modules()] == types
     assert list(model.state_dict()) == keys

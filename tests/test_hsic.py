@@ -15,7 +15,7 @@ import torch
 from helpers import random_gpt, tiny_config
 from litgpt_plop.calibration import calibrate, make_batches
 from litgpt_plop.hsic import BatchHsic, unbiased_hsic
-from litgpt_plop.scoring import CkaScorer
+from litgpt_plop.cka import CkaScorer
 
 
 @pytest.mark.parametrize("batch, length, width", [(2, 5, 16), (8, 40, 576), (8, 70, 700), (4, 30, 32)])

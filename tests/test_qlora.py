@@ -46,7 +46,8 @@ from litgpt_plop.modules import KIND_TO_PATH
 from litgpt_plop.placement import Placement, model_kinds
 from litgpt_plop.checkpoint import load_checkpoint_model
 from litgpt_plop.quantize import quantize_linears_4bit
-from litgpt_plop.scoring import CkaScorer, PlopScorer
+from litgpt_plop.cka import CkaScorer
+from litgpt_plop.scoring import PlopScorer
 from litgpt_plop.select import plan_placement
 
 from benchmarks.stats import kendall_tau

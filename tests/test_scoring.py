@@ -15,16 +15,15 @@ from litgpt_plop.args import CkaArgs, PlopArgs
 from litgpt_plop.calibration import make_batches, calibrate
 from litgpt_plop.placement import Placement, PlacementError, model_kinds, site_params
 from litgpt_plop.report import summary_table, write_report
+from litgpt_plop.cka import CkaScores, linear_cka
+from litgpt_plop.hsic import unbiased_hsic
 from litgpt_plop.scoring import (
-    CkaScores,
     PlopScorer,
     PlopScores,
     closed_form_denominator,
-    linear_cka,
     monte_carlo_denominator,
     normalized_output_norms,
     weight_matrix,
-    unbiased_hsic,
 )
 from litgpt_plop.methods import method_names
 from litgpt_plop.select import budget_params, plan_placement, select_placement

@@ -10,7 +10,8 @@ from litgpt_plop.args import CalibrationArgs
 from litgpt_plop.calibration import calibrate, make_batches
 from litgpt_plop.placement import Placement, Scores, model_kinds
 from litgpt_plop.report import summary_table, write_report
-from litgpt_plop.scoring import CkaScorer, PlopScorer, linear_cka
+from litgpt_plop.cka import CkaScorer, linear_cka
+from litgpt_plop.scoring import PlopScorer
 from litgpt_plop.select import plan_placement
 from litgpt_plop.stability import choice_stability
 

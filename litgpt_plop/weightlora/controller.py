@@ -15,7 +15,7 @@ import torch.nn as nn
 from litgpt import Config
 from torch.utils.hooks import RemovableHandle
 
-from litgpt_plop.adapt import apply_placement, site_parameters
+from litgpt_plop.adapt import apply_placement, unit_parameters
 from litgpt_plop.modules import gpt_of
 from litgpt_plop.placement import Placement, PlacementError, Site, site_params, site_shape
 from litgpt_plop.weightlora.args import WeightLoRAArgs, resolve_k
@@ -213,7 +213,7 @@ class WeightLoRAController:
         """Remove the adapters outside ``keep``, double the rank of those in ``grow`` and, with ``fold``, fold the
         gates into B; then hand the new tensors to ``optimizer`` and, unless folded, gate them again."""
         gpt = self.gpt
-        before = {key: site_parameters(gpt, *key) for key in self._alive_index()}
+        before = unit_parameters(gpt, self._alive_index())  # per expert too, in a mixture of experts
         detach_gates(gpt)  # the stored B tensors again (same objects), so the layout code sees raw values
         if fold:  # the kept adapters' gates go into their B
             gates = self.gates.detach().cpu()

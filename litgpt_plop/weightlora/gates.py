@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
 from litgpt_plop.adapt import SiteParameters, site_parameters
-from litgpt_plop.modules import gpt_of, site_module
+from litgpt_plop.modules import gpt_of, site_experts, site_module
 from litgpt_plop.placement import PlacementError
 from litgpt_plop.weightlora.surgery import rescale_state_rows
 
@@ -43,18 +43,20 @@ class SiteGates(nn.Module):
 def attach_gates(model: nn.Module, sites: dict[tuple[int, str], int], gates: nn.Parameter) -> None:
     """Gate the adapters at ``sites`` ((layer, kind) -> index into ``gates``): every one of their ``lora_B`` rows
     is multiplied by its adapter's gate. Every adapter on the model must be listed (an ungated adapter sharing a
-    fused ``lora_B`` would otherwise be left without a gate)."""
+    fused ``lora_B`` would otherwise be left without a gate). In a mixture of experts an MLP site's one gate
+    multiplies its adapter in every expert: the placement is per (layer, kind)."""
     gpt = gpt_of(model)
     bank = _GateBank(gates)
     rows: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor]] = {}
     for (layer, kind), gate in sites.items():
-        sp = site_parameters(gpt, layer, kind)
-        if sp is None:
-            raise PlacementError(f"Site {layer}.{kind} has no adapter to gate")
-        module = site_module(gpt, layer, kind)
-        name = next(n for n, p in module.named_parameters(recurse=False) if p is sp.B)
-        _, _, index = rows.setdefault((id(module), name), (module, name, torch.full((sp.B.shape[0],), -1)))
-        index[sp.B_rows] = gate
+        for expert in site_experts(gpt, kind):
+            sp = site_parameters(gpt, layer, kind, expert)
+            if sp is None:
+                raise PlacementError(f"Site {layer}.{kind} has no adapter to gate")
+            module = site_module(gpt, layer, kind, expert)
+            name = next(n for n, p in module.named_parameters(recurse=False) if p is sp.B)
+            _, _, index = rows.setdefault((id(module), name), (module, name, torch.full((sp.B.shape[0],), -1)))
+            index[sp.B_rows] = gate
     for module, name, index in rows.values():
         if (index < 0).any():
             raise PlacementError(f"Some rows of {type(module).__name__}.{name} belong to no gated adapter")
@@ -111,15 +113,18 @@ def step_gates(gates: nn.Parameter, optimizer: torch.optim.Optimizer, clip: floa
 
 
 def fold_gates(
-    adapters: dict[tuple[int, str], SiteParameters],
+    adapters: dict[tuple, SiteParameters],
     weights: dict[tuple[int, str], float],
     optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """``B *= w`` for each adapter of ``weights`` (its ungated parameters in ``adapters``), and ``optimizer``'s
-    running averages of those rows to match (``rescale_state_rows``): the gates are then no longer needed."""
+    """``B *= w`` for each adapter of ``weights`` (its ungated parameters in ``adapters``, keyed by site or, in a
+    mixture of experts, by ``(layer, kind, expert)``: ``adapt.unit_parameters``), and ``optimizer``'s running
+    averages of those rows to match (``rescale_state_rows``): the gates are then no longer needed."""
     with torch.no_grad():
-        for key, w in weights.items():
-            sp = adapters[key]
+        for key, sp in adapters.items():
+            w = weights.get(key[:2])
+            if w is None:
+                continue
             sp.B[sp.B_rows] *= w
             if optimizer is not None:
                 rescale_state_rows(optimizer, sp.B, sp.B_rows, w)

@@ -8,12 +8,13 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from litgpt_plop.adapt import SiteParameters, apply_placement, current_placement, site_parameters
+from litgpt_plop.adapt import SiteParameters, apply_placement, current_placement, site_parameters, unit_parameters
 from litgpt_plop.modules import gpt_of
 from litgpt_plop.placement import Placement, PlacementError, Site
 from litgpt_plop.weightlora.surgery import remap_optimizer
 
 SiteKey = tuple[int, str]  # (layer, kind)
+UnitKey = tuple  # (layer, kind), or (layer, kind, expert) for one expert's adapter of a mixture-of-experts site
 
 
 def extended_adapter(
@@ -48,23 +49,25 @@ def extended_adapter(
 
 
 def _extended_adapters(
-    adapters: dict[SiteKey, SiteParameters], ranks: dict[SiteKey, int], generator: torch.Generator | None = None
-) -> dict[SiteKey, tuple[torch.Tensor, torch.Tensor]]:
-    """``extended_adapter`` of each adapter in ``ranks`` (its parameters in ``adapters``), in ``ranks``' order: the
-    order in which ``generator`` draws the new directions."""
+    adapters: dict[UnitKey, SiteParameters], ranks: dict[SiteKey, int], generator: torch.Generator | None = None
+) -> dict[UnitKey, tuple[torch.Tensor, torch.Tensor]]:
+    """``extended_adapter`` of each adapter of a site in ``ranks`` (its parameters in ``adapters``; every expert's,
+    in expert order, for a mixture-of-experts site), in ``ranks``' order: the order in which ``generator`` draws
+    the new directions."""
     grown = {}
-    for key, rank in ranks.items():
-        sp = adapters[key]
-        grown[key] = extended_adapter(sp.A[sp.A_rows], sp.B[sp.B_rows], rank, generator)
+    for site, rank in ranks.items():
+        for key in [key for key in adapters if key[:2] == site]:
+            sp = adapters[key]
+            grown[key] = extended_adapter(sp.A[sp.A_rows], sp.B[sp.B_rows], rank, generator)
     return grown
 
 
-def _load_adapters(model: nn.Module, adapters: dict[SiteKey, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy each (A, B) into the rows that hold its site's adapter on ``model`` (whose ranks must already match)."""
+def _load_adapters(model: nn.Module, adapters: dict[UnitKey, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each (A, B) into the rows that hold its adapter on ``model`` (whose ranks must already match)."""
     gpt = gpt_of(model)
     with torch.no_grad():
-        for (layer, kind), (A, B) in adapters.items():
-            sp = site_parameters(gpt, layer, kind)
+        for key, (A, B) in adapters.items():
+            sp = site_parameters(gpt, *key)
             sp.A[sp.A_rows] = A
             sp.B[sp.B_rows] = B
 
@@ -72,12 +75,12 @@ def _load_adapters(model: nn.Module, adapters: dict[SiteKey, tuple[torch.Tensor,
 def reshape_adapters(
     model: nn.Module,
     placement: Placement,
-    before: dict[SiteKey, SiteParameters],
+    before: dict[UnitKey, SiteParameters],
     grow: dict[SiteKey, int],
     generator: torch.Generator | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-) -> dict[SiteKey, tuple[torch.Tensor, torch.Tensor]]:
-    """Put ``placement`` on ``model``, whose adapters were ``before`` (their parameters, taken without gates): sites
+) -> dict[UnitKey, tuple[torch.Tensor, torch.Tensor]]:
+    """Put ``placement`` on ``model``, whose adapters were ``before`` (``adapt.unit_parameters``) (their parameters, taken without gates): sites
     it drops are removed, those in ``grow`` get that rank (exactly, ``extended_adapter``; the generator draws in
     ``grow``'s order), the others keep their values. With ``optimizer``, it then holds the new tensors instead of
     the old ones (``remap_optimizer``; grown adapters start with no state). Returns the new (A, B) per grown site."""
@@ -87,8 +90,8 @@ def reshape_adapters(
     _load_adapters(gpt, grown)
     if optimizer is not None:
         kept = {(s.layer, s.kind) for s in placement.sites}
-        after = {key: site_parameters(gpt, *key) for key in before if key in kept}
-        remap_optimizer(optimizer, before, after, reset=set(grow))
+        after = {key: site_parameters(gpt, *key) for key in before if key[:2] in kept}
+        remap_optimizer(optimizer, before, after, reset={key for key in before if key[:2] in grow})
     return grown
 
 
@@ -109,6 +112,6 @@ def grow_ranks(
     for layer, kind in ranks:
         if (layer, kind) not in current:
             raise PlacementError(f"Site {layer}.{kind} has no adapter to grow")
-    before = {key: site_parameters(gpt, *key) for key in ranks}
+    before = unit_parameters(gpt, ranks)
     new_sites = [Site(s.layer, s.kind, ranks.get((s.layer, s.kind), s.rank)) for s in placement.sites]
     return reshape_adapters(gpt, dataclasses.replace(placement, sites=new_sites), before, ranks, generator)
