@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from litgpt_plop.report import gates_json, gates_png
+from litgpt_plop.report_gates import gates_json, gates_png
 
 if TYPE_CHECKING:  # the controller builds on this module
     from litgpt_plop.weightlora.controller import WeightLoRAController
