@@ -8,6 +8,7 @@ on those (WeightLoRA; WeightLoRA+ also spends the freed budget on higher ranks),
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.nn.parallel import DistributedDataParallel
 
 from litgpt_plop.adapt import current_placement
 from litgpt_plop.export import write_placement_files
@@ -23,9 +25,10 @@ from litgpt_plop.modules import find_gpt
 from litgpt_plop.placement import Placement, PlacementError, preset
 from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController
 
-# Pruning replaces parameters in the middle of training: only where the model is not wrapped by a data-parallel
-# reducer (whose buckets hold the old parameters) and the gates need no cross-rank synchronisation.
-SUPPORTED_STRATEGIES = ("SingleDeviceStrategy",)
+# Strategies under which every rank holds the whole model: pruning then runs identically on every rank (the gates'
+# gradient is averaged over ranks by the controller) and, under DDP, the model gets a new DDP wrapper after each cut
+# (``rewrap_ddp``). Sharded strategies split the parameters the cuts remove or grow.
+SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 
 
 class WeightLoRACallback(Callback):
@@ -44,6 +47,10 @@ class WeightLoRACallback(Callback):
     rank 0 (after each WeightLoRA+ round, at the end of the warm-up and at the end of fit). Resuming from a
     checkpoint restores the adapter structure (the final placement, or the gated adapters and their gates
     mid-warm-up) before the weights load.
+
+    Under DDP (``strategy="ddp"``, ``"ddp_spawn"``) the gates' gradient is averaged over ranks before each gate step,
+    so every rank thresholds the same gates and cuts the same adapters, and after each cut the LightningModule gets
+    a new DDP wrapper holding the adapters that are left (the old one's reducer waits for the removed parameters).
 
     Args:
         weightlora: K or a parameter budget, warm-up, gate optimizer, WeightLoRA+ (see ``WeightLoRAArgs``).
@@ -168,6 +175,7 @@ class WeightLoRACallback(Callback):
                 f" {[f'{s.key}@{s.rank}' for s in controller.placement.sites]}"
             )
         if events:
+            rewrap_ddp(trainer)
             self._write(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -216,9 +224,12 @@ class WeightLoRACallback(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _write(self, trainer: pl.Trainer) -> None:
-        if self.controller is None or not trainer.is_global_zero:
+        if self.controller is None:
             return
+        # ``trainer.log_dir`` broadcasts from rank 0, so every rank must ask for it
         out_dir = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            return
         controller = self.controller
         write_placement_files(controller.placement, controller.gpt.config, out_dir, controller.report_files())
 
@@ -229,8 +240,8 @@ class WeightLoRACallback(Callback):
         if name not in SUPPORTED_STRATEGIES:
             raise PlacementError(
                 f"WeightLoRACallback supports {list(SUPPORTED_STRATEGIES)}, not {name}: removing adapters during"
-                " training changes the parameters a data-parallel or sharded strategy has already wrapped, and the"
-                " gates are not synchronised across ranks. Train on one device (devices=1)"
+                " training changes the parameters a sharded strategy has split over the ranks. Use strategy='ddp' or a"
+                " single device"
             )
 
     def _state_from_checkpoint(self, ckpt_path: str | Path) -> dict[str, Any] | None:
@@ -239,3 +250,17 @@ class WeightLoRACallback(Callback):
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         return None if state is None else state.get("controller")
+
+
+def rewrap_ddp(trainer: pl.Trainer) -> None:
+    """Give the LightningModule a new DDP wrapper after adapters were removed or replaced: the old wrapper's reducer
+    holds the parameters it was built with, would wait forever for the removed ones and never average new ones. The
+    new wrapper checks that every rank has the same parameter shapes (ranks that cut differently fail loudly)."""
+    strategy = trainer.strategy
+    if not isinstance(strategy.model, DistributedDataParallel):
+        return
+    old = strategy.model
+    strategy.model = strategy._setup_model(strategy.lightning_module)
+    strategy._register_ddp_hooks()
+    del old
+    gc.collect()  # the old reducer's autograd hooks on the kept parameters go with it

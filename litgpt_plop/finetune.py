@@ -4,7 +4,9 @@ The flow, one named step each: check the options and build the run (``setup``), 
 (``main``): load the base model (4-bit when ``--quantize`` asks), place the adapters (calibrate and decide, or
 gate them for WeightLoRA, or take LitGPT's flags for ``none``), train with LitGPT's own loop
 (``litgpt.finetune.lora.fit``), and save through the one crash-safe writer (``litgpt_plop.export.save_adapter``).
-``--plugin none`` trains exactly what ``litgpt finetune_lora`` trains with the same flags.
+``--plugin none`` trains exactly what ``litgpt finetune_lora`` trains with the same flags. With ``--devices N``
+(``--num_nodes M``) every rank calibrates its share and places the same adapters, then DDP trains them
+(``litgpt_plop.devices``); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ from litgpt_plop.adapt import apply_placement, current_placement, lora_config
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.atomic import recover_directory
 from litgpt_plop.checkpoint import PRECISION_DTYPES, stream_checkpoint
+from litgpt_plop.devices import (
+    check_same_adapters, check_same_placement, precision_and_quantization, rewrap, setup_model, strategy_for, unwrapped,
+)  # fmt: skip
 from litgpt_plop.errors import InputError
 from litgpt_plop.export import save_adapter, write_placement_files
-from litgpt_plop.inputs import check_checkpoint, check_lora, check_out_dir, check_text_file
+from litgpt_plop.inputs import check_checkpoint, check_devices, check_lora, check_out_dir, check_text_file
 from litgpt_plop.kappa import KappaArgs
 from litgpt_plop.methods import Method, check_option_groups, get_method
 from litgpt_plop.placement import LORA_FLAGS, Placement, PlacementError, kinds_from_flags, model_kinds
@@ -162,8 +167,9 @@ def setup(
         precision: The precision to use for finetuning. Possible choices: "bf16-true", "bf16-mixed", "32-true".
         quantize: Quantize the base model's linears with bitsandbytes (QLoRA). On a GPU through Lightning's
             precision plugin as ``litgpt finetune_lora`` does; on CPU with bitsandbytes' CPU kernels (4-bit only).
-        devices: How many devices/GPUs to use.
-        num_nodes: How many nodes the code is being run on.
+        devices: How many devices/GPUs to use: more than one trains with DDP (``litgpt_plop.devices`` says why
+            not LitGPT's sharded strategy); not with ``--quantize``.
+        num_nodes: How many nodes the code is being run on (each runs the same command with ``--devices``).
         lora_r: The LoRA rank.
         lora_alpha: The LoRA alpha.
         lora_dropout: The LoRA dropout value.
@@ -206,12 +212,7 @@ def setup(
     check_checkpoint(checkpoint_dir, tokenizer=True)
     check_out_dir(out_dir)
     devices = parse_devices(devices)
-    if devices * num_nodes > 1:
-        raise InputError(
-            "litgpt-plop finetune runs on one device (--devices 1). For data-parallel training with automatic placement"
-            " use `litgpt_plop.callbacks.PLoPCallback` with a Lightning Trainer (DDP), or `litgpt finetune_lora` with"
-            " the flags from `litgpt-plop plan`."
-        )
+    check_devices(devices, num_nodes, quantize, train.global_batch_size, train.micro_batch_size)
     flags = candidate_flags(
         method, lora_query=lora_query, lora_key=lora_key, lora_value=lora_value, lora_projection=lora_projection,
         lora_mlp=lora_mlp, lora_head=lora_head,
@@ -246,7 +247,12 @@ def setup(
     logger = choose_logger(
         logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval, log_args=dataclasses.asdict(log)
     )
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=fabric_precision, loggers=logger, plugins=plugins)
+    # Several devices: DDP (litgpt_plop.devices says why not FSDP). Its launcher re-runs this command line in one
+    # process per further device, each of which gets here again and joins the run.
+    fabric = L.Fabric(
+        devices=devices, num_nodes=num_nodes, strategy=strategy_for(devices, num_nodes), precision=fabric_precision,
+        loggers=logger, plugins=plugins,
+    )  # fmt: skip
     fabric.launch(main, run)
 
 
@@ -290,26 +296,6 @@ def candidate_flags(method: Method, **flags: bool | None) -> dict[str, bool]:
     return resolved
 
 
-def precision_and_quantization(
-    precision: str, quantize: str | None
-) -> tuple[list[BitsandbytesPrecision] | None, str | None, str | None]:
-    """(Fabric plugins, Fabric precision, CPU 4-bit choice): on a GPU, quantization is Lightning's bitsandbytes
-    precision plugin, as in ``litgpt finetune_lora``; Lightning refuses it on CPU, where bitsandbytes' own CPU
-    kernels quantize the loaded model instead."""
-    if quantize is None:
-        return None, precision, None
-    if "mixed" in precision:
-        raise InputError("Quantization and mixed precision is not supported.")
-    if torch.cuda.is_available():
-        return [BitsandbytesPrecision(quantize[4:], PRECISION_DTYPES[precision])], None, None
-    if quantize == "bnb.int8-training":
-        raise InputError(
-            "--quantize bnb.int8-training needs a CUDA GPU. On CPU, 4-bit works: --quantize bnb.nf4, bnb.nf4-dq,"
-            " bnb.fp4 or bnb.fp4-dq"
-        )
-    return None, precision, quantize
-
-
 def main(fabric: L.Fabric, run: Run) -> None:
     train, eval = run.train, run.eval
     litgpt_lora.validate_args(train, eval)
@@ -327,7 +313,9 @@ def main(fabric: L.Fabric, run: Run) -> None:
     if fabric.global_rank == 0:
         write_run_outputs(run.out_dir, placement, model.config)
     fabric.print(summary_table(placement, model.config))
+    check_same_placement(fabric, placement, "placement")
     check_trainable(fabric, model, placement)
+    model = setup_model(fabric, model)  # several devices: wrapped once the adapters exist, so DDP averages them
 
     optimizer = fabric.setup_optimizers(build_optimizer(fabric, model, run.optimizer))
     scheduler = litgpt_lora.get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
@@ -336,6 +324,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
         # after every optimizer step: threshold the gates, grow ranks, and at the end of the warm-up prune and fold
         def placement_changed(events: list[str]) -> None:
             saver.placement = controller.placement
+            rewrap(fabric, model)  # several devices: DDP must hold the adapters that are left
             fabric.print(f"WeightLoRA: {', '.join(events)}: {len(controller.placement.sites)} adapters")
 
         controller.attach(optimizer, on_change=placement_changed)
@@ -349,6 +338,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
     fabric.print(create_finetuning_performance_report(time.perf_counter() - train_time, token_counts, fabric.device.type))
     if eval.final_validation:
         val_loss = litgpt_lora.validate(fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=len(val_dataloader)))
+        val_loss = fabric.all_reduce(val_loss.to(fabric.device), reduce_op="mean")  # each rank saw its share
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
         fabric.print(f"Final evaluation | val loss: {val_loss.item():.3f} | val ppl: {math.exp(val_loss):.3f}")
     save_final(fabric, model, run, saver, controller)
@@ -366,6 +356,9 @@ def load_base_model(fabric: L.Fabric, run: Run) -> GPT:
         return load_base_model_4bit(fabric, run, config)
     with fabric.init_module(empty_init=False):
         model = GPT(config)
+    if fabric.world_size > 1:  # several devices: wrapped after placement (litgpt_plop.devices.setup_model)
+        load_checkpoint(fabric, model, run.checkpoint_dir / "lit_model.pth", strict=False)
+        return model
     model = fabric.setup_module(model)
     # Unlike ``litgpt finetune_lora``, the weights load before the optimizer exists: calibration needs them, and
     # the optimizer must hold exactly the placed adapters.
@@ -405,7 +398,7 @@ def place_adapters(
     candidates = run.candidates
     if method.kind == "none":
         mark_only_lora_as_trainable(model)
-        return current_placement(model.module, method="none"), None
+        return current_placement(unwrapped(model), method="none"), None
     if method.kind == "gated":
         # Gated adapters on every candidate site; the K that survive the warm-up are the placement.
         placement = Placement.from_kinds(
@@ -417,11 +410,11 @@ def place_adapters(
     token_ids = calibration_token_ids(run.calibration, tokenizer, run.data) if method.calibrates else None
     t0 = time.perf_counter()
     placement = decide_placement(
-        model.module, method.name, token_ids, candidates, run.rank, config.lora_alpha, config.lora_dropout,
+        unwrapped(model), method.name, token_ids, candidates, run.rank, config.lora_alpha, config.lora_dropout,
         calibration=run.calibration, plop=run.plop, cka=run.cka, seed=run.seed, kappa=run.kappa,
     )  # fmt: skip
     fabric.print(f"Placement decided in {time.perf_counter() - t0:.1f}s:")
-    apply_placement(model.module, placement)
+    apply_placement(unwrapped(model), placement)
     return placement, None
 
 
@@ -473,6 +466,8 @@ def save_final(
         extra_files = controller.report_files()
         if fabric.global_rank == 0:
             write_run_outputs(run.out_dir, saver.placement, model.config, extra_files)
+    check_same_adapters(fabric, model)  # rank 0 writes what every rank trained
+    check_same_placement(fabric, saver.placement, "final placement")
     final_dir = run.out_dir / "final"
     saver.save(fabric, model, final_dir, extra_files=extra_files, merge=True)
     if fabric.global_rank == 0:

@@ -87,3 +87,26 @@ def check_text_file(path: Path, flag: str) -> None:
 
 def _few(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def check_devices(
+    devices: int, num_nodes: int, quantize: str | None, global_batch_size: int = 1, micro_batch_size: int = 1
+) -> None:
+    """``--devices``/``--num_nodes`` are positive, every device gets at least one micro-batch of the global batch,
+    and quantization runs on one device only, as in ``litgpt finetune_lora``: bitsandbytes' 4-bit weights cannot be
+    replicated or sharded by the data-parallel wrapper."""
+    if devices < 1 or num_nodes < 1:
+        raise InputError(f"--devices and --num_nodes must be at least 1, got {devices} and {num_nodes}")
+    if quantize is not None and devices * num_nodes > 1:
+        raise InputError(
+            f"--quantize {quantize} runs on one device only, as in `litgpt finetune_lora`: it is not supported with"
+            f" --devices {devices} --num_nodes {num_nodes}. Drop --quantize to train on {devices * num_nodes} devices,"
+            " or set --devices 1 --num_nodes 1 to quantize"
+        )
+    world_size = devices * num_nodes
+    if global_batch_size < world_size * micro_batch_size:
+        raise InputError(
+            f"--train.global_batch_size {global_batch_size} is smaller than one --train.micro_batch_size"
+            f" ({micro_batch_size}) on each of the {world_size} devices (--devices {devices} x --num_nodes"
+            f" {num_nodes}): use a global batch of {world_size * micro_batch_size} or more"
+        )

@@ -1,10 +1,11 @@
 import importlib.metadata
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import SMOLLM2_VOCAB, tiny_config, write_checkpoint
+from helpers import LAUNCH_VARIABLES, SMOLLM2_VOCAB, tiny_config, write_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,3 +40,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_launch_environment():
+    """Every test starts without the variables a distributed launch leaves in os.environ, and leaves none behind.
+
+    Lightning writes them into this process (MASTER_PORT by ``ddp_spawn``, LOCAL_RANK by its launchers): a later DDP
+    test would reuse a port that may be taken, and with LOCAL_RANK set Lightning takes the processes as launched by
+    someone else and waits forever for ranks it never starts."""
+    saved = {name: os.environ.pop(name) for name in LAUNCH_VARIABLES if name in os.environ}
+    yield
+    for name in LAUNCH_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.update(saved)

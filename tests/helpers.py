@@ -19,6 +19,12 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.model import GPT
 from litgpt.utils import save_config
 
+# What a distributed launch puts in the environment (Lightning's launchers, torchrun): a test's run starts without them.
+LAUNCH_VARIABLES = (
+    "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+    "GROUP_RANK", "PL_GLOBAL_SEED", "PL_SEED_WORKERS",
+)  # fmt: skip
+
 # ---- tiny models -------------------------------------------------------------------------------------------
 
 SMOLLM2_VOCAB = 49152  # SmolLM2's vocabulary: a model this size takes its tokenizer's ids
@@ -35,6 +41,7 @@ ARCHITECTURES = {
 # The model of the scoring and calibration tests: 64 wide, a 96-wide MLP, 100 token ids padded to 128, a 128-token
 # context (with the 4 heads of 16 and 2 query groups of "llama": query 64 rows, key and value 32 rows each).
 SCORING_MODEL = dict(n_embd=64, intermediate_size=96, vocab_size=100, padded_vocab_size=128, block_size=128)
+
 
 
 def tiny_config(

@@ -83,7 +83,7 @@ BAD_INPUTS = {
     "out_dir is a file": (["finetune", "{ck}", "--out_dir", "{a_file}"], "--out_dir"),
     "out_dir under a file": (["plan", "{ck}", "--method", "qv", "--out_dir", "{a_file}/plan"], "cannot be created"),
     "bad choice": (["plan", "{ck}", "--plop.granularity", "layer"], "granularity"),
-    "several devices": (["finetune", "{ck}", "--devices", "2"], "--devices"),
+    "quantize on several devices": (["finetune", "{ck}", "--devices", "2", "--quantize", "bnb.nf4"], "--quantize bnb.nf4 runs on one device only"),
 }
 
 

@@ -11,11 +11,13 @@ import dataclasses
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from litgpt import Config
 from torch.utils.hooks import RemovableHandle
 
 from litgpt_plop.adapt import apply_placement, unit_parameters
+from litgpt_plop.calibration import all_reduce_sum, distributed
 from litgpt_plop.modules import gpt_of
 from litgpt_plop.placement import Placement, PlacementError, Site, site_params, site_shape
 from litgpt_plop.weightlora.args import WeightLoRAArgs, resolve_k
@@ -130,6 +132,7 @@ class WeightLoRAController:
         self.step = step
         if self.finished:
             return []
+        self._average_gate_gradient()
         step_gates(self.gates, self.gate_optimizer, self.args.gate_clip, grad_scale)
         if gates_moved(self.gates, self.settled, self.alive):
             self.first_moved_step = self.first_moved_step or step
@@ -171,6 +174,13 @@ class WeightLoRAController:
         return raw.register_step_post_hook(hook)
 
     # ---- the steps -----------------------------------------------------------------------------------------
+
+    def _average_gate_gradient(self) -> None:
+        """Under data parallelism each rank's gates saw only its share of the batch, and the gates are no parameter
+        of the model, so DDP does not average their gradient: average it here, as DDP does the adapters'. Every rank
+        then steps the same gates and cuts the same adapters (a reduced tensor is bit-identical on every rank)."""
+        if distributed() and self.gates.grad is not None:
+            self.gates.grad = all_reduce_sum(self.gates.grad) / dist.get_world_size()
 
     def _threshold(self) -> torch.Tensor:
         """Keep the ``k_now`` alive gates of largest |w| (with a budget: the largest that fit it), zero the rest.
