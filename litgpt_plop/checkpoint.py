@@ -138,6 +138,22 @@ def stream_checkpoint(
     return count
 
 
+def create_missing_adapters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Create the LoRA parameters ``stream_checkpoint(strict=False)`` left on the meta device (a checkpoint has no
+    adapters), initialised as ``litgpt.lora`` does: kaiming-uniform A, zero B. Any other parameter still on the meta
+    device means the checkpoint lacks a base weight: that is an error, not something to draw at random."""
+    for module in model.modules():
+        metas = [name for name, param in module.named_parameters(recurse=False) if param.is_meta]
+        if not metas:
+            continue
+        if not all(name.startswith("lora_") for name in metas):
+            raise RuntimeError(f"The checkpoint has no weights for {type(module).__name__} parameters {metas}")
+        for name in metas:
+            meta = getattr(module, name)
+            setattr(module, name, nn.Parameter(torch.empty(meta.shape, dtype=dtype), meta.requires_grad))
+        module.reset_parameters()
+
+
 def load_checkpoint_model(
     checkpoint_dir: Path,
     precision: str | None = None,

@@ -43,13 +43,15 @@ from litgpt.utils import (
 from litgpt_plop.adapt import apply_placement, current_placement, lora_config
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.atomic import recover_directory
-from litgpt_plop.checkpoint import PRECISION_DTYPES, stream_checkpoint
+from litgpt_plop.checkpoint import PRECISION_DTYPES, create_missing_adapters, stream_checkpoint
 from litgpt_plop.devices import (
     check_same_adapters, check_same_placement, precision_and_quantization, rewrap, setup_model, strategy_for, unwrapped,
 )  # fmt: skip
 from litgpt_plop.errors import InputError
 from litgpt_plop.export import save_adapter, write_placement_files
-from litgpt_plop.inputs import check_checkpoint, check_devices, check_lora, check_out_dir, check_text_file
+from litgpt_plop.inputs import (
+    check_checkpoint, check_devices, check_lora, check_lr_schedule, check_out_dir, check_text_file,
+)  # fmt: skip
 from litgpt_plop.kappa import KappaArgs
 from litgpt_plop.methods import Method, check_option_groups, get_method
 from litgpt_plop.placement import LORA_FLAGS, Placement, PlacementError, kinds_from_flags, model_kinds
@@ -274,17 +276,6 @@ def resolve_candidate_kinds(
     return list(dict.fromkeys(candidate_kinds))
 
 
-def check_lr_schedule(warmup_steps: int | None, max_steps: int | float | None) -> None:
-    """LitGPT's schedule (linear warm-up, then cosine over the remaining steps) divides by both lengths."""
-    if warmup_steps is None or warmup_steps < 1:
-        raise InputError(f"--train.lr_warmup_steps must be at least 1 (LitGPT's warm-up divides by it), got {warmup_steps}")
-    if max_steps is not None and warmup_steps >= max_steps:
-        raise InputError(
-            f"--train.lr_warmup_steps ({warmup_steps}) must be smaller than the number of optimizer steps ({max_steps}:"
-            " --train.max_steps, or --train.epochs over the data): LitGPT's cosine phase lasts the difference"
-        )
-
-
 def candidate_flags(method: Method, **flags: bool | None) -> dict[str, bool]:
     """Resolve unset ``lora_*`` flags: every kind but the head is a candidate for a plugin; LitGPT's defaults for none."""
     resolved = {}
@@ -376,15 +367,7 @@ def load_base_model_4bit(fabric: L.Fabric, run: Run, config: Config) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
     count = stream_checkpoint(model, run.checkpoint_dir, dtype=dtype, quantize=run.cpu_quantize, strict=False)
-    for module in model.modules():  # what the checkpoint lacks: the adapters of LitGPT's flags
-        metas = [name for name, param in module.named_parameters(recurse=False) if param.is_meta]
-        if metas and not all(name.startswith("lora_") for name in metas):
-            raise RuntimeError(f"The checkpoint has no weights for {type(module).__name__} parameters {metas}")
-        for name in metas:
-            meta = getattr(module, name)
-            setattr(module, name, torch.nn.Parameter(torch.empty(meta.shape, dtype=dtype or torch.float32), meta.requires_grad))
-        if metas:
-            module.reset_parameters()  # litgpt.lora's: kaiming-uniform A, zero B
+    create_missing_adapters(model, dtype or torch.float32)  # the adapters of LitGPT's flags (``none``)
     fabric.print(f"Quantized {count} linear layers to 4-bit ({run.cpu_quantize}) with bitsandbytes' CPU kernels, while loading")
     return fabric.setup_module(model)
 
@@ -472,7 +455,6 @@ def save_final(
     saver.save(fabric, model, final_dir, extra_files=extra_files, merge=True)
     if fabric.global_rank == 0:
         fabric.print(f"Saved the adapter, the merged model and the placement report to {str(final_dir)!r}")
-    fabric.barrier()
 
 
 class AdapterSaver:
@@ -491,7 +473,7 @@ class AdapterSaver:
     def save(self, fabric: L.Fabric, model: Any, out_dir: Path, extra_files: dict[str, bytes] | None = None, merge: bool = False) -> None:
         if fabric.global_rank == 0:
             save_adapter(
-                model.module if hasattr(model, "module") else model, self.placement, out_dir, self.run.checkpoint_dir,
+                unwrapped(model), self.placement, out_dir, self.run.checkpoint_dir,
                 hparams=self.run.hparams, prompt_style=self.run.data.prompt_style, extra_files=extra_files, merge=merge,
             )  # fmt: skip
         fabric.barrier()

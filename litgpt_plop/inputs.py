@@ -110,3 +110,14 @@ def check_devices(
             f" ({micro_batch_size}) on each of the {world_size} devices (--devices {devices} x --num_nodes"
             f" {num_nodes}): use a global batch of {world_size * micro_batch_size} or more"
         )
+
+
+def check_lr_schedule(warmup_steps: int | None, max_steps: int | float | None) -> None:
+    """LitGPT's schedule (linear warm-up, then cosine over the remaining steps) divides by both lengths."""
+    if warmup_steps is None or warmup_steps < 1:
+        raise InputError(f"--train.lr_warmup_steps must be at least 1 (LitGPT's warm-up divides by it), got {warmup_steps}")
+    if max_steps is not None and warmup_steps >= max_steps:
+        raise InputError(
+            f"--train.lr_warmup_steps ({warmup_steps}) must be smaller than the number of optimizer steps ({max_steps}:"
+            " --train.max_steps, or --train.epochs over the data): LitGPT's cosine phase lasts the difference"
+        )

@@ -21,7 +21,9 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.model import GPT
 
 from helpers import logged_metric, tiny_config, tiny_run, write_checkpoint
-from litgpt_plop.checkpoint import PRECISION_DTYPES, MappedCheckpoint, load_checkpoint_model
+from litgpt_plop.checkpoint import (
+    PRECISION_DTYPES, MappedCheckpoint, create_missing_adapters, load_checkpoint_model, stream_checkpoint,
+)  # fmt: skip
 from litgpt_plop.data import ReasoningGym
 from litgpt_plop.quantize import quantize_choice, quantize_linears_4bit
 
@@ -113,3 +115,30 @@ def test_finetune_4bit_plugin_none_creates_litgpt_adapters(tiny_checkpoint, tmp_
     # the adapters of LitGPT's default flags (query, value), as many as on the dense path
     trainable = {run: logged_metric(tmp_path / run, "trainable_params")[0] for run in ("none-nf4", "none-dense")}
     assert trainable["none-nf4"] == trainable["none-dense"] > 0, trainable
+
+
+def test_adapters_the_checkpoint_lacks_are_created_and_base_weights_it_lacks_are_an_error(tmp_path):
+    """``create_missing_adapters``: after a streamed load with ``strict=False``, LitGPT's flags' adapters exist as
+    ``litgpt.lora`` initialises them (A drawn, B zero) in the asked dtype; a missing base weight is never drawn."""
+    config = tiny_config(n_layer=2)
+    checkpoint = write_checkpoint(tmp_path / "ck", config)
+    lora = litgpt.lora.Config.from_file(checkpoint / "model_config.yaml", lora_r=4, lora_query=True, lora_value=True)
+    with torch.device("meta"):
+        model = litgpt.lora.GPT(lora)
+    stream_checkpoint(model, checkpoint, dtype=torch.bfloat16, strict=False)
+    create_missing_adapters(model, torch.bfloat16)
+    adapters = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    assert len(adapters) == 2 * 2  # A and B of the fused qkv adapter (query and value), in each of 2 layers
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in adapters.values())
+    assert all(torch.count_nonzero(p) > 0 for name, p in adapters.items() if "lora_A" in name)
+    assert all(torch.count_nonzero(p) == 0 for name, p in adapters.items() if "lora_B" in name)
+
+    state = torch.load(checkpoint / "lit_model.pth", weights_only=True)
+    del state["transformer.h.1.mlp.fc_2.weight"]
+    torch.save(state, checkpoint / "lit_model.pth")
+    with torch.device("meta"):
+        model = litgpt.lora.GPT(lora)
+    stream_checkpoint(model, checkpoint, strict=False)
+    with pytest.raises(RuntimeError, match=r"no weights for Linear parameters \['weight'\]"):
+        create_missing_adapters(model, torch.float32)
