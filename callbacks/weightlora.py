@@ -16,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from litgpt_plop.adapt import current_placement
@@ -179,6 +179,8 @@ class WeightLoRACallback(Callback):
             self._write(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.controller is not None and (warning := self.controller.not_final_warning()):
+            rank_zero_warn(f"WeightLoRACallback: {warning}")
         self._write(trainer)
 
     def state_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -447,6 +448,8 @@ def save_final(
     if controller is not None:
         saver.placement = controller.placement
         extra_files = controller.report_files()
+        if warning := controller.not_final_warning():
+            fabric.print(f"Warning: {warning}", file=sys.stderr)
         if fabric.global_rank == 0:
             write_run_outputs(run.out_dir, saver.placement, model.config, extra_files)
     check_same_adapters(fabric, model)  # rank 0 writes what every rank trained

@@ -93,6 +93,25 @@ def updates(model: torch.nn.Module, placement: Placement) -> dict[str, torch.Ten
 # ---- WeightLoRA: K gates, then K adapters ------------------------------------------------------------------
 
 
+def test_a_run_whose_gates_never_move_ends_with_every_candidate_and_says_so():
+    """A gate learning rate too small to move a gate: no cut is ever made, and the end-of-run warning says why and
+    how many adapters were trained instead of K."""
+    config = tiny_config(vocab_size=VOCAB)
+    model = random_gpt(config)
+    candidates = preset_placement("all", config, rank=2)
+    args = WeightLoRAArgs(k=3, warmup_steps=2, gate_lr=1e-30)
+    controller = WeightLoRAController(model, candidates, args, max_steps=4)
+    optimizer = adamw(model)
+    controller.attach(optimizer)
+    for _ in range(4):
+        train_step(model, optimizer)
+    assert not controller.finished and controller.gates.tolist() == [1.0] * 14
+    assert len(current_placement(model).sites) == 14
+    warning = controller.not_final_warning()
+    assert "no final cut by step 4" in warning and "its gates never moved" in warning
+    assert "All 14 remaining candidate adapters" in warning and "gate_lr, now 1e-30" in warning
+
+
 def test_exactly_k_gates_every_step_then_only_k_adapters_and_no_stale_optimizer_state():
     config = tiny_config(vocab_size=VOCAB)
     model = random_gpt(config)
@@ -122,6 +141,7 @@ def test_exactly_k_gates_every_step_then_only_k_adapters_and_no_stale_optimizer_
     refs = {s.key: weakref.ref(site_parameters(model, s.layer, s.kind).A) for s in mlp_sites}
     train_step(model, optimizer)  # step 4: the attached controller ends the warm-up
     assert controller.finished and changes == [(4, ["final"])]
+    assert controller.not_final_warning() is None
 
     placement = controller.placement
     assert placement.method == "weightlora" and len(placement.sites) == k

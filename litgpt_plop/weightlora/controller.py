@@ -293,6 +293,24 @@ class WeightLoRAController:
 
     # ---- outputs -------------------------------------------------------------------------------------------
 
+    def not_final_warning(self) -> str | None:
+        """At the end of a run: why no final cut was made (for a warning), or None when the placement is final.
+
+        A cut waits for the gates to move, so a gate learning rate too small for the loss (or a run that stops
+        right after the warm-up) ends with every remaining candidate trained, which is not what was asked for."""
+        if self.finished:
+            return None
+        why = (
+            "its gates never moved"
+            if self.first_moved_step is None
+            else "its gates did not move again after the last WeightLoRA+ round"
+        )
+        return (
+            f"WeightLoRA made no final cut by step {self.step} (warm-up: {self.args.warmup_steps} steps): {why}, and"
+            f" a cut waits for them. All {sum(self.alive)} remaining candidate adapters were trained and saved, not"
+            f" K. Raise the gate learning rate (gate_lr, now {self.args.gate_lr}) or train for more steps"
+        )
+
     def report_files(self) -> dict[str, bytes]:
         """``gates.json`` and ``gates.png`` as bytes to write (``litgpt_plop.weightlora.record.report_files``); the
         placement itself is ``placement``."""
