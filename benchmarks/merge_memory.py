@@ -1,0 +1,150 @@
+"""What the final merge of a finetune holds in memory: the pages it owns, and the checkpoint's file pages it maps.
+
+A finetune (``litgpt finetune_lora``, and ``litgpt-plop finetune``, which saves through the same stock code) ends
+by writing a merged dense ``lit_model.pth`` with LitGPT's ``merge_lora``. That function memory-maps the base
+checkpoint (``torch.load(mmap=True)``), adds B·A into each adapted weight in place, and saves every tensor. Its
+resident memory has two parts, which this script measures apart in a worker process (``/proc/<pid>/status``
+sampled every 10 ms):
+
+- ``RssFile``: the checkpoint's pages, read through the mapping. They are clean copies of a file, which the
+  kernel drops when memory runs short and reads again when needed: they make RSS large, not memory required.
+- ``RssAnon``: memory the process owns. An in-place add on a private file mapping copies each adapted weight
+  into anonymous pages, so this grows with the weights the placement adapts, plus the interpreter's own.
+
+For each placement (a LitGPT flag set: ``qv`` is LitGPT's default, ``all`` every block linear and the head off)
+an adapter of random values in stock layout is merged into ``--checkpoint_dir``; ``import`` is a worker that
+only imports what the merge imports (the interpreter's own share). Results: ``merge_memory.{json,md}``.
+
+Run (from the repository root; the shaped checkpoints come from ``python -m benchmarks.shaped``)::
+
+    python -m benchmarks.merge_memory --checkpoint_dir checkpoints/shaped/Llama-3.2-1B
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_ROOT, benchmark_parser, command_line, git_commit, machine, write_results
+
+GIB = 2**30
+FIELDS = ("VmRSS", "RssAnon", "RssFile")
+PLACEMENTS = {
+    "qv": ("query", "value"),
+    "attention": ("query", "key", "value", "projection"),
+    "all": ("query", "key", "value", "projection", "mlp"),
+}
+IMPORT_ONLY = "import lightning, torch, litgpt.lora, litgpt.scripts.merge_lora"
+MERGE = "from pathlib import Path; from litgpt.scripts.merge_lora import merge_lora; merge_lora(Path({path!r}))"
+
+
+def write_adapter(checkpoint_dir: Path, kinds: tuple[str, ...], out_dir: Path, rank: int = 8) -> int:
+    """A stock adapter directory for ``kinds`` (random bf16 A and B, LitGPT's layout and hyperparameters.yaml) that
+    ``merge_lora`` merges into ``checkpoint_dir``. Returns the bytes of the base weights the merge rewrites."""
+    import litgpt.lora
+    import torch
+    import yaml
+
+    flags = {f"lora_{kind}": kind in kinds for kind in ("query", "key", "value", "projection", "mlp", "head")}
+    lora = {"lora_r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, **flags}
+    config = litgpt.lora.Config.from_file(checkpoint_dir / "model_config.yaml", **lora)
+    with torch.device("meta"):
+        model = litgpt.lora.GPT(config)
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        name: (torch.randn(p.shape, generator=generator) * 0.01).to(torch.bfloat16)
+        for name, p in model.state_dict().items()
+        if "lora_" in name
+    }
+    adapted = {name.rsplit(".lora_", 1)[0] for name in state}
+    # in bf16, the precision the merge runs in (the meta model is float32)
+    rewritten = sum(
+        2 * p.numel()
+        for name, p in model.state_dict().items()
+        if name.endswith(".linear.weight") and name.rsplit(".linear.", 1)[0] in adapted
+    )
+    out_dir.mkdir(parents=True)
+    for name in ("model_config.yaml", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        if (checkpoint_dir / name).is_file():  # merge_lora checks for the config and tokenizer files
+            shutil.copy(checkpoint_dir / name, out_dir / name)
+    torch.save(state, out_dir / "lit_model.pth.lora")
+    hparams = {**lora, "checkpoint_dir": str(checkpoint_dir), "precision": "bf16-true"}
+    (out_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams))
+    return rewritten
+
+
+def peak_status(code: str, timeout_s: float = 1800) -> dict[str, Any]:
+    """Run ``python -c code`` and sample its ``/proc/<pid>/status`` every 10 ms: the peak of each field (GiB), the
+    exit status and the wall time."""
+    peaks = dict.fromkeys(FIELDS, 0)
+    start = time.perf_counter()
+    worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while worker.poll() is None and time.perf_counter() - start < timeout_s:
+        try:
+            with open(f"/proc/{worker.pid}/status") as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    if name in peaks:
+                        peaks[name] = max(peaks[name], int(value.split()[0]))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.01)
+    if worker.poll() is None:
+        worker.kill()
+    _, stderr = worker.communicate()
+    if worker.returncode != 0:
+        raise RuntimeError(f"The worker failed ({worker.returncode}): {stderr[-2000:]}")
+    return {**{f"{k}_gib": v / 2**20 for k, v in peaks.items()}, "wall_s": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = benchmark_parser("benchmarks.merge_memory", __doc__)
+    parser.add_argument("--placements", nargs="+", choices=list(PLACEMENTS), default=["qv", "all"])
+    parser.add_argument("--out_dir", type=Path, default=RESULTS_ROOT)
+    args = parser.parse_args(argv)
+    checkpoint_dir = args.checkpoint_dir.resolve()
+    checkpoint_gib = (checkpoint_dir / "lit_model.pth").stat().st_size / GIB
+
+    rows = [{"placement": "import", "rewritten_gib": 0.0, **peak_status(IMPORT_ONLY)}]
+    for name in args.placements:
+        with tempfile.TemporaryDirectory(prefix="merge_memory-") as tmp:
+            adapter_dir = Path(tmp) / name
+            rewritten = write_adapter(checkpoint_dir, PLACEMENTS[name], adapter_dir) / GIB
+            rows.append({"placement": name, "rewritten_gib": rewritten, **peak_status(MERGE.format(path=str(adapter_dir)))})
+        print(rows[-1], flush=True)
+    baseline = rows[0]["RssAnon_gib"]
+    for row in rows[1:]:
+        # what the merge owns beyond the interpreter, per GiB of weights it rewrote
+        row["anon_over_rewritten"] = (row["RssAnon_gib"] - baseline) / row["rewritten_gib"]
+        row["file_over_checkpoint"] = row["RssFile_gib"] / checkpoint_gib
+
+    lines = [
+        f"# Memory of stock `litgpt merge_lora` on {checkpoint_dir.name} ({checkpoint_gib:.2f} GiB checkpoint)",
+        "",
+        f"`{command_line('benchmarks.merge_memory', argv)}` at commit {git_commit()}. Peaks over the worker's life, GiB;",
+        "RssAnon is memory the process owns, RssFile the checkpoint's clean file pages (reclaimable).",
+        "",
+        "| placement | weights rewritten | peak VmRSS | peak RssAnon | peak RssFile | (anon - import) / rewritten | file / checkpoint | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratios = (
+            f"{row['anon_over_rewritten']:.2f} | {row['file_over_checkpoint']:.2f}" if "anon_over_rewritten" in row else "- | -"
+        )
+        lines.append(
+            f"| {row['placement']} | {row['rewritten_gib']:.2f} | {row['VmRSS_gib']:.2f} | {row['RssAnon_gib']:.2f} |"
+            f" {row['RssFile_gib']:.2f} | {ratios} | {row['wall_s']:.1f} |"
+        )
+    data = {"checkpoint_dir": str(checkpoint_dir), "checkpoint_gib": checkpoint_gib, "rows": rows, "machine": machine()}
+    print("\n".join(lines))
+    write_results(args.out_dir, f"merge_memory-{checkpoint_dir.name}", data, "\n".join(lines))
+    return data
+
+
+if __name__ == "__main__":
+    main()
