@@ -181,3 +181,31 @@ def test_summary_uses_only_rescoring_of_the_run_it_shows(tmp_path):
     assert "#### basic_arithmetic on 100 held-out items" in text
     assert "39 of 40 answers are right or wrong exactly as" in text and "1 run(s) are not rescored yet" in text
     assert "| plop | 1 | 30.0 | 0.400 | 25.0 |" in text
+
+
+def test_merge_memory_adapter_is_one_stock_merge_lora_takes_and_counts_the_weights_it_rewrites(tmp_path):
+    """The merge benchmark's adapter: stock ``merge_lora`` merges it, and its "rewritten" figure is the bf16 bytes of
+    exactly the adapted weights (the fused qkv for q and v; qkv, proj and the three MLP matrices for ``all``)."""
+    import torch
+    from litgpt.scripts.merge_lora import merge_lora
+
+    from benchmarks.merge_memory import PLACEMENTS, write_adapter
+    from helpers import tiny_config, write_checkpoint
+
+    config = tiny_config(n_layer=2)
+    checkpoint = write_checkpoint(tmp_path / "ck", config, tokenizer_from=None)
+    (checkpoint / "tokenizer.json").write_text("{}")
+    (checkpoint / "tokenizer_config.json").write_text("{}")
+    qkv_rows = (config.n_head + 2 * config.n_query_groups) * config.head_size
+    qkv = 2 * config.n_layer * qkv_rows * config.n_embd
+    assert write_adapter(checkpoint, PLACEMENTS["qv"], tmp_path / "qv") == qkv
+    mlp = 2 * config.n_layer * 3 * config.n_embd * config.intermediate_size
+    proj = 2 * config.n_layer * config.n_embd * config.n_head * config.head_size
+    assert write_adapter(checkpoint, PLACEMENTS["all"], tmp_path / "all") == qkv + proj + mlp
+
+    merge_lora(tmp_path / "qv")
+    merged = torch.load(tmp_path / "qv" / "lit_model.pth", weights_only=True)
+    base = torch.load(checkpoint / "lit_model.pth", weights_only=True)
+    # the merge runs in bf16 (the adapter's dtype): compare with the base weights in bf16
+    changed = sorted(name for name in base if not torch.equal(merged[name], base[name].to(merged[name].dtype)))
+    assert changed == [f"transformer.h.{i}.attn.qkv.weight" for i in range(config.n_layer)]
