@@ -48,6 +48,7 @@ COMMON = [
 PLUGIN_OPTIONS = {
     "plop": ["--train.max_steps", "4", "--calibration.num_samples", "4", "--calibration.batch_size", "1",
              "--plop.num_kinds", "2"],
+    "cka": ["--train.max_steps", "4", "--calibration.num_samples", "8", "--calibration.batch_size", "2"],
     "weightlora": ["--train.max_steps", "5", "--weightlora.k", "4", "--weightlora.warmup_steps", "3"],
     # two rounds (halve K, double the ranks) and the cut: adapters leave and are replaced mid-run
     "weightlora+": ["--train.max_steps", "7", "--weightlora.k", "8", "--weightlora.warmup_steps", "5"],
@@ -113,7 +114,7 @@ def check_loads_in_stock_litgpt(checkpoint: Path, final: Path) -> None:
         torch.testing.assert_close(ours[name], value, atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("plugin", ["plop", "weightlora", "weightlora+"])
+@pytest.mark.parametrize("plugin", ["plop", "cka", "weightlora", "weightlora+"])
 def test_two_cpu_processes_train_what_one_process_trains(tiny_checkpoint, tmp_path, plugin):
     run_finetune("litgpt-plop", tiny_checkpoint, tmp_path / "one", plugin, devices=1)
     two = run_finetune("litgpt-plop", tiny_checkpoint, tmp_path / "two", plugin, devices=2)
@@ -131,6 +132,10 @@ def test_two_cpu_processes_train_what_one_process_trains(tiny_checkpoint, tmp_pa
         assert written.calibration["samples"] == alone.calibration["samples"] == 4
         assert [written.calibration["world_size"], alone.calibration["world_size"]] == [2, 1]
         assert written.scores.nfn_per_site == pytest.approx(alone.scores.nfn_per_site, rel=1e-5)
+    if plugin == "cka":  # each layer's CKA from the statistics of all 8 samples, half of them from each rank
+        assert [written.calibration["world_size"], alone.calibration["world_size"]] == [2, 1]
+        assert len(written.scores.cka_per_layer) == 2 and len({s.layer for s in written.sites}) == 1
+        assert written.scores.cka_per_layer == pytest.approx(alone.scores.cka_per_layer, rel=1e-5)
     if plugin == "weightlora+":  # rounds grew the survivors: 8 -> 4 -> 2 adapters, rank 8 -> 32
         assert [len(written.sites), written.max_rank] == [2, 32]
 
@@ -151,10 +156,12 @@ def test_two_cpu_processes_train_what_one_process_trains(tiny_checkpoint, tmp_pa
     check_loads_in_stock_litgpt(tiny_checkpoint, tmp_path / "two" / "final")
 
 
-def test_litgpt_command_relaunches_with_the_plugin(tiny_checkpoint, tmp_path):
-    """``litgpt finetune --plugin``: the DDP launcher re-runs ``litgpt ...``, whose hook routes it to the plugin."""
-    out_dir = tmp_path / "qv"
-    result = run_finetune("litgpt", tiny_checkpoint, out_dir, "qv", devices=2)
+@pytest.mark.parametrize("plugin", ["qv", "none"])
+def test_litgpt_command_relaunches_with_the_plugin(tiny_checkpoint, tmp_path, plugin):
+    """``litgpt finetune --plugin``: the DDP launcher re-runs ``litgpt ...``, whose hook routes it to the plugin;
+    ``none`` (LitGPT's own flags, here its default q and v) trains on several devices too."""
+    out_dir = tmp_path / plugin
+    result = run_finetune("litgpt", tiny_checkpoint, out_dir, plugin, devices=2)
     reports = rank_reports(result.stdout)
     assert reports["final placement"][0] == reports["final placement"][1]
     assert Placement.load(out_dir / "final" / "placement.json").kinds == ["query", "value"]
