@@ -90,7 +90,7 @@ def _few(keys: list[str]) -> str:
 
 
 def check_devices(
-    devices: int, num_nodes: int, quantize: str | None, global_batch_size: int = 1, micro_batch_size: int = 1
+    devices: int, num_nodes: int, quantize: str | None, global_batch_size: int, micro_batch_size: int
 ) -> None:
     """``--devices``/``--num_nodes`` are positive, every device gets at least one micro-batch of the global batch,
     and quantization runs on one device only, as in ``litgpt finetune_lora``: bitsandbytes' 4-bit weights cannot be
