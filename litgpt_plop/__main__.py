@@ -10,6 +10,7 @@ import torch
 from jsonargparse import CLI, set_config_read_mode, set_docstring_parse_options
 
 from litgpt_plop.errors import reported_as_one_line
+from litgpt_plop.parser import OneLineErrorParser
 
 
 def parser_data() -> dict:
@@ -34,7 +35,7 @@ def main() -> None:
     )
     torch.set_float32_matmul_precision("high")
     with reported_as_one_line():  # bad input: one line, no traceback
-        CLI(parser_data())
+        CLI(parser_data(), parser_class=OneLineErrorParser)
 
 
 if __name__ == "__main__":
