@@ -19,6 +19,11 @@ from typing import Callable
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+# A failed write that leaves less than this free on its filesystem is taken as the disk having filled up.
+_FULL_BELOW = 2**20
+# Every file and directory this process has written through this module, in order (for the line an
+# interrupted command prints).
+WRITTEN: list[Path] = []
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -33,9 +38,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_disk_full(e, path.parent, path)
         raise
+    WRITTEN.append(path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -59,10 +66,36 @@ def replace_directory(out_dir: Path, fill: Callable[[Path], None]) -> Path:
     try:
         fill(staging)
         _swap_in(staging, out_dir)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(e, staging)  # measured before the staging directory's space is given back
         shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            _raise_if_disk_full(e, out_dir.parent, out_dir, full=True)
         raise
+    WRITTEN.append(out_dir)
     return out_dir
+
+
+def _disk_full(error: BaseException, where: Path) -> bool:
+    """Whether ``error`` came from a full filesystem: ENOSPC, or a write error (torch's zip writer reports one as
+    ``RuntimeError: ... unexpected pos``) that left almost nothing free where it was writing."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(where).free < _FULL_BELOW
+    except OSError:
+        return False
+
+
+def _raise_if_disk_full(error: BaseException, where: Path, target: Path, full: bool | None = None) -> None:
+    """Re-raise a full disk as ``OSError(ENOSPC)`` that says so, names ``target`` and says it is unchanged."""
+    if full or (full is None and _disk_full(error, where)):
+        raise OSError(
+            errno.ENOSPC,
+            f"the disk holding {str(target)!r} is full: it could not be written, and is as it was before ({error})",
+        ) from error
 
 
 def recover_directory(out_dir: Path) -> None:

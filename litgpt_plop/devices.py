@@ -32,10 +32,11 @@ import gc
 import hashlib
 import json
 import sys
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
+from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
 from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.wrappers import _FabricModule
 from torch.nn.parallel import DistributedDataParallel
@@ -45,6 +46,8 @@ from litgpt_plop.checkpoint import PRECISION_DTYPES
 from litgpt_plop.errors import InputError
 from litgpt_plop.placement import Placement
 
+# What Fabric takes as ``precision`` (its own lists; anything else is its ValueError deep inside the launch).
+FABRIC_PRECISIONS = (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS))
 # Fabric's name for the strategy of several devices (see the module docstring for why not FSDP).
 MULTI_DEVICE_STRATEGY = "ddp"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import litgpt.lora
+import litgpt.model
 import torch
 import torch.nn as nn
 import yaml
@@ -28,6 +29,7 @@ from litgpt.utils import copy_config_files
 from litgpt_plop.adapt import apply_placement, current_placement
 from litgpt_plop.atomic import replace_directory, write_bytes_atomic
 from litgpt_plop.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_checkpoint_dir, load_checkpoint_model
+from litgpt_plop.inputs import check_free_space
 from litgpt_plop.modules import gpt_of
 from litgpt_plop.placement import Placement, PlacementError
 from litgpt_plop.report import write_report
@@ -92,6 +94,27 @@ def save_adapter(
             merge_lora(checkpoint_dir=staging, pretrained_checkpoint_dir=checkpoint_dir, precision=hparams["precision"])
 
     return replace_directory(Path(out_dir), fill)
+
+
+def output_bytes(config: Config, checkpoint_dir: Path, dtype: torch.dtype, adapter_params: int, periodic_saves: int = 0) -> int:
+    """About what a finetune writes: ``final/`` (the merged model in ``dtype``, the adapter, the checkpoint's config
+    and tokenizer files, the placement and its report) plus ``periodic_saves`` adapter directories (all but the merged
+    model). ``adapter_params``: an upper bound on the adapter's size in parameters (every candidate site)."""
+    with torch.device("meta"):
+        base_params = sum(p.numel() for p in litgpt.model.GPT(config).parameters())  # tied weights once
+    files = sum(f.stat().st_size for f in Path(checkpoint_dir).iterdir() if f.is_file() and f.name != WEIGHTS_FILE)
+    adapter_dir = adapter_params * dtype.itemsize + files + 2**20  # + placement.json, report.md, scores.png
+    return base_params * dtype.itemsize + adapter_dir * (1 + periodic_saves)
+
+
+def check_room_for_final(
+    out_dir: Path, config: Config, checkpoint_dir: Path, dtype: torch.dtype, adapter_params: int, periodic_saves: int = 0
+) -> None:
+    """Refuse a run whose outputs (``output_bytes``) cannot fit on ``out_dir``'s filesystem, before it trains. The
+    new ``final/`` is built whole beside the previous one, which stays until the swap: all of it must be free."""
+    needed = output_bytes(config, checkpoint_dir, dtype, adapter_params, periodic_saves)
+    what = "the merged model and adapter in final/" + (f", {periodic_saves} periodic adapter saves" if periodic_saves else "")
+    check_free_space(out_dir, needed, what)
 
 
 def write_placement_files(

@@ -26,7 +26,6 @@ from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
 from litgpt.finetune import lora as litgpt_lora
 from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
-from litgpt.prompts import PromptStyle, prompt_styles
 from litgpt.tokenizer import Tokenizer
 from litgpt.types import LoggerChoice
 from litgpt.utils import (
@@ -46,12 +45,15 @@ from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.atomic import recover_directory
 from litgpt_plop.checkpoint import PRECISION_DTYPES, create_missing_adapters, stream_checkpoint
 from litgpt_plop.devices import (
-    check_same_adapters, check_same_placement, precision_and_quantization, rewrap, setup_model, strategy_for, unwrapped,
+    FABRIC_PRECISIONS, check_same_adapters, check_same_placement, precision_and_quantization, rewrap, setup_model,
+    strategy_for, unwrapped,
 )  # fmt: skip
 from litgpt_plop.errors import InputError
-from litgpt_plop.export import save_adapter, write_placement_files
+from litgpt_plop.export import check_room_for_final, save_adapter, write_placement_files
+from litgpt_plop.hparams import data_module_hparams, plain
 from litgpt_plop.inputs import (
-    check_checkpoint, check_devices, check_lora, check_lr_schedule, check_out_dir, check_text_file,
+    check_calibration_prompts, check_checkpoint, check_devices, check_lora, check_lr_schedule, check_out_dir,
+    check_precision, check_text_file,
 )  # fmt: skip
 from litgpt_plop.kappa import KappaArgs
 from litgpt_plop.methods import Method, check_option_groups, get_method
@@ -91,28 +93,6 @@ class Run:
     kappa: KappaArgs
     weightlora: WeightLoRAArgs
     hparams: dict[str, Any]
-
-
-def data_module_hparams(data: DataModule) -> dict[str, Any]:
-    """``{"class_path", "init_args"}`` of a data module, as jsonargparse reads it back: the constructor fields of a
-    dataclass data module (LitGPT's are dataclasses), a prompt style by its LitGPT name."""
-    init_args = {}
-    if dataclasses.is_dataclass(data):
-        for f in dataclasses.fields(data):
-            value = getattr(data, f.name)
-            if not f.init:
-                continue
-            if isinstance(value, PromptStyle):
-                names = [name for name, style in prompt_styles.items() if type(value) is style]
-                if not names:
-                    continue  # a custom style object: the data module's default will have to do
-                value = names[0]
-            init_args[f.name] = str(value) if isinstance(value, Path) else value
-    return {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", "init_args": init_args}
-
-
-def _plain(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
 
 
 def setup(
@@ -211,6 +191,8 @@ def setup(
     if method.kind == "gated":  # LitGPT's first step has learning rate 0: refuse a cut before the gates can move
         check_litgpt_warmup(dataclasses.replace(weightlora, plus=plugin == "weightlora+"), train.max_steps)
     check_lora(lora_r, lora_alpha, lora_dropout)
+    check_precision(precision, PRECISION_DTYPES if quantize else FABRIC_PRECISIONS)
+    check_calibration_prompts(method, cka, calibration.num_samples, "--plugin")
     checkpoint_dir = Path(checkpoint_dir)
     check_checkpoint(checkpoint_dir, tokenizer=True)
     check_out_dir(out_dir)
@@ -236,7 +218,7 @@ def setup(
         "train": dataclasses.asdict(train), "log": dataclasses.asdict(log), "eval": dataclasses.asdict(eval),
         "optimizer": optimizer, "logger_name": logger_name,
         **({"candidate_kinds": candidates, "candidate_rank": rank} if method.kind != "none" else {}),
-        **{name: _plain(dataclasses.asdict(group)) for name, group in
+        **{name: plain(dataclasses.asdict(group)) for name, group in
            {"calibration": calibration, "plop": plop, "cka": cka, "kappa": kappa, "weightlora": weightlora}.items()
            if name in method.option_groups},
     }  # fmt: skip
@@ -299,9 +281,19 @@ def main(fabric: L.Fabric, run: Run) -> None:
     if run.method.kind == "gated":  # the run's length is known now (--train.epochs over the data), the model not loaded
         check_litgpt_warmup(run.weightlora, lr_max_steps)
 
+    if fabric.global_rank == 0:  # the one writer: what it will write must fit before anything trains
+        saves = int(lr_max_steps) // train.save_interval if train.save_interval and lr_max_steps < math.inf else 0
+        dtype = PRECISION_DTYPES.get(run.hparams["precision"], torch.float32)  # mixed: float32 adapters and merge
+        adapter = Placement.from_kinds(run.config, run.candidates, rank=run.rank).trainable_params(run.config)
+        check_room_for_final(run.out_dir, run.config, run.checkpoint_dir, dtype, adapter, saves)
+    # the prompts before the weights: a file or data set with too few of them is refused before the model loads
+    token_ids = calibration_token_ids(run.calibration, tokenizer, run.data) if run.method.calibrates else None
+    if token_ids is not None:
+        check_calibration_prompts(run.method, run.cka, len(token_ids), "--plugin")
+
     fabric.seed_everything(run.seed)
     model = load_base_model(fabric, run)
-    placement, controller = place_adapters(fabric, model, run, tokenizer, lr_max_steps)
+    placement, controller = place_adapters(fabric, model, run, token_ids, lr_max_steps)
     if fabric.global_rank == 0:
         write_run_outputs(run.out_dir, placement, model.config)
     fabric.print(summary_table(placement, model.config))
@@ -374,10 +366,10 @@ def load_base_model_4bit(fabric: L.Fabric, run: Run, config: Config) -> GPT:
 
 
 def place_adapters(
-    fabric: L.Fabric, model: Any, run: Run, tokenizer: Tokenizer, lr_max_steps: int | float
+    fabric: L.Fabric, model: Any, run: Run, token_ids: list[torch.Tensor] | None, lr_max_steps: int | float
 ) -> tuple[Placement, WeightLoRAController | None]:
     """Put the method's adapters on the model: LitGPT's flags (``none``), gated candidates (WeightLoRA), or the
-    placement a calibrated method or preset decides."""
+    placement a calibrated method (on ``token_ids``) or preset decides."""
     config, method = run.config, run.method
     candidates = run.candidates
     if method.kind == "none":
@@ -391,7 +383,6 @@ def place_adapters(
         )  # fmt: skip
         controller = WeightLoRAController(model, placement, run.weightlora, max_steps=lr_max_steps, seed=run.seed)
         return controller.placement, controller
-    token_ids = calibration_token_ids(run.calibration, tokenizer, run.data) if method.calibrates else None
     t0 = time.perf_counter()
     placement = decide_placement(
         unwrapped(model), method.name, token_ids, candidates, run.rank, config.lora_alpha, config.lora_dropout,

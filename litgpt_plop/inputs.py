@@ -7,14 +7,19 @@ with one line instead of after minutes of work, and leaves every existing output
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from litgpt import Config
 from litgpt.model import GPT
 
-from litgpt_plop.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_checkpoint_dir
+from litgpt_plop.args import CkaArgs
+from litgpt_plop.checkpoint import CONFIG_FILE, WEIGHTS_FILE, MappedCheckpoint, check_checkpoint_dir
 from litgpt_plop.errors import InputError
+from litgpt_plop.methods import Method
 
 
 def check_checkpoint(checkpoint_dir: Path, tokenizer: bool) -> Config:
@@ -28,10 +33,10 @@ def check_checkpoint(checkpoint_dir: Path, tokenizer: bool) -> Config:
         raise InputError(f"{str(checkpoint_dir / CONFIG_FILE)!r} is not a LitGPT model config: {e}") from None
     path = checkpoint_dir / WEIGHTS_FILE
     try:
-        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        checkpoint = MappedCheckpoint(path)
     except Exception as e:  # truncated or corrupt: torch reports it in many ways
         raise InputError(f"{str(path)!r} is not a complete PyTorch checkpoint (truncated or corrupt?): {e}") from None
-    state_dict = state_dict.get("model", state_dict)
+    state_dict = checkpoint.state_dict
     with torch.device("meta"):
         expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
     found = {k: v.shape for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
@@ -44,11 +49,31 @@ def check_checkpoint(checkpoint_dir: Path, tokenizer: bool) -> Config:
             f"{str(path)!r} does not hold the weights {CONFIG_FILE} describes ({config.n_layer} layers, width"
             f" {config.n_embd}): parameters {'; '.join(details)}"
         )
+    check_finite_weights(checkpoint)
     return config
 
 
+def check_finite_weights(checkpoint: MappedCheckpoint, chunk: int = 1 << 22) -> None:
+    """Every floating-point weight of the checkpoint is finite; else name the first that is not (its layer and
+    matrix). Reads the file once, in chunks (a few MiB of temporaries), each tensor's pages handed back once read."""
+    for name, tensor in checkpoint.state_dict.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        flat = tensor.reshape(-1)
+        bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(chunk))
+        checkpoint.release(tensor)
+        if bad:
+            parts = name.split(".")
+            where = f"layer {parts[2]}, {'.'.join(parts[3:-1])}" if parts[:2] == ["transformer", "h"] else name
+            raise InputError(
+                f"{str(checkpoint.path)!r}: {name} ({where}) has {bad:,} of {flat.numel():,} values NaN or infinite;"
+                " the checkpoint is damaged: re-download or re-convert it"
+            )
+
+
 def check_out_dir(out_dir: Path, flag: str = "--out_dir") -> Path:
-    """``out_dir`` is a directory or can be created as one, in a place this process may write to."""
+    """``out_dir`` is a directory or can be created as one: a directory is really made (and removed) in its nearest
+    existing ancestor, so a read-only filesystem, missing permission or a full disk is found now, not at the end."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{flag} {str(out_dir)!r} is an existing file; give a directory")
@@ -57,9 +82,45 @@ def check_out_dir(out_dir: Path, flag: str = "--out_dir") -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise InputError(f"{flag} {str(out_dir)!r} cannot be created: {str(parent)!r} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {str(out_dir)!r} is not writable ({str(parent)!r} does not allow it)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".litgpt-plop-probe-", dir=parent))
+    except OSError as e:
+        raise InputError(f"{flag} {str(out_dir)!r} cannot be written: {e.strerror} in {str(parent)!r}") from None
     return out_dir
+
+
+def check_free_space(out_dir: Path, needed: int, what: str, flag: str = "--out_dir") -> None:
+    """The filesystem ``out_dir`` is on (its nearest existing ancestor's) has ``needed`` bytes free."""
+    parent = Path(out_dir)
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise InputError(
+            f"{flag} {str(out_dir)!r}: this run will write about {_mib(needed)} ({what}), but its filesystem has"
+            f" {_mib(free)} free: free some space or choose another {flag}"
+        )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def check_precision(precision: str | None, allowed: Iterable[str], flag: str = "--precision") -> None:
+    """``precision`` is one this command takes (None: the command's default)."""
+    allowed = list(allowed)
+    if precision is not None and precision not in allowed:
+        raise InputError(f"{flag} {precision!r} is not a precision this command takes; choose one of {allowed}")
+
+
+def check_calibration_prompts(method: Method, cka: CkaArgs, count: int, flag: str) -> None:
+    """Enough calibration prompts for the method: CKA over last tokens compares the prompts with one another,
+    so it needs two or more (``count``: the prompts asked for or found)."""
+    if method.uses_cka and cka.pooling == "last" and count < 2:
+        raise InputError(
+            f"{flag} {method.name!r} needs at least 2 calibration prompts (CKA over last tokens compares prompts with"
+            f" one another), got {count}: raise --calibration.num_samples or give more prompts"
+        )
 
 
 def check_lora(lora_r: int, lora_alpha: int, lora_dropout: float | None = None) -> None:

@@ -14,9 +14,11 @@ from litgpt.tokenizer import Tokenizer
 
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.prompts import calibration_token_ids
-from litgpt_plop.checkpoint import load_checkpoint_model
+from litgpt_plop.checkpoint import PRECISION_DTYPES, load_checkpoint_model
 from litgpt_plop.export import write_placement_files
-from litgpt_plop.inputs import check_checkpoint, check_lora, check_out_dir, check_text_file
+from litgpt_plop.inputs import (
+    check_calibration_prompts, check_checkpoint, check_lora, check_out_dir, check_precision, check_text_file,
+)  # fmt: skip
 from litgpt_plop.kappa import KappaArgs
 from litgpt_plop.methods import DECIDED_BEFORE_TRAINING, check_option_groups, get_method
 from litgpt_plop.placement import Placement, PlacementError, kinds_from_flags
@@ -76,6 +78,8 @@ def plan(
     if calibration.file is not None:
         check_text_file(calibration.file, "--calibration.file")
     check_lora(lora_r, lora_alpha)
+    check_precision(precision, PRECISION_DTYPES)
+    check_calibration_prompts(spec, cka, calibration.num_samples, "--method")
     checkpoint_dir = Path(checkpoint_dir)
     config = check_checkpoint(checkpoint_dir, tokenizer=spec.calibrates)
     check_out_dir(out_dir)
@@ -85,7 +89,10 @@ def plan(
     )  # fmt: skip
     if not candidate_kinds:
         raise PlacementError("Every --lora_* flag is off: there are no candidate kinds to choose from")
-    token_ids = calibration_token_ids(calibration, Tokenizer(checkpoint_dir), data) if spec.calibrates else None
+    token_ids = None
+    if spec.calibrates:
+        token_ids = calibration_token_ids(calibration, Tokenizer(checkpoint_dir), data)
+        check_calibration_prompts(spec, cka, len(token_ids), "--method")  # a file or data set may hold fewer
     model = load_checkpoint_model(checkpoint_dir, precision, quantize)
     t0 = time.perf_counter()
     placement = decide_placement(

@@ -61,8 +61,15 @@ def broken(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
     binary.write_bytes(bytes(range(256)) * 4)
     a_file = root / "a-file"
     a_file.write_text("not a directory")
+    nonfinite = root / "nonfinite"
+    shutil.copytree(tiny_checkpoint, nonfinite)
+    weights = torch.load(nonfinite / "lit_model.pth", weights_only=True)
+    weights["transformer.h.1.mlp.fc_2.weight"][3, 5] = float("nan")
+    torch.save(weights, nonfinite / "lit_model.pth")
+    one_prompt = root / "one-prompt.txt"
+    one_prompt.write_text("What is 2 + 2?\n")
     return {"no_tokenizer": no_tokenizer, "truncated": truncated, "other_config": other_config, "binary": binary,
-            "a_file": a_file, "missing": root / "missing.txt"}  # fmt: skip
+            "a_file": a_file, "missing": root / "missing.txt", "nonfinite": nonfinite, "one_prompt": one_prompt}  # fmt: skip
 
 
 # (command line with placeholders, what the one line must contain)
@@ -82,7 +89,17 @@ BAD_INPUTS = {
     "rank 0": (["finetune", "{ck}", "--lora_r", "0"], "--lora_r must be a positive integer"),
     "out_dir is a file": (["finetune", "{ck}", "--out_dir", "{a_file}"], "--out_dir"),
     "out_dir under a file": (["plan", "{ck}", "--method", "qv", "--out_dir", "{a_file}/plan"], "cannot be created"),
-    "bad choice": (["plan", "{ck}", "--plop.granularity", "layer"], "granularity"),
+    "bad choice": (["plan", "{ck}", "--plop.granularity", "layer"], "--plop.granularity must be one of 'kind', 'site', got 'layer'"),
+    "bad choice in finetune": (["finetune", "{ck}", "--plugin", "cka", "--cka.pooling=foo"], "--cka.pooling must be one of 'last', 'tokens', got 'foo'"),
+    "not a number": (["finetune", "{ck}", "--train.max_steps", "ten"], "--train.max_steps expects int | None, got 'ten'"),
+    "precision of finetune": (["finetune", "{ck}", "--precision", "fp64"], "--precision 'fp64' is not a precision this command takes; choose one of ['transformer-engine'"),
+    "precision of plan": (["plan", "{ck}", "--method", "qv", "--precision", "bf16-mixed"], "choose one of ['32-true', 'bf16-true', '16-true']"),
+    "precision with --quantize": (["finetune", "{ck}", "--quantize", "bnb.nf4", "--precision", "bf16-mixed"], "choose one of ['32-true', 'bf16-true', '16-true']"),
+    "one prompt for plop+cka": (["plan", "{ck}", "--method", "plop+cka", "--calibration.num_samples", "1"], "'plop+cka' needs at least 2 calibration prompts (CKA over last tokens"),
+    "a file of one prompt for cka": (["finetune", "{ck}", "--plugin", "cka", "--calibration.file", "{one_prompt}", *TINY_TRAIN], "'cka' needs at least 2 calibration prompts (CKA over last tokens compares prompts with one another), got 1"),
+    "non-finite weight, calibrated": (["plan", "{nonfinite}", "--method", "plop", "--calibration.file", "{one_prompt}"], "transformer.h.1.mlp.fc_2.weight (layer 1, mlp.fc_2) has 1 of 2,048 values NaN or infinite"),
+    "non-finite weight, kappa": (["plan", "{nonfinite}", "--method", "kappa"], "transformer.h.1.mlp.fc_2.weight (layer 1, mlp.fc_2) has 1 of"),
+    "non-finite weight, finetune": (["finetune", "{nonfinite}", "--plugin", "qv"], "the checkpoint is damaged"),
     "quantize on several devices": (["finetune", "{ck}", "--devices", "2", "--quantize", "bnb.nf4"], "--quantize bnb.nf4 runs on one device only"),
 }
 
