@@ -197,9 +197,9 @@ def worker(spec: dict) -> dict:
 def median_runs(runs: list[dict]) -> dict:
     """One record from repeated measurements: medians of the figures, the runs kept under ``runs``."""
     merged = dict(runs[0])
-    for key in ("seconds", "peak_rss_mib", "baseline_rss_mib", "increase_mib"):
-        merged[key] = statistics.median(r[key] for r in runs)
-    merged["runs"] = [{k: r[k] for k in ("seconds", "peak_rss_mib", "baseline_rss_mib", "increase_mib")} for r in runs]
+    for key in ("seconds", "peak_rss_mib", "baseline_rss_mib", "increase_mib", "peak_anon_mib"):  # anon: owned memory
+        merged[key] = statistics.median(r.get(key) or 0.0 for r in runs)
+    merged["runs"] = [{k: r.get(k) for k in ("seconds", "peak_rss_mib", "baseline_rss_mib", "increase_mib", "peak_anon_mib")} for r in runs]
     return merged
 
 
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "batch_time_vs_forward_blocks": median_ratio(batch_samples[mode], batch_samples["forward_blocks"]),
                 "peak_vs_forward": ratio(memory[mode]["peak_rss_mib"], memory["forward"]["peak_rss_mib"]),
                 "peak_vs_forward_blocks": ratio(memory[mode]["peak_rss_mib"], memory["forward_blocks"]["peak_rss_mib"]),
-                "increase_mib": memory[mode]["increase_mib"],
+                "increase_mib": memory[mode]["increase_mib"], "peak_anon_mib": memory[mode]["peak_anon_mib"],
                 "increase_vs_forward": ratio(memory[mode]["increase_mib"], memory["forward"]["increase_mib"]),
                 "increase_vs_forward_blocks": ratio(memory[mode]["increase_mib"], memory["forward_blocks"]["increase_mib"]),
             }
@@ -440,16 +440,16 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         "| method | time s (of which scores + selection) | time / forward | time / forward_blocks (goal) |"
         " per-batch time / forward, median | per-batch / forward_blocks, median |"
-        f" peak RSS / forward (goal <= {MEMORY_GOAL}) | peak RSS / forward_blocks | pass adds MiB | adds / forward's |"
+        f" peak RSS / forward (goal <= {MEMORY_GOAL}) | peak RSS / forward_blocks | peak owned MiB | pass adds MiB | adds / forward's |"
         " adds / forward_blocks' |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         md.append(
             f"| {r['mode']} | {r['time_s']:.2f} ({r['finish_s']:.2f}) | {r['time_vs_forward']:.3f} |"
             f" {r['time_vs_forward_blocks']:.3f} (<= {TIME_GOALS[r['mode']]}: {'met' if r['time_vs_forward_blocks'] <= TIME_GOALS[r['mode']] else 'NOT met'}) |"
             f" {r['batch_time_vs_forward']:.3f} | {r['batch_time_vs_forward_blocks']:.3f} |"
-            f" {r['peak_vs_forward']:.3f} | {r['peak_vs_forward_blocks']:.3f} | {r['increase_mib']:.1f} |"
+            f" {r['peak_vs_forward']:.3f} | {r['peak_vs_forward_blocks']:.3f} | {r['peak_anon_mib']:.1f} | {r['increase_mib']:.1f} |"
             f" {r['increase_vs_forward']:.2f} | {r['increase_vs_forward_blocks']:.2f} |"
         )
     growth_base = next((m for m in ("forward", "forward_blocks") if m in args.growth_modes), None)
@@ -476,11 +476,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"## 4-bit (NF4 on CPU, fp32 compute): {args.num_prompts} prompts; training step: LoRA r=8 on {plop_kinds},"
             f" AdamW, on the {args.train_batches} largest batches",
             "",
-            "| | peak RSS MiB | adds MiB | time s |",
-            "|---|---|---|---|",
+            "| | peak RSS MiB | peak owned MiB | adds MiB | time s |",
+            "|---|---|---|---|---|",
         ]
         for name, m in (("inference forward", f), ("forward_blocks", fb), ("PLoP calibration", p), ("training step", t)):
-            md.append(f"| {name} | {m['peak_rss_mib']:.1f} | {m['increase_mib']:.1f} | {m['seconds']:.1f} |")
+            md.append(f"| {name} | {m['peak_rss_mib']:.1f} | {m['peak_anon_mib']:.1f} | {m['increase_mib']:.1f} | {m['seconds']:.1f} |")
         md += [
             "",
             f"- PLoP peak / 4-bit inference forward peak: {ratio(p['peak_rss_mib'], f['peak_rss_mib']):.3f} (goal <= {MEMORY_GOAL_4BIT});"

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 from litgpt_plop.atomic import write_bytes_atomic, write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+STATUS_SAMPLE_S = 0.01  # how often a worker's /proc/<pid>/status is sampled for its memory peaks
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
 RESULTS_ROOT = REPO_ROOT / "benchmarks" / "results"
 
@@ -37,13 +38,21 @@ RESULTS_ROOT = REPO_ROOT / "benchmarks" / "results"
 def worker_env(threads: int | None = None, malloc_mmap_threshold: int | None = None) -> dict[str, str]:
     """This process's environment for a worker, with ``OMP_NUM_THREADS=threads`` (bitsandbytes' CPU kernels read
     it too) and glibc's ``MALLOC_MMAP_THRESHOLD_`` (bytes: large freed blocks go back to the system, so RSS follows
-    the memory actually held) where given; 0 or None leaves a variable as it is."""
+    the memory actually held) where given; 0 or None leaves a variable as it is. Memory figures are meant to be
+    what a user gets, so the benchmarks set neither by default (``env_label`` names what a worker ran with)."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     if malloc_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
     return env
+
+
+def env_label(env: dict[str, str]) -> str:
+    """The ``OMP_NUM_THREADS`` and ``MALLOC_*`` settings of ``env`` (e.g. ``worker_env``'s), for labelling a figure:
+    ``"default"`` when it has none."""
+    settings = [f"{k}={v}" for k, v in sorted(env.items()) if k == "OMP_NUM_THREADS" or k.startswith("MALLOC_")]
+    return ", ".join(settings) or "default"
 
 
 @dataclass
@@ -57,6 +66,9 @@ class WorkerRun:
         peak_rss_mib: the worker's peak resident memory over its whole life (``ru_maxrss``).
         cpu_user_s, cpu_sys_s: its CPU seconds.
         stdout, stderr: its output when captured (empty when it went to a log file or the console).
+        peak_anon_mib, peak_file_mib: the peaks of its ``RssAnon`` (memory it owns) and ``RssFile`` (pages of
+            mapped files, e.g. a memory-mapped checkpoint: clean, the kernel reclaims them under pressure), sampled
+            from ``/proc/<pid>/status`` every 10 ms (``STATUS_SAMPLE_S``); None where there is no ``/proc``.
     """
 
     returncode: int
@@ -67,6 +79,8 @@ class WorkerRun:
     cpu_sys_s: float
     stdout: str = ""
     stderr: str = ""
+    peak_anon_mib: float | None = None
+    peak_file_mib: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -120,17 +134,20 @@ def run_worker(
             start_new_session=True,
         )
         timed_out = False
+        peaks: dict[str, int] = {}
         try:
             while True:
-                pid, status, usage = os.wait4(process.pid, 0 if timeout is None else os.WNOHANG)
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
                 if pid:
                     break
-                if time.perf_counter() - start > timeout:
+                for field, kib in read_status_kib(process.pid, ("RssAnon", "RssFile")).items():
+                    peaks[field] = max(peaks.get(field, 0), kib)
+                if timeout is not None and time.perf_counter() - start > timeout:
                     timed_out = True
                     os.killpg(process.pid, signal.SIGKILL)
                     _, status, usage = os.wait4(process.pid, 0)
                     break
-                time.sleep(0.5)
+                time.sleep(STATUS_SAMPLE_S)
         except BaseException:  # an interrupt here must not leave the worker running on its own
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -145,6 +162,8 @@ def run_worker(
             peak_rss_mib=usage.ru_maxrss / 1024,  # Linux: KiB
             cpu_user_s=usage.ru_utime,
             cpu_sys_s=usage.ru_stime,
+            peak_anon_mib=peaks["RssAnon"] / 1024 if "RssAnon" in peaks else None,
+            peak_file_mib=peaks["RssFile"] / 1024 if "RssFile" in peaks else None,
         )
         if log is None and not console:
             stdout.seek(0)
@@ -191,9 +210,24 @@ def benchmark_parser(module: str, doc: str) -> argparse.ArgumentParser:
 
 
 def status_kib(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...)."""
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ``RssAnon``, ...)."""
     with open("/proc/self/status") as f:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def read_status_kib(pid: int | str = "self", fields: Sequence[str] = ("VmRSS", "RssAnon", "RssFile")) -> dict[str, int]:
+    """The ``kB`` ``fields`` of ``/proc/<pid>/status`` that it has; empty where it cannot be read (no ``/proc``, the
+    process gone). ``RssAnon`` is memory the process owns, ``RssFile`` pages of files it maps (reclaimable)."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in fields:
+                    found[name] = int(value.split()[0])
+    except (OSError, ValueError):
+        return {}
+    return found
 
 
 def self_peak_rss_mib() -> float:
@@ -203,9 +237,12 @@ def self_peak_rss_mib() -> float:
 
 class PeakRss:
     """Peak RSS of this process over a ``with`` block: the kernel's own high-water mark after resetting it
-    (``/proc/self/clear_refs`` = 5, Linux >= 4.0) where that is allowed, else sampling ``VmRSS`` every 1 ms.
+    (``/proc/self/clear_refs`` = 5, Linux >= 4.0) where that is allowed, else sampling ``VmRSS`` every 1 ms; and the
+    peak of the memory it owns (``RssAnon``, without the pages of mapped files such as a memory-mapped checkpoint),
+    sampled every 1 ms.
 
-    After the block: ``baseline`` (KiB, the RSS when it started), ``peak`` (KiB), ``seconds``, ``method``.
+    After the block: ``baseline`` (KiB, the RSS when it started), ``peak`` (KiB), ``anon_baseline`` and
+    ``anon_peak`` (KiB; None without ``/proc``), ``seconds``, ``method``.
     """
 
     def __enter__(self) -> "PeakRss":
@@ -217,34 +254,38 @@ class PeakRss:
         except OSError:
             self.method = "sampling every 1 ms"
         self.baseline = status_kib("VmRSS")
-        self._sampled = self.baseline
+        self.anon_baseline = read_status_kib("self", ("RssAnon",)).get("RssAnon")
+        self._sampled, self.anon_peak = self.baseline, self.anon_baseline
         self._running = True
-        if self.method.startswith("sampling"):
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         self.start = time.perf_counter()
         return self
 
     def _sample(self) -> None:
         while self._running:
-            self._sampled = max(self._sampled, status_kib("VmRSS"))
+            status = read_status_kib("self", ("VmRSS", "RssAnon"))
+            self._sampled = max(self._sampled, status.get("VmRSS", 0))
+            if self.anon_peak is not None and "RssAnon" in status:
+                self.anon_peak = max(self.anon_peak, status["RssAnon"])
             time.sleep(0.001)
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds = time.perf_counter() - self.start
         self._running = False
-        if self.method.startswith("sampling"):
-            self._thread.join()
-            self.peak = self._sampled
-        else:
-            self.peak = status_kib("VmHWM")
+        self._thread.join()
+        self.peak = self._sampled if self.method.startswith("sampling") else status_kib("VmHWM")
 
     def figures(self) -> dict[str, Any]:
         """The figures in MiB, as the result files record them."""
+        owned = self.anon_peak is not None
         return {
             "peak_rss_mib": self.peak / 1024,
             "baseline_rss_mib": self.baseline / 1024,
             "increase_mib": (self.peak - self.baseline) / 1024,
+            "peak_anon_mib": self.anon_peak / 1024 if owned else None,
+            "baseline_anon_mib": self.anon_baseline / 1024 if owned else None,
+            "anon_increase_mib": (self.anon_peak - self.anon_baseline) / 1024 if owned else None,
             "memory_method": self.method,
         }
 

@@ -14,9 +14,12 @@ can be added with ``--placement NAME=PATH``.
   drifts, so only these side-by-side ratios mean anything.
 * Peak memory: each placement in a fresh subprocess (memory that malloc keeps after one placement would hide
   the next one's peak): load the model, make its weights resident, apply the placement, reset the kernel's
-  peak-RSS counter, run ``--mem_steps`` training steps on the largest batches, read the peak. Two figures: the
-  process's peak RSS (model included) and what the training steps added over the RSS just before them
-  (activations, gradients, optimizer state).
+  peak-RSS counter, run ``--mem_steps`` training steps on the largest batches, read the peak. Three figures: the
+  process's peak RSS (model included), its peak owned memory (``RssAnon``: without the pages of the memory-mapped
+  checkpoint) and what the training steps added over the RSS just before them (activations, gradients, optimizer
+  state). The memory subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` by default, which the report states:
+  the "added" figures need it (with glibc's dynamic threshold what malloc keeps made them non-monotone in the
+  adapter count); ``--malloc_mmap_threshold 0`` measures in a user's default environment.
 
 The cost of the calibration pass itself (time and memory relative to a plain forward, as the number of
 calibration prompts grows) is measured by ``benchmarks.calibration_overhead``; both scripts write to
@@ -234,7 +237,9 @@ def markdown(report: dict) -> str:
         f" of {report['time_batch_tokens']} tokens (8 x {report['time_batch_tokens'] // 8}). Memory: a fresh process per"
         f" placement, {report['mem_steps']} step(s) on the largest batches; `added` is what the steps added over the"
         " RSS before them (activations, gradients, AdamW state)"
-        + (f"; glibc MALLOC_MMAP_THRESHOLD_={report['malloc_mmap_threshold']}." if report.get("malloc_mmap_threshold") else "."),
+        + (f". Memory measured with glibc MALLOC_MMAP_THRESHOLD_={report['malloc_mmap_threshold']} (not a user's default),"
+           " so that freed blocks go back to the system and each peak is what the steps hold."
+           if report.get("malloc_mmap_threshold") else ", in the default environment (no MALLOC_* variable)."),
         "",
         "Budget: PLoP's decision at rank 8; every other placement has the rank whose parameter count is closest"
         " (as in the placement-quality grid); `all@r8` is every linear at rank 8, unmatched.",
@@ -242,8 +247,8 @@ def markdown(report: dict) -> str:
         "`step / all, per round` is the ratio of the two steps taken in the same round: its median and range show"
         " how much of a difference is noise.",
         "",
-        "| placement | where | trainable params | step (s) | step / all | step / all, per round: median [min, max] | step / all@r8 | peak RSS (MiB) | added (MiB) | added / all | added / all@r8 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| placement | where | trainable params | step (s) | step / all | step / all, per round: median [min, max] | step / all@r8 | peak RSS (MiB) | peak owned (MiB) | added (MiB) | added / all | added / all@r8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         per_round = [a / b for a, b in zip(r["steps_s"], ref["steps_s"])]
@@ -252,7 +257,7 @@ def markdown(report: dict) -> str:
             f" | {r['median_step_s'] / ref['median_step_s']:.3f}"
             f" | {median_ratio(r['steps_s'], ref['steps_s']):.3f} [{min(per_round):.2f}, {max(per_round):.2f}]"
             f" | {r['median_step_s'] / ref8['median_step_s']:.3f}"
-            f" | {r['peak_rss_mib']:.0f} | {r['increase_mib']:.0f} | {r['increase_mib'] / ref['increase_mib']:.3f}"
+            f" | {r['peak_rss_mib']:.0f} | {r.get('peak_anon_mib') or float('nan'):.0f} | {r['increase_mib']:.0f} | {r['increase_mib'] / ref['increase_mib']:.3f}"
             f" | {r['increase_mib'] / ref8['increase_mib']:.3f} |"
         )
     m = report["machine"]

@@ -20,6 +20,8 @@ Figures per run:
 * process peak RSS (``os.wait4`` on the child: its own ``ru_maxrss``): the whole run, so loading (the CPU 4-bit
   path quantizes each block linear as it loads from the memory-mapped checkpoint, ``litgpt_plop.checkpoint``),
   calibration, training and the final merge (LitGPT's ``merge_lora``, which loads the dense model);
+* process peak owned memory (``RssAnon`` of the child, sampled every 10 ms): the same run without the pages of
+  memory-mapped files (the checkpoint), which the kernel reclaims under pressure;
 * peak RSS during LitGPT's training loop only, over the RSS just before it (the kernel's peak counter is reset
   when ``fit`` starts: ``/proc/self/clear_refs``), measured inside the child;
 * on CUDA: ``torch.cuda.max_memory_allocated`` over the whole run and over the training loop, and the GPU's name;
@@ -70,6 +72,7 @@ def child(argv: list[str], report: Path) -> None:
             measured["fit_rss_method"] = rss.method
             measured["fit_baseline_rss_mib"] = rss.baseline / 1024
             measured["fit_peak_rss_mib"] = rss.peak / 1024
+            measured["fit_peak_anon_mib"] = rss.figures()["peak_anon_mib"]
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 measured["fit_peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -162,6 +165,7 @@ def run(kind: str, args, cuda: bool, log) -> dict:
         "command": " ".join(argv),
         "wall_s": seconds,
         "process_peak_rss_mib": process.peak_rss_mib,
+        "process_peak_anon_mib": process.peak_anon_mib,
         **measured,
         "fit_adds_rss_mib": measured.get("fit_peak_rss_mib", 0.0) - measured.get("fit_baseline_rss_mib", 0.0),
         "median_iter_time_s": statistics.median(iter_times) if iter_times else None,
@@ -178,6 +182,54 @@ def run(kind: str, args, cuda: bool, log) -> dict:
         f" | step {result['median_iter_time_s'] or float('nan'):.3f} s | {seconds:.0f} s wall"
     )
     return result
+
+
+def markdown(results: dict, args: argparse.Namespace, device: str, cuda: bool) -> str:
+    """The report's table and ratios."""
+    md = [
+        f"# QLoRA memory and step time: {args.checkpoint_dir.name} on {device}",
+        "",
+        f"{args.max_steps} steps, micro-batch {args.micro_batch_size}, reasoning-gym basic_arithmetic ({args.train_size}"
+        f" items), max_seq_length 256, precision {'bf16-true' if cuda else '32-true'}; PLoP calibrates on"
+        f" {args.calibration_samples} prompts. One process per run, OMP_NUM_THREADS={args.threads or 'unset'},"
+        f" MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset (glibc dynamic)'}.",
+        "",
+        "| run | trainable params | process peak RSS MiB | process peak owned MiB | training-loop peak RSS MiB | loop adds MiB |"
+        + (" CUDA peak whole run MiB | CUDA peak training loop MiB |" if cuda else "")
+        + " median step s | loss first -> last | wall s |",
+        "|---|---|---|---|---|---|" + ("---|---|" if cuda else "") + "---|---|---|",
+    ]
+    for kind, r in results.items():
+        cells = [
+            kind,
+            f"{r['trainable_params']:,}" if r["trainable_params"] else "?",
+            f"{r['process_peak_rss_mib']:.1f}",
+            f"{r['process_peak_anon_mib']:.1f}" if r.get("process_peak_anon_mib") else "?",
+            f"{r.get('fit_peak_rss_mib', float('nan')):.1f}",
+            f"{r['fit_adds_rss_mib']:.1f}",
+        ]
+        if cuda:
+            cells += [f"{r.get('peak_cuda_whole_run_mib', float('nan')):.1f}", f"{r.get('fit_peak_cuda_mib', float('nan')):.1f}"]
+        cells += [
+            f"{r['median_iter_time_s']:.3f}" if r["median_iter_time_s"] is not None else "?",
+            f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" if r["first_loss"] is not None else "?",
+            f"{r['wall_s']:.0f}",
+        ]
+        md.append("| " + " | ".join(cells) + " |")
+    base = "litgpt-nf4" if cuda and "litgpt-nf4" in results else ("qv-nf4" if "qv-nf4" in results else None)
+    if base and "plop-nf4" in results:
+        p, b = results["plop-nf4"], results[base]
+        md += ["", f"plop-nf4 / {base}: process peak {p['process_peak_rss_mib'] / b['process_peak_rss_mib']:.3f},"
+               f" training-loop peak {p['fit_peak_rss_mib'] / b['fit_peak_rss_mib']:.3f},"
+               f" step time {p['median_iter_time_s'] / b['median_iter_time_s']:.3f}"
+               + (f", CUDA peak (loop) {p['fit_peak_cuda_mib'] / b['fit_peak_cuda_mib']:.3f}" if cuda else "")]  # fmt: skip
+    if "none-dense" in results and "plop-nf4" in results:
+        p, d = results["plop-nf4"], results["none-dense"]
+        md += [f"plop-nf4 / none-dense: process peak {p['process_peak_rss_mib'] / d['process_peak_rss_mib']:.3f},"
+               f" training-loop peak {p['fit_peak_rss_mib'] / d['fit_peak_rss_mib']:.3f},"
+               f" step time {p['median_iter_time_s'] / d['median_iter_time_s']:.3f}"]  # fmt: skip
+    md += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in results.values()]
+    return "\n".join(md)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -217,49 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"{device}: {', '.join(runs)}; {args.max_steps} steps, micro-batch {args.micro_batch_size}")
     results = {kind: run(kind, args, cuda, log) for kind in runs}
 
-    md = [
-        f"# QLoRA memory and step time: {args.checkpoint_dir.name} on {device}",
-        "",
-        f"{args.max_steps} steps, micro-batch {args.micro_batch_size}, reasoning-gym basic_arithmetic ({args.train_size}"
-        f" items), max_seq_length 256, precision {'bf16-true' if cuda else '32-true'}; PLoP calibrates on"
-        f" {args.calibration_samples} prompts. One process per run, OMP_NUM_THREADS={args.threads or 'unset'},"
-        f" MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset (glibc dynamic)'}.",
-        "",
-        "| run | trainable params | process peak RSS MiB | training-loop peak RSS MiB | loop adds MiB |"
-        + (" CUDA peak whole run MiB | CUDA peak training loop MiB |" if cuda else "")
-        + " median step s | loss first -> last | wall s |",
-        "|---|---|---|---|---|" + ("---|---|" if cuda else "") + "---|---|---|",
-    ]
-    for kind, r in results.items():
-        cells = [
-            kind,
-            f"{r['trainable_params']:,}" if r["trainable_params"] else "?",
-            f"{r['process_peak_rss_mib']:.1f}",
-            f"{r.get('fit_peak_rss_mib', float('nan')):.1f}",
-            f"{r['fit_adds_rss_mib']:.1f}",
-        ]
-        if cuda:
-            cells += [f"{r.get('peak_cuda_whole_run_mib', float('nan')):.1f}", f"{r.get('fit_peak_cuda_mib', float('nan')):.1f}"]
-        cells += [
-            f"{r['median_iter_time_s']:.3f}" if r["median_iter_time_s"] is not None else "?",
-            f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" if r["first_loss"] is not None else "?",
-            f"{r['wall_s']:.0f}",
-        ]
-        md.append("| " + " | ".join(cells) + " |")
-    base = "litgpt-nf4" if cuda and "litgpt-nf4" in results else ("qv-nf4" if "qv-nf4" in results else None)
-    if base and "plop-nf4" in results:
-        p, b = results["plop-nf4"], results[base]
-        md += ["", f"plop-nf4 / {base}: process peak {p['process_peak_rss_mib'] / b['process_peak_rss_mib']:.3f},"
-               f" training-loop peak {p['fit_peak_rss_mib'] / b['fit_peak_rss_mib']:.3f},"
-               f" step time {p['median_iter_time_s'] / b['median_iter_time_s']:.3f}"
-               + (f", CUDA peak (loop) {p['fit_peak_cuda_mib'] / b['fit_peak_cuda_mib']:.3f}" if cuda else "")]  # fmt: skip
-    if "none-dense" in results and "plop-nf4" in results:
-        p, d = results["plop-nf4"], results["none-dense"]
-        md += [f"plop-nf4 / none-dense: process peak {p['process_peak_rss_mib'] / d['process_peak_rss_mib']:.3f},"
-               f" training-loop peak {p['fit_peak_rss_mib'] / d['fit_peak_rss_mib']:.3f},"
-               f" step time {p['median_iter_time_s'] / d['median_iter_time_s']:.3f}"]  # fmt: skip
-    md += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in results.values()]
-    text = "\n".join(md)
+    text = markdown(results, args, device, cuda)
     print()
     print(text)
     payload = {

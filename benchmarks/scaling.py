@@ -2,24 +2,29 @@
 
 Models: SmolLM2-135M-Instruct (the real one) and random-weight checkpoints shaped like LitGPT configs (built by
 ``benchmarks.shaped`` when missing; ``--delete_shaped`` removes them afterwards). Per model, each in a fresh
-process, one at a time (OMP_NUM_THREADS and torch threads 1, MALLOC_MMAP_THRESHOLD_=65536 so RSS follows the
-memory held):
+process, one at a time, in the environment a user runs in: no ``OMP_NUM_THREADS``, no ``MALLOC_*`` (``--threads``
+and ``--malloc_mmap_threshold`` set them; every result line records what it ran with, and the table has one line
+per model and setting). Memory comes in two figures: peak RSS (everything resident) and peak owned memory
+(``RssAnon``, sampled every 10 ms), because much of a dense run's RSS is pages of the memory-mapped checkpoint,
+which are clean file pages the kernel reclaims under pressure:
 
 * ``plan-bf16`` / ``plan-nf4``: ``litgpt-plop plan --precision bf16-true [--quantize bnb.nf4] --method plop`` on
-  reasoning-gym prompts: wall time and the process's own peak RSS (``VmHWM`` at its end: loading, calibration,
-  scores; ``ru_maxrss`` from ``wait4`` is recorded too, but it starts at the launching process's peak);
+  reasoning-gym prompts: wall time, the process's own peak RSS (``VmHWM`` at its end: loading, calibration,
+  scores; ``ru_maxrss`` from ``wait4`` is recorded too, but it starts at the launching process's peak) and its
+  peak owned memory;
 * ``calibration``: in one process on the bf16 model, batches interleaved: a blocks-only forward, the PLoP pass and
   the CKA-over-all-tokens pass; CPU seconds of this thread, ratios to the forward (median of per-batch ratios);
 * ``finetune-bf16`` / ``finetune-nf4``: ``litgpt-plop finetune --plugin plop`` for 2 optimizer steps of one
   example (max 128 tokens): the peak RSS of LitGPT's training loop (``PeakRss`` reset when ``fit`` starts,
   ``benchmarks.qlora_memory``'s measuring child), the process's own peak (``VmHWM``: also loading, calibration
-  and the final merge), step time.
+  and the final merge) and peak owned memory, step time.
 
 Resumable: each (model, measurement) is one line of ``results/scaling/results.jsonl`` and is skipped when there
 (``--rerun`` repeats it). ``scaling.md`` beside it is written from all lines at the end.
 
     python -m benchmarks.scaling                                  # 135M, 1B-shaped, 3B-shaped
-    python -m benchmarks.scaling --models Llama-3.2-1B --only plan-bf16 plan-nf4 --rerun
+    python -m benchmarks.scaling --models Llama-3.2-1B --only plan-bf16 plan-nf4 --rerun   # side by side
+    python -m benchmarks.scaling --threads 1 --malloc_mmap_threshold 65536    # the setting of the first runs
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ from benchmarks.common import (
     RESULTS_ROOT,
     append_jsonl,
     answer_worker,
+    env_label,
     git_commit,
     json_worker,
     machine,
     read_jsonl,
     run_worker,
+    worker_env,
     write_text,
 )
 
@@ -51,7 +58,8 @@ MODELS = {"SmolLM2-135M-Instruct": DEFAULT_CHECKPOINT, "Llama-3.2-1B": None, "Ll
 MEASUREMENTS = ("plan-bf16", "plan-nf4", "calibration", "finetune-bf16", "finetune-nf4")
 OUT_DIR = RESULTS_ROOT / "scaling"
 WORK_DIR = REPO_ROOT / "out" / "benchmarks" / "scaling"
-ENV = dict(threads=1, malloc_mmap_threshold=65536)
+ENV: dict[str, int] = {}  # the workers' settings (``common.worker_env``): none unless --threads, --malloc_mmap_threshold
+LEGACY_ENV = "MALLOC_MMAP_THRESHOLD_=65536, OMP_NUM_THREADS=1"  # what result lines without an "env" ran with
 
 
 def checkpoint_of(model: str) -> Path:
@@ -95,6 +103,7 @@ def measure_plan(checkpoint: Path, quantize: bool, prompts: int) -> dict[str, An
         raise RuntimeError(f"plan failed (exit {run.returncode}); see {WORK_DIR / 'plan.log'}")
     vmhwm = json.loads((WORK_DIR / "plan.log").read_text().strip().splitlines()[-1])["vmhwm_mib"]
     return {"command": "litgpt-plop " + " ".join(args), "wall_s": run.wall_s, "peak_rss_mib": vmhwm,
+            "peak_anon_mib": run.peak_anon_mib, "peak_file_mib": run.peak_file_mib,
             "ru_maxrss_mib": run.peak_rss_mib, "cpu_per_wall": run.cpu_per_wall}  # fmt: skip
 
 
@@ -121,6 +130,7 @@ def measure_finetune(checkpoint: Path, quantize: bool, prompts: int) -> dict[str
     shutil.rmtree(out, ignore_errors=True)  # the merged model alone is as large as the checkpoint
     process_peak = max(measured["vmhwm_before_fit_mib"], measured["vmhwm_end_mib"])
     return {"command": " ".join(argv), "wall_s": run.wall_s, "peak_rss_mib": process_peak, "ru_maxrss_mib": run.peak_rss_mib,
+            "peak_anon_mib": run.peak_anon_mib, "peak_file_mib": run.peak_file_mib,
             "loop_peak_rss_mib": measured["fit_peak_rss_mib"], "loop_baseline_rss_mib": measured["fit_baseline_rss_mib"],
             "step_s": steps, "cpu_per_wall": run.cpu_per_wall}  # fmt: skip
 
@@ -186,45 +196,71 @@ def model_figures(model: str) -> dict[str, Any]:
             "vocab": c.padded_vocab_size, "params": total, "block_linear_params": linears}  # fmt: skip
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The markdown table of every measured model (latest line per measurement)."""
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in rows:
-        latest[(row["model"], row["measurement"])] = row
-    models = list(dict.fromkeys(row["model"] for row in rows))
+def row_env(row: dict[str, Any]) -> str:
+    """The setting a result line was measured with (``common.env_label``)."""
+    return row.get("env", LEGACY_ENV)
 
-    def get(model: str, measurement: str, key: str, fmt: str = "{:.0f}") -> str:
-        row = latest.get((model, measurement))
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table: one line per model and setting, from the latest result line of each measurement."""
+    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        latest[(row["model"], row_env(row), row["measurement"])] = row
+    lines_of = list(dict.fromkeys((row["model"], row_env(row)) for row in rows))
+
+    def get(line: tuple[str, str], measurement: str, key: str, fmt: str = "{:.0f}") -> str:
+        row = latest.get((*line, measurement))
         value = None if row is None else row["result"].get(key)
         if isinstance(value, list):
             value = statistics.median(value) if value else None
         return "-" if value is None else fmt.format(value)
 
+    def pair(line: tuple[str, str], kind: str, key: str, with_ratio: bool = True) -> str:
+        a, b = (latest.get((*line, f"{kind}-{v}")) for v in ("bf16", "nf4"))
+        ratio = "-" if a is None or b is None or not b["result"].get(key) or not a["result"].get(key) \
+            else f"{b['result'][key] / a['result'][key]:.2f}"  # fmt: skip
+        return f"{get(line, f'{kind}-bf16', key)} / {get(line, f'{kind}-nf4', key)}" + (f" ({ratio})" if with_ratio else "")
+
     lines = [
-        "| model | params (block linears) | layers x width | plan s bf16 / nf4 | calibration / blocks-only forward: PLoP, CKA tokens |"
-        " plan peak RSS MiB bf16 / nf4 (ratio) | finetune loop peak MiB bf16 / nf4 (ratio) | finetune process peak MiB bf16 / nf4 |"
+        "| model | setting | params (block linears) | layers x width | plan s bf16 / nf4 | calibration / blocks-only forward: PLoP, CKA tokens |"
+        " plan peak RSS MiB bf16 / nf4 (ratio) | plan peak owned MiB bf16 / nf4 (ratio) |"
+        " finetune loop peak MiB bf16 / nf4 (ratio) | finetune process peak MiB bf16 / nf4 | finetune process peak owned MiB bf16 / nf4 |"
         " step s bf16 / nf4 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for model in models:
-        figures = next(r["figures"] for r in rows if r["model"] == model)
-
-        def ratio(measurement_a: str, measurement_b: str, key: str) -> str:
-            a, b = latest.get((model, measurement_a)), latest.get((model, measurement_b))
-            return "-" if a is None or b is None else f"{b['result'][key] / a['result'][key]:.2f}"
-
+    for line in lines_of:
+        figures = next(r["figures"] for r in rows if r["model"] == line[0])
         lines.append(
-            f"| {model} | {figures['params'] / 1e9:.2f} B ({figures['block_linear_params'] / 1e9:.2f} B) |"
-            f" {figures['n_layer']} x {figures['n_embd']} |"
-            f" {get(model, 'plan-bf16', 'wall_s')} / {get(model, 'plan-nf4', 'wall_s')} |"
-            f" {get(model, 'calibration', 'plop_vs_forward_blocks', '{:.3f}')}, {get(model, 'calibration', 'cka_tokens_vs_forward_blocks', '{:.3f}')} |"
-            f" {get(model, 'plan-bf16', 'peak_rss_mib')} / {get(model, 'plan-nf4', 'peak_rss_mib')} ({ratio('plan-bf16', 'plan-nf4', 'peak_rss_mib')}) |"
-            f" {get(model, 'finetune-bf16', 'loop_peak_rss_mib')} / {get(model, 'finetune-nf4', 'loop_peak_rss_mib')}"
-            f" ({ratio('finetune-bf16', 'finetune-nf4', 'loop_peak_rss_mib')}) |"
-            f" {get(model, 'finetune-bf16', 'peak_rss_mib')} / {get(model, 'finetune-nf4', 'peak_rss_mib')} |"
-            f" {get(model, 'finetune-bf16', 'step_s', '{:.1f}')} / {get(model, 'finetune-nf4', 'step_s', '{:.1f}')} |"
+            f"| {line[0]} | {line[1]} | {figures['params'] / 1e9:.2f} B ({figures['block_linear_params'] / 1e9:.2f} B) |"
+            f" {figures['n_layer']} x {figures['n_embd']} | {pair(line, 'plan', 'wall_s', False)} |"
+            f" {get(line, 'calibration', 'plop_vs_forward_blocks', '{:.3f}')}, {get(line, 'calibration', 'cka_tokens_vs_forward_blocks', '{:.3f}')} |"
+            f" {pair(line, 'plan', 'peak_rss_mib')} | {pair(line, 'plan', 'peak_anon_mib')} |"
+            f" {pair(line, 'finetune', 'loop_peak_rss_mib')} | {pair(line, 'finetune', 'peak_rss_mib', False)} |"
+            f" {pair(line, 'finetune', 'peak_anon_mib', False)} |"
+            f" {get(line, 'finetune-bf16', 'step_s', '{:.1f}')} / {get(line, 'finetune-nf4', 'step_s', '{:.1f}')} |"
         )
     return "\n".join(lines)
+
+
+def measure(model: str, measurement: str, checkpoint: Path, args: argparse.Namespace) -> dict[str, Any]:
+    kind, _, variant = measurement.partition("-")
+    if kind == "plan":
+        return measure_plan(checkpoint, variant == "nf4", args.prompts)
+    if kind == "finetune":
+        return measure_finetune(checkpoint, variant == "nf4", args.prompts)
+    return measure_calibration(checkpoint, args.calibration_prompts, args.reps)
+
+
+def side_by_side(rows: list[dict[str, Any]], model: str, setting: str) -> str | None:
+    """The plan's bf16 and nf4 memory figures of one model and setting on one line, or None without both."""
+    latest = {r["measurement"]: r["result"] for r in rows if r["model"] == model and row_env(r) == setting}
+    if "plan-bf16" not in latest or "plan-nf4" not in latest:
+        return None
+    a, b = latest["plan-bf16"], latest["plan-nf4"]
+    owned = (f"; peak owned {a['peak_anon_mib']:.0f} / {b['peak_anon_mib']:.0f} MiB ({b['peak_anon_mib'] / a['peak_anon_mib']:.2f})"
+             if a.get("peak_anon_mib") and b.get("peak_anon_mib") else "")  # fmt: skip
+    return (f"{model} plan, bf16 / nf4 ({setting}): peak RSS {a['peak_rss_mib']:.0f} / {b['peak_rss_mib']:.0f} MiB"
+            f" ({b['peak_rss_mib'] / a['peak_rss_mib']:.2f}){owned}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,7 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=16, help="calibration prompts per plan and finetune (default: %(default)s)")
     parser.add_argument("--calibration_prompts", type=int, default=32, help="prompts of the calibration timing (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=1, help="repetitions of the calibration timing (default: %(default)s)")
-    parser.add_argument("--rerun", action="store_true", help="measure again what results.jsonl already has")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the workers (0: unset, as a user runs; default: %(default)s)")
+    parser.add_argument("--malloc_mmap_threshold", type=int, default=0, help="glibc MALLOC_MMAP_THRESHOLD_ of the workers (bytes; 0: unset,"
+                        " as a user runs; a fixed threshold hands large freed blocks back at once; default: %(default)s)")  # fmt: skip
+    parser.add_argument("--rerun", action="store_true", help="measure again what results.jsonl already has (for this setting)")
     parser.add_argument("--delete_shaped", action="store_true", help="delete each shaped checkpoint after its measurements")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="results directory (default: %(default)s)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -249,35 +288,37 @@ def main(argv: list[str] | None = None) -> None:
     if args._cli:
         answer_worker(args._cli, cli_child)
         return
+    ENV.update(threads=args.threads, malloc_mmap_threshold=args.malloc_mmap_threshold)
+    setting = env_label(worker_env(**ENV))
     results = args.out / "results.jsonl"
     WORK_DIR.mkdir(parents=True, exist_ok=True)
-    done = {(r["model"], r["measurement"]) for r in read_jsonl(results)}
+    done = {(r["model"], row_env(r), r["measurement"]) for r in read_jsonl(results)}
     host, commit = machine(), git_commit()
     for model in args.models:
-        todo = [m for m in args.only if args.rerun or (model, m) not in done]
+        todo = [m for m in args.only if args.rerun or (model, setting, m) not in done]
         if not todo:
             continue
         checkpoint, figures = checkpoint_of(model), model_figures(model)
         for measurement in todo:
             load = os.getloadavg()
-            print(f"{model} {measurement} (load {load[0]:.1f}) ...", flush=True)
-            kind, _, variant = measurement.partition("-")
-            if kind == "plan":
-                result = measure_plan(checkpoint, variant == "nf4", args.prompts)
-            elif kind == "finetune":
-                result = measure_finetune(checkpoint, variant == "nf4", args.prompts)
-            else:
-                result = measure_calibration(checkpoint, args.calibration_prompts, args.reps)
+            print(f"{model} {measurement} ({setting}; load {load[0]:.1f}) ...", flush=True)
+            result = measure(model, measurement, checkpoint, args)
             print(f"  {json.dumps({k: v for k, v in result.items() if k != 'command'})}", flush=True)
-            append_jsonl(results, {"model": model, "measurement": measurement, "result": result, "figures": figures,
-                                   "load_before": list(load), "load_after": list(os.getloadavg()),
+            append_jsonl(results, {"model": model, "measurement": measurement, "env": setting, "result": result,
+                                   "figures": figures, "load_before": list(load), "load_after": list(os.getloadavg()),
                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit, "machine": host})  # fmt: skip
+        line = side_by_side(read_jsonl(results), model, setting)
+        if line:
+            print(line, flush=True)
         if args.delete_shaped and MODELS.get(model, None) is None:
             from benchmarks.shaped import delete
 
             delete(model)
     rows = read_jsonl(results)
-    text = "\n".join(["# Scaling: plan and 4-bit finetune, dense bf16 against NF4", "", table(rows), "",
+    text = "\n".join(["# Scaling: plan and 4-bit finetune, dense bf16 against NF4", "",
+                      "Setting: the workers' OMP_NUM_THREADS and MALLOC_* variables (`default`: none, as a user runs).",
+                      "Peak owned: the peak of RssAnon, memory the process owns; the rest of its RSS is pages of mapped files"
+                      " (the memory-mapped checkpoint), which the kernel reclaims under pressure.", "", table(rows), "",
                       "Commands:", ""] + sorted({f"- `{r['result']['command']}`" for r in rows if "command" in r["result"]}))  # fmt: skip
     write_text(args.out / "scaling.md", text)
     print("\n" + text)

@@ -18,6 +18,8 @@ The pass
       sized for the longest row: the same values up to float rounding, ~1e-7);
     * stops before ``ln_f``/``lm_head`` unless a scorer needs the head (no vocabulary-sized logits);
     * removes its hooks and restores each module's train/eval mode even when it fails;
+    * on CPU, hands the memory malloc keeps from each batch's forward back to the system
+      (``litgpt_plop.memory.release_free_memory``; a 4-bit forward dequantizes every weight it uses);
     * under ``torch.distributed`` each rank takes its share of the batches (batch ``i`` goes to rank
       ``i % world_size``) and the scorers sum their statistics over ranks at the end, so every rank ends with
       the same scores, equal to one process running all the batches. The model must be a full copy on every
@@ -39,6 +41,7 @@ from tqdm import tqdm
 
 from litgpt_plop.errors import InputError
 from litgpt_plop.args import CalibrationArgs
+from litgpt_plop.memory import release_free_memory
 from litgpt_plop.modules import gpt_of
 from litgpt_plop.prompts import select_samples
 from litgpt_plop.quantize import no_cpu_repack
@@ -236,6 +239,21 @@ def _stop_forward(module: nn.Module, args: tuple) -> None:
     raise _StopForward
 
 
+def _without_pad_columns(batch: Batch, max_seq_length: int, device: torch.device) -> Batch:
+    """``batch`` on ``device`` without the columns that are padding in every row: they change nothing but the
+    attention kernel's rounding, so a batch with extra padding gives bit-identical scores (and costs less). Raises
+    ``InputError`` for a batch that is all padding or longer than ``max_seq_length``."""
+    if not batch.mask.any():
+        raise InputError(f"Calibration batch {batch.index} is all padding: it has no real token")
+    width = int(batch.lengths.max())
+    if width > max_seq_length:
+        raise InputError(
+            f"Calibration batch {batch.index} has prompts of {width} tokens, more than the model's"
+            f" max_seq_length {max_seq_length}"
+        )
+    return Batch(batch.input_ids[:, :width].to(device), batch.mask[:, :width].to(device), batch.index)
+
+
 def calibrate(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -273,17 +291,7 @@ def calibrate(
             show = progress and (not distributed() or dist.get_rank() == 0)
             with torch.no_grad():
                 for batch in tqdm(batches, desc="Calibrating", unit="batch", disable=not show):
-                    if not batch.mask.any():
-                        raise InputError(f"Calibration batch {batch.index} is all padding: it has no real token")
-                    # Columns that are padding in every row change nothing but the attention kernel's rounding:
-                    # drop them, so a batch with extra padding gives bit-identical scores (and costs less).
-                    width = int(batch.lengths.max())
-                    if width > gpt.max_seq_length:
-                        raise InputError(
-                            f"Calibration batch {batch.index} has prompts of {width} tokens, more than the model's"
-                            f" max_seq_length {gpt.max_seq_length}"
-                        )
-                    batch = Batch(batch.input_ids[:, :width].to(device), batch.mask[:, :width].to(device), batch.index)
+                    batch = _without_pad_columns(batch, gpt.max_seq_length, device)
                     for scorer in scorers:
                         scorer.start_batch(batch)
                     try:
@@ -294,6 +302,8 @@ def calibrate(
                         scorer.end_batch()
                     samples += int((batch.lengths > 0).sum())
                     tokens += int(batch.mask.sum())
+                    if device.type == "cpu":  # what malloc keeps from the forward (a 4-bit one dequantizes every weight)
+                        release_free_memory()
     finally:
         for handle in handles:
             handle.remove()

@@ -25,6 +25,7 @@ import torch.nn as nn
 from litgpt import GPT, Config
 
 from litgpt_plop.errors import InputError
+from litgpt_plop.memory import release_free_memory
 from litgpt_plop.modules import KIND_TO_PATH, base_linear, gpt_of, qkv_row_slices, site_experts, site_module
 from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, Placement, PlacementError, Scores
 from litgpt_plop.quantize import no_cpu_repack
@@ -157,7 +158,10 @@ def site_weights(gpt: GPT, kinds: Sequence[str], layers: Sequence[int]):
                         yield layer, kind, None, weight[slices[kind]]
                 else:
                     yield layer, path_kinds[0], expert, weight
+                on_cpu = weight.device.type == "cpu"
                 del weight
+                if on_cpu:
+                    release_free_memory()  # else malloc keeps the copy's pages (litgpt_plop.memory)
     if HEAD_KIND in kinds:
         yield HEAD_LAYER, HEAD_KIND, None, weight_matrix(base_linear(site_module(gpt, HEAD_LAYER, HEAD_KIND)))
 
@@ -180,6 +184,7 @@ def score_weights(model: nn.Module, kinds: Sequence[str], layers: Sequence[int])
                 per_site[f"{layer}.{kind}"] = value
             else:
                 per_expert.setdefault(f"{layer}.{kind}", []).append(value)
+            del weight  # before the next site's weight is made: one dense copy at a time
     # a site spanning every expert: the geometric mean over them, as over layers for a kind
     per_site.update({key: geometric_mean(values) for key, values in per_expert.items()})
     per_kind = {}

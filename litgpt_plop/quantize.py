@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Literal, get_args
 import torch
 import torch.nn as nn
 
+from litgpt_plop.memory import release_free_memory
 from litgpt_plop.modules import gpt_of
 
 QuantizeChoice = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq"]
@@ -83,7 +84,9 @@ def quantize_linears_4bit(
     release: Callable[[torch.Tensor], None] | None = None,
 ) -> int:
     """Replace every ``nn.Linear`` in the model's blocks (not ``lm_head``, not ``wte``) by a ``Linear4bit``, one at a
-    time: at most one layer's dense weight (and its ``dtype`` copy) is alive beside the 4-bit ones.
+    time: at most one layer's dense weight (and its ``dtype`` copy) is alive beside the 4-bit ones. On CPU, the
+    memory malloc keeps from each layer's quantization temporaries is handed back after it
+    (``litgpt_plop.memory.release_free_memory``): else the holes between the 4-bit weights stay resident.
 
     Args:
         model: a LitGPT ``GPT`` (plain or ``litgpt.lora``; a LoRA wrapper's ``.linear`` is replaced, its adapter kept),
@@ -145,5 +148,7 @@ def quantize_linears_4bit(
             del linear, weight
             if release is not None:
                 release(source)
+            if source.device.type == "cpu":
+                release_free_memory()
             count += 1
     return count

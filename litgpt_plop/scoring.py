@@ -27,6 +27,7 @@ from litgpt import GPT
 
 from litgpt_plop.calibration import Batch, ForwardHook, all_gather_rows, all_reduce_sum
 from litgpt_plop.experts import ExpertRouting, token_weighted, unused_experts
+from litgpt_plop.memory import release_free_memory
 from litgpt_plop.modules import KIND_TO_PATH, base_linear, is_expert_site, qkv_row_slices, site_experts, site_module
 from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, QKV_KINDS
 
@@ -269,7 +270,9 @@ class PlopScorer:
                         name = f"{layer}.{kind}" if expert is None else f"{layer}.{kind}.{expert}"
                         value = monte_carlo_denominator(rows, self.mc_samples, zlib.crc32(f"{self.seed}:{name}".encode()))
                     self._denominators[(layer, kind, expert)] = value
-                del weight
+                weight = rows = None  # a slice keeps the whole copy alive: both go before the next module's copy
+                if linear.weight.device.type == "cpu":
+                    release_free_memory()  # else malloc keeps the copy's pages (litgpt_plop.memory)
         return self._denominators
 
     def result(self) -> PlopScores:
