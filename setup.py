@@ -2,7 +2,7 @@
 
 Everything else about the package is in ``pyproject.toml``. The ``.pth`` line is what makes ``litgpt finetune
 --plugin plop`` reach the plugin: at interpreter start it installs the tiny import hook of
-``litgpt_plop.litgpt_hook`` (stdlib only: no torch, no litgpt), unless ``LITGPT_PLOP_DISABLE`` is set. Being a file
+``litgpt_plop.commands.litgpt_hook`` (stdlib only: no torch, no litgpt), unless ``LITGPT_PLOP_DISABLE`` is set. Being a file
 of this distribution, it is listed in its RECORD, so ``pip uninstall litgpt-plop`` removes it.
 """
 
@@ -19,7 +19,7 @@ PTH_NAME = "litgpt_plop.pth"
 PTH_LINE = (
     'import os, sys; os.environ.get("LITGPT_PLOP_DISABLE", "") in ("", "0")'
     ' and os.path.basename(sys.argv[0]) in ("litgpt", "litgpt.exe", "litgpt-script.py")'
-    ' and __import__("litgpt_plop.litgpt_hook").litgpt_hook.install()\n'
+    ' and __import__("litgpt_plop.commands.litgpt_hook").commands.litgpt_hook.install()\n'
 )
 
 

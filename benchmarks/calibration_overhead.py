@@ -41,11 +41,11 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS_ROOT, PeakRss, answer_worker, benchmark_parser, json_worker, machine, write_results
 from benchmarks.stats import median_ratio, ratio
-from litgpt_plop.methods import get_method
+from litgpt_plop.selection.methods import get_method
 
 FORWARDS = ("forward", "forward_blocks")
 METHODS = {
-    # what this benchmark measures: name -> (calibrated method of litgpt_plop.methods, CKA pooling)
+    # what this benchmark measures: name -> (calibrated method of litgpt_plop.selection.methods, CKA pooling)
     "plop": ("plop", "last"),
     "cka_last": ("cka", "last"),
     "cka_tokens": ("cka", "tokens"),
@@ -63,7 +63,7 @@ MEMORY_GOAL, MEMORY_GOAL_4BIT = 1.10, 1.05
 def token_ids(checkpoint_dir: Path, num_prompts: int, seed: int = 42) -> list:
     from litgpt.tokenizer import Tokenizer
 
-    from litgpt_plop.prompts import tokenize_prompts
+    from litgpt_plop.scoring.prompts import tokenize_prompts
     from litgpt_plop.data import ReasoningGym
 
     tokenizer = Tokenizer(checkpoint_dir)
@@ -73,7 +73,7 @@ def token_ids(checkpoint_dir: Path, num_prompts: int, seed: int = 42) -> list:
 
 def batches_of(ids: list, batch_size: int, max_seq_length: int = 256) -> list:
     """The batches the calibration pass runs, with the all-padding columns dropped as it drops them."""
-    from litgpt_plop.calibration import Batch, make_batches
+    from litgpt_plop.scoring.calibration import Batch, make_batches
 
     batches, _ = make_batches(ids, batch_size, max_seq_length)
     out = []
@@ -88,7 +88,7 @@ def load_model(checkpoint_dir: Path, quantize: str | None):
     checkpoint file, where touching it during the pass would count as the pass's memory)."""
     import torch
 
-    from litgpt_plop.checkpoint import load_checkpoint_model
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
 
     model = load_checkpoint_model(checkpoint_dir, quantize=quantize)
     with torch.no_grad():
@@ -128,7 +128,7 @@ def run_forward(model, batches: list, blocks_only: bool) -> None:
 
 def run_method(model, ids: list, mode: str, batch_size: int):
     from litgpt_plop.args import CalibrationArgs, CkaArgs
-    from litgpt_plop.select import plan_placement
+    from litgpt_plop.decide import plan_placement
 
     method, pooling = METHODS[mode]
     with warnings.catch_warnings():
@@ -147,8 +147,8 @@ def run_train_steps(model, batches: list, kinds: list[str]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from litgpt_plop.adapt import apply_placement
-    from litgpt_plop.placement import Placement
+    from litgpt_plop.model.adapt import apply_placement
+    from litgpt_plop.selection.placement import Placement
 
     gpt = apply_placement(model, Placement.from_kinds(model.config, kinds, rank=8, lora_alpha=16))
     gpt.train()
@@ -231,9 +231,9 @@ def in_subprocess(spec: dict) -> dict:
 
 def make_scorers(model, mode: str) -> list:
     """Fresh scorers for ``mode``, as ``plan_placement`` builds them (every kind but the head, every layer)."""
-    from litgpt_plop.placement import model_kinds
-    from litgpt_plop.cka import CkaScorer
-    from litgpt_plop.scoring import PlopScorer
+    from litgpt_plop.selection.placement import model_kinds
+    from litgpt_plop.scoring.cka import CkaScorer
+    from litgpt_plop.scoring.plop import PlopScorer
 
     method, pooling = METHODS[mode]
     layers = list(range(model.config.n_layer))
@@ -248,9 +248,9 @@ def make_scorers(model, mode: str) -> list:
 def finish(model, mode: str, scorers: list):
     """Scores and selection from filled scorers: what ``plan_placement`` does after the pass."""
     from litgpt_plop.args import CkaArgs
-    from litgpt_plop.cka import CkaScorer
-    from litgpt_plop.scoring import PlopScorer
-    from litgpt_plop.select import select_placement
+    from litgpt_plop.scoring.cka import CkaScorer
+    from litgpt_plop.scoring.plop import PlopScorer
+    from litgpt_plop.decide import select_placement
 
     method, pooling = METHODS[mode]
     for scorer in scorers:  # the batches were fed with reduce=False, one calibrate call each
@@ -280,7 +280,7 @@ def measure_time(args, log) -> tuple[dict, dict, dict, list[str]]:
     repetitions, the median of the per-repetition ratios, and the median over all (repetition, batch) pairs of
     the per-batch ratio (the pass alone, robust to a load change in the middle of a repetition).
     """
-    from litgpt_plop.calibration import calibrate
+    from litgpt_plop.scoring.calibration import calibrate
 
     ids = token_ids(args.checkpoint_dir, args.num_prompts)
     batches = batches_of(ids, args.batch_size)

@@ -94,7 +94,7 @@ def prompt_token_ids(spec: Spec, tokenizer: Any, num_prompts: int, seed: int, pr
     LitGPT prompt style ``prompt_style`` (``none``: the text as it is, LitGPT's ``Default`` style)."""
     from benchmarks.placement_quality import TASK_CONFIGS
     from litgpt_plop.data import ReasoningGym
-    from litgpt_plop.prompts import data_module_prompts, tokenize_prompts
+    from litgpt_plop.scoring.prompts import data_module_prompts, tokenize_prompts
 
     from litgpt.prompts import Default
 
@@ -114,7 +114,7 @@ def prompt_token_ids(spec: Spec, tokenizer: Any, num_prompts: int, seed: int, pr
 def calibrate(model: Any, token_ids: list[Any], num_prompts: int) -> dict[str, Any]:
     """One ``plop+cka`` plan: NFN per kind, PLoP's 3 kinds, CKA per layer and its layers, the condition numbers."""
     from litgpt_plop.args import CalibrationArgs, PlopArgs
-    from litgpt_plop.select import plan_placement
+    from litgpt_plop.decide import plan_placement
 
     calibration = CalibrationArgs(num_samples=num_prompts, batch_size=8, max_seq_length=256, progress=False)
     t0 = time.perf_counter()
@@ -142,13 +142,13 @@ def calibrate(model: Any, token_ids: list[Any], num_prompts: int) -> dict[str, A
 
 
 def condition_number_cost(model: Any) -> dict[str, Any]:
-    """The condition numbers of the model's 210 matrices three ways, one after the other: as ``litgpt_plop.kappa``
+    """The condition numbers of the model's 210 matrices three ways, one after the other: as ``litgpt_plop.scoring.kappa``
     computes them (float64 Gram matrix), and ``torch.linalg.svdvals`` in float64 and in float32; seconds each and
     the largest relative difference from float64 svdvals."""
     import torch
 
-    from litgpt_plop.kappa import condition_number, site_weights
-    from litgpt_plop.placement import model_kinds
+    from litgpt_plop.scoring.kappa import condition_number, site_weights
+    from litgpt_plop.selection.placement import model_kinds
 
     config = model.config
     weights = {(l, k): w.clone() for l, k, w in site_weights(model, list(model_kinds(config)), range(config.n_layer))}
@@ -178,7 +178,7 @@ def run(
     """Every spec's calibration (rows), and what the condition numbers cost computed three ways."""
     from litgpt.tokenizer import Tokenizer
 
-    from litgpt_plop.checkpoint import load_checkpoint_model
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
 
     model = load_checkpoint_model(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)

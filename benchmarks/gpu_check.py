@@ -148,7 +148,7 @@ def parse_command(argv: list[str]) -> dict[str, Any]:
     if argv[0] == "litgpt":
         from litgpt.__main__ import PARSER_DATA as commands
     else:
-        from litgpt_plop.__main__ import parser_data
+        from litgpt_plop.commands.cli import parser_data
 
         commands = parser_data()
     parser = capture_parser(lambda: CLI(commands, args=argv[1:]))

@@ -122,7 +122,7 @@ def run(argv: list[str], report: Path) -> int:
         if argv[0] == "litgpt":
             from litgpt.__main__ import main
         elif argv[0] == "litgpt-plop":
-            from litgpt_plop.__main__ import main
+            from litgpt_plop.commands.cli import main
         else:
             raise ValueError(f"not a litgpt or litgpt-plop command line: {argv[:2]}")
         main()

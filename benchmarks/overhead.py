@@ -70,9 +70,9 @@ def task_data(task: str, train_size: int):
 def decide_placements(model, tokenizer, task: str, calibration_samples: int, cka_ratio: float) -> dict[str, dict]:
     """name -> placement dict (``Placement.to_dict``) of every grid method, rank-matched to PLoP at rank 8."""
     from litgpt_plop.args import CalibrationArgs, CkaArgs
-    from litgpt_plop.prompts import tokenize_prompts
-    from litgpt_plop.placement import Placement, model_kinds, preset
-    from litgpt_plop.select import plan_placement
+    from litgpt_plop.scoring.prompts import tokenize_prompts
+    from litgpt_plop.selection.placement import Placement, model_kinds, preset
+    from litgpt_plop.decide import plan_placement
 
     config = model.config
     prompts = task_data(task, calibration_samples).prompts("train", tokenizer)
@@ -126,8 +126,8 @@ def load_resident_model(checkpoint_dir: Path):
 def adapted(model, placement: dict):
     import torch
 
-    from litgpt_plop.adapt import apply_placement
-    from litgpt_plop.placement import Placement
+    from litgpt_plop.model.adapt import apply_placement
+    from litgpt_plop.selection.placement import Placement
 
     gpt = apply_placement(model, Placement.from_dict(placement))
     gpt.train()
@@ -153,7 +153,7 @@ def train_step(gpt, optimizer, batch: dict) -> float:
 
 def measure_time(checkpoint_dir: Path, placements: dict[str, dict], batch: dict, rounds: int, warmup: int, log) -> dict:
     """Median step seconds per placement, placements taking turns (one step each per round)."""
-    from litgpt_plop.checkpoint import load_checkpoint_model
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
 
     models = {}
     for name, placement in placements.items():
@@ -214,7 +214,7 @@ def measure_memory(spec: dict, placements: dict[str, dict], log) -> dict:
 
 
 def describe(placement: dict) -> str:
-    from litgpt_plop.placement import Placement
+    from litgpt_plop.selection.placement import Placement
 
     sites = placement["sites"]
     kinds = Placement.from_dict(placement).kinds  # in LitGPT's order
@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from litgpt.tokenizer import Tokenizer
 
-    from litgpt_plop.checkpoint import load_checkpoint_model
-    from litgpt_plop.placement import Placement
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
+    from litgpt_plop.selection.placement import Placement
 
     torch.set_num_threads(args.threads)
     command = command_line("benchmarks.overhead", argv)

@@ -1,6 +1,6 @@
 """Evidence for the issue "does automatic placement beat the usual choices": a placement x task x seed grid.
 
-Finetunes SmolLM2-135M-Instruct (the embedded checkpoint) with ``litgpt_plop.finetune.setup`` once per
+Finetunes SmolLM2-135M-Instruct (the embedded checkpoint) with ``litgpt_plop.commands.finetune.setup`` once per
 (task, method, seed), each run in a fresh subprocess (its peak RSS is measured with ``os.wait4``, and a crash or
 timeout in one run is recorded and does not stop the grid), then scores held-out items with greedy generation.
 Results are appended as JSON lines to ``--out``; a rerun skips every (task, method, seed, settings) already
@@ -50,7 +50,7 @@ Matching trainable parameters (docs/methods.md section 1: "at matched trainable-
   keeps alpha = 16 for every rank instead.
 
 Per run (one JSON line): held-out exact-match accuracy (greedy, the task's own scorer, the prompt style the
-checkpoint was trained with: ``litgpt_plop.demo.accuracy``'s procedure, plus the mean partial-credit score),
+checkpoint was trained with: ``litgpt_plop.commands.demo.accuracy``'s procedure, plus the mean partial-credit score),
 final validation loss (on the same held-out items), trainable parameters (the final ``placement.json``; for
 WeightLoRA also the gated count during the warm-up, from ``metrics.csv``), the rank, the budget, calibration
 seconds (``placement.json``'s calibration record), median training-step time (``metrics.csv`` ``iter_time``), the
@@ -124,7 +124,7 @@ from benchmarks.common import (
     self_peak_rss_mib,
     write_text,
 )
-from litgpt_plop.methods import get_method, method_names
+from litgpt_plop.selection.methods import get_method, method_names
 
 RESULTS_DIR = RESULTS_ROOT / "placement_quality"
 
@@ -144,7 +144,7 @@ TASK_CONFIGS: dict[str, dict[str, Any] | None] = {
     "gsm_symbolic": None,
 }
 # What the grid runs, in the order it runs and reports them. What each one is comes from the project's method
-# registry (litgpt_plop.methods); ``all@r0`` and ``base`` exist only here (see the module docstring).
+# registry (litgpt_plop.selection.methods); ``all@r0`` and ``base`` exist only here (see the module docstring).
 METHODS = (
     "qv", "attention", "mlp", "all", "random", "plop", "plop-inverse", "cka", "plop+cka", "kappa", "weightlora",
     "weightlora+", "all@r0",
@@ -223,7 +223,7 @@ def model_config(checkpoint_dir: Path):
 
 
 def params_at_rank_one(config, kinds: list[str], layers: list[int] | None) -> int:
-    from litgpt_plop.placement import Placement
+    from litgpt_plop.selection.placement import Placement
 
     return Placement.from_kinds(config, kinds, layers=layers, rank=1).trainable_params(config)
 
@@ -235,7 +235,7 @@ def closest_rank(budget: int, p1: int) -> int:
 
 
 def fixed_kinds(method: str, config, seed: int = 0) -> list[str]:
-    from litgpt_plop.placement import model_kinds, preset
+    from litgpt_plop.selection.placement import model_kinds, preset
 
     # exactly what finetune does: decide_placement -> preset(..., candidates=every kind but the head, seed=--seed)
     candidates = list(model_kinds(config))
@@ -247,7 +247,7 @@ def matching(task: str, settings: Settings, plans: dict[str, Any], checkpoint_di
 
     ``random`` draws other kinds for every seed, so its entry is per seed: ``entry_for(match, "random", seed)``.
     """
-    from litgpt_plop.placement import model_kinds
+    from litgpt_plop.selection.placement import model_kinds
 
     config = model_config(checkpoint_dir)
     r0 = settings.rank
@@ -260,7 +260,7 @@ def matching(task: str, settings: Settings, plans: dict[str, Any], checkpoint_di
     for method in PLANNED:
         plan = plans[method]
         shapes[method] = {"kinds": plan["kinds"], "layers": plan["layers"]}
-    n_cka = max(1, int(settings.cka_ratio * config.n_layer + 0.5))  # litgpt_plop.select.choose_layers
+    n_cka = max(1, int(settings.cka_ratio * config.n_layer + 0.5))  # litgpt_plop.selection.rules.choose_layers
     for method in CALIBRATED:
         if method not in PLANNED:  # CKA alone: every kind on n_cka layers, a cost known without calibration
             shapes[method] = {"kinds": list(model_kinds(config)), "layers": None, "n_layers": n_cka}
@@ -358,12 +358,12 @@ def calibration_args(spec: dict[str, Any]):
 
 
 def evaluate(checkpoint_dir: Path, data, num_items: int, max_new_tokens: int, records_path: Path | None) -> dict[str, Any]:
-    """``litgpt_plop.demo.accuracy``'s procedure (the checkpoint's prompt style, greedy, the task's scorer), keeping
+    """``litgpt_plop.commands.demo.accuracy``'s procedure (the checkpoint's prompt style, greedy, the task's scorer), keeping
     the partial-credit mean and the answers too."""
     from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
     from litgpt.tokenizer import Tokenizer
 
-    from litgpt_plop.checkpoint import load_checkpoint_model
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
     from litgpt_plop.data import evaluate_accuracy
 
     model = load_checkpoint_model(checkpoint_dir)
@@ -429,7 +429,7 @@ def worker(spec_path: Path) -> None:
 
     if spec["mode"] == "plan":
         from litgpt_plop.args import CkaArgs
-        from litgpt_plop.plan import plan
+        from litgpt_plop.commands.plan import plan
 
         for method in spec["methods"]:
             # only the option groups the method reads (plan refuses the others): kappa reads no calibration
@@ -458,9 +458,9 @@ def worker(spec_path: Path) -> None:
     else:
         from litgpt.args import EvalArgs, TrainArgs
 
-        import litgpt_plop.finetune as finetune
+        import litgpt_plop.commands.finetune as finetune
         from litgpt_plop.args import CkaArgs
-        from litgpt_plop.placement import ALL_KINDS
+        from litgpt_plop.selection.placement import ALL_KINDS
         from litgpt_plop.weightlora import WeightLoRAArgs
 
         # Fabric never finalizes its loggers, so the CSV logger's last rows could stay unwritten (log_interval=1

@@ -18,7 +18,7 @@ On a CUDA machine (detected) the runs are ``litgpt finetune_lora --quantize bnb.
 
 Figures per run:
 * process peak RSS (``os.wait4`` on the child: its own ``ru_maxrss``): the whole run, so loading (the CPU 4-bit
-  path quantizes each block linear as it loads from the memory-mapped checkpoint, ``litgpt_plop.checkpoint``),
+  path quantizes each block linear as it loads from the memory-mapped checkpoint, ``litgpt_plop.model.checkpoint``),
   calibration, training and the final merge (LitGPT's ``merge_lora``, which loads the dense model);
 * process peak owned memory (``RssAnon`` of the child, sampled every 10 ms): the same run without the pages of
   memory-mapped files (the checkpoint), which the kernel reclaims under pressure;
@@ -84,7 +84,7 @@ def child(argv: list[str], report: Path) -> None:
         if program == "litgpt":
             from litgpt.__main__ import main
         else:
-            from litgpt_plop.__main__ import main
+            from litgpt_plop.commands.cli import main
         main()
     finally:
         measured["vmhwm_end_mib"] = status_kib("VmHWM") / 1024  # the peak since fit started, or since exec

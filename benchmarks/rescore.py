@@ -5,7 +5,7 @@ is 2.5 accuracy points and most differences between placements are one to three 
 its adapter (``final/``: ``lit_model.pth.lora``, ``placement.json`` and the configs), so the same trained models
 can answer many more held-out items for the cost of generation alone.
 
-Per run: the base checkpoint plus the saved adapter (``litgpt_plop.export.load_adapter``, unmerged), the run's
+Per run: the base checkpoint plus the saved adapter (``litgpt_plop.model.export.load_adapter``, unmerged), the run's
 prompt style, greedy answers of at most ``max_new_tokens`` to the first ``--items`` held-out items of the task,
 scored with the task's own scorer, prompts of equal token length answered together (``--batch_size``). The first
 ``eval_items`` of them are the items the run was scored on; the rest come from the same held-out seed range,
@@ -74,9 +74,9 @@ def rescore_run(row: dict[str, Any], items: list[dict[str, Any]], checkpoint_dir
     from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
     from litgpt.tokenizer import Tokenizer
 
-    from litgpt_plop.checkpoint import load_checkpoint_model
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
     from litgpt_plop.data import ReasoningGym, evaluate_accuracy
-    from litgpt_plop.export import load_adapter
+    from litgpt_plop.model.export import load_adapter
 
     run_dir = Path(row["run_dir"])
     run_dir = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir

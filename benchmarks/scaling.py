@@ -80,7 +80,7 @@ def cli_child(spec: dict[str, Any]) -> dict[str, Any]:
     import sys
 
     from benchmarks.common import status_kib
-    from litgpt_plop.__main__ import main as cli
+    from litgpt_plop.commands.cli import main as cli
 
     sys.argv = spec["argv"]
     cli()
@@ -140,11 +140,11 @@ def calibration_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from benchmarks import calibration_overhead as co
-    from litgpt_plop.calibration import calibrate
-    from litgpt_plop.checkpoint import load_checkpoint_model
-    from litgpt_plop.placement import model_kinds
-    from litgpt_plop.cka import CkaScorer
-    from litgpt_plop.scoring import PlopScorer
+    from litgpt_plop.scoring.calibration import calibrate
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
+    from litgpt_plop.selection.placement import model_kinds
+    from litgpt_plop.scoring.cka import CkaScorer
+    from litgpt_plop.scoring.plop import PlopScorer
 
     torch.set_num_threads(1)
     checkpoint = Path(spec["checkpoint"])

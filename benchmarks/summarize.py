@@ -36,7 +36,7 @@ from typing import Any
 from benchmarks.common import REPO_ROOT, command_line, read_jsonl, save_figure, write_text
 from benchmarks.placement_quality import CALIBRATED, EXTRA_METHODS, FIXED, METHODS, RESULTS_DIR, WEIGHTLORA, WEIGHTS
 from benchmarks.stats import mean_std, paired_counts, sign_test
-from litgpt_plop.methods import get_method
+from litgpt_plop.selection.methods import get_method
 
 BEGIN, END = "<!-- placement_quality:begin -->", "<!-- placement_quality:end -->"
 NOTES_BEGIN, NOTES_END = "<!-- placement_quality:notes:begin -->", "<!-- placement_quality:notes:end -->"

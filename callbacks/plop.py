@@ -20,16 +20,16 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
-from litgpt_plop.adapt import apply_placement
+from litgpt_plop.model.adapt import apply_placement
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
-from litgpt_plop.prompts import data_module_prompts
-from litgpt_plop.export import write_placement_files
-from litgpt_plop.kappa import KappaArgs
-from litgpt_plop.methods import DECIDED_BEFORE_TRAINING, get_method
-from litgpt_plop.modules import find_gpt
-from litgpt_plop.placement import Placement, PlacementError, model_kinds
-from litgpt_plop.report import summary_table
-from litgpt_plop.select import decide_placement
+from litgpt_plop.scoring.prompts import data_module_prompts
+from litgpt_plop.model.export import write_placement_files
+from litgpt_plop.args import KappaArgs
+from litgpt_plop.selection.methods import DECIDED_BEFORE_TRAINING, get_method
+from litgpt_plop.model.modules import find_gpt
+from litgpt_plop.selection.placement import Placement, PlacementError, model_kinds
+from litgpt_plop.reports.placement import summary_table
+from litgpt_plop.decide import decide_placement
 
 log = logging.getLogger(__name__)
 

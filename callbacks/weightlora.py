@@ -19,10 +19,10 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from litgpt_plop.adapt import current_placement
-from litgpt_plop.export import write_placement_files
-from litgpt_plop.modules import find_gpt
-from litgpt_plop.placement import Placement, PlacementError, preset
+from litgpt_plop.model.adapt import current_placement
+from litgpt_plop.model.export import write_placement_files
+from litgpt_plop.model.modules import find_gpt
+from litgpt_plop.selection.placement import Placement, PlacementError, preset
 from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController
 
 # Strategies under which every rank holds the whole model: pruning then runs identically on every rank (the gates'

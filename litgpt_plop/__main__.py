@@ -1,42 +1,6 @@
-"""``litgpt-plop``: LitGPT's command line plus automatic LoRA placement.
+"""``python -m litgpt_plop``: the ``litgpt-plop`` command (``litgpt_plop.commands.cli``)."""
 
-Every ``litgpt`` subcommand works unchanged (``litgpt-plop chat ...`` is ``litgpt chat ...``). ``plan`` is new,
-and ``finetune`` / ``finetune_lora`` gain ``--plugin`` and the calibration and scoring option groups.
-"""
-
-import warnings
-
-import torch
-from jsonargparse import CLI, set_config_read_mode, set_docstring_parse_options
-
-from litgpt_plop.errors import reported_as_one_line
-from litgpt_plop.parser import OneLineErrorParser
-
-
-def parser_data() -> dict:
-    """LitGPT's subcommands, with ours added or put in their place."""
-    from litgpt.__main__ import PARSER_DATA
-
-    from litgpt_plop.finetune import setup as finetune_fn
-    from litgpt_plop.plan import plan as plan_fn
-
-    return {**PARSER_DATA, "finetune": finetune_fn, "finetune_lora": finetune_fn, "plan": plan_fn}
-
-
-def main() -> None:
-    # The same process-wide settings as ``litgpt``'s own entry point, so passthrough commands behave identically.
-    set_docstring_parse_options(attribute_docstrings=True)
-    set_config_read_mode(urls_enabled=True)
-    warnings.filterwarnings(
-        action="ignore",
-        message=r"The epoch parameter in `scheduler.step\(\)` was not necessary and is being deprecated.*",
-        category=UserWarning,
-        module=r".*torch\.optim\.lr_scheduler.*",
-    )
-    torch.set_float32_matmul_precision("high")
-    with reported_as_one_line():  # bad input: one line, no traceback
-        CLI(parser_data(), parser_class=OneLineErrorParser)
-
+from litgpt_plop.commands.cli import main
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """Option groups of the placement methods, as LitGPT's ``args.py`` does it.
 
 Each dataclass is one ``--<group>.*`` group on the command line (jsonargparse reads the field docstrings for
-``--help``). They only hold values and check them; the work is done in ``litgpt_plop.calibration``,
-``litgpt_plop.scoring``, ``litgpt_plop.cka`` and ``litgpt_plop.select``.
+``--help``). They only hold values and check them; the work is done in ``litgpt_plop.scoring.calibration``,
+``litgpt_plop.scoring.plop``, ``litgpt_plop.scoring.cka`` and ``litgpt_plop.selection.rules``.
 """
 
 from __future__ import annotations
@@ -113,3 +113,36 @@ class CkaArgs:
             raise InputError(f"`--cka.ratio` must be in (0, 1], got {self.ratio}")
         if self.degenerate_tol < 0:
             raise InputError(f"`--cka.degenerate_tol` must be >= 0, got {self.degenerate_tol}")
+
+
+@dataclass
+class KappaArgs:
+    """kappa (docs/methods.md section 4): LoRA on the weights with the lowest condition number, no data needed."""
+
+    num_kinds: int = 3
+    """How many kinds to choose (the lowest geometric-mean condition number). Ignored when ``budget`` is set."""
+    budget: int | float | None = None
+    """Trainable-parameter budget instead of ``num_kinds``: a float in (0, 1] is a fraction of what the ``all``
+    placement costs at the same rank, an int is a parameter count. Kinds (or sites) are added lowest first and
+    the first one that does not fit stops the selection (PLoP's rule)."""
+    granularity: Literal["kind", "site"] = "kind"
+    """``kind``: choose whole kinds (every candidate layer). ``site``: choose individual (layer, kind) sites by
+    their own condition number; needs ``budget``."""
+
+    def __post_init__(self) -> None:
+        if self.num_kinds <= 0:
+            raise InputError(f"`--kappa.num_kinds` must be positive, got {self.num_kinds}")
+        if self.budget is not None:
+            if isinstance(self.budget, bool):
+                raise InputError(f"`--kappa.budget` must be a number, got {self.budget!r}")
+            if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:
+                raise InputError(
+                    f"`--kappa.budget` as a float is a fraction of the `all` placement and must be in (0, 1],"
+                    f" got {self.budget}; pass an int for a parameter count"
+                )
+            if isinstance(self.budget, int) and self.budget <= 0:
+                raise InputError(f"`--kappa.budget` as an int is a parameter count and must be positive, got {self.budget}")
+        if self.granularity not in ("kind", "site"):
+            raise InputError(f"`--kappa.granularity` must be 'kind' or 'site', got {self.granularity!r}")
+        if self.granularity == "site" and self.budget is None:
+            raise InputError("`--kappa.granularity site` chooses sites until a budget is used: set `--kappa.budget`")

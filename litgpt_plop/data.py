@@ -24,7 +24,7 @@ from litgpt.prompts import PromptStyle, model_name_to_prompt_style
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader
 
-from litgpt_plop.quantize import disable_cpu_repack
+from litgpt_plop.model.quantize import disable_cpu_repack
 
 Split = Literal["train", "val"]
 

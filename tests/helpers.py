@@ -149,7 +149,7 @@ def tiny_run(checkpoint_dir: Path, out_dir: Path, **kwargs) -> None:
     """A short ``litgpt-plop finetune`` in this process: 3 steps of 4 reasoning-gym items in fp32, then the usual
     end; ``kwargs`` override any of its arguments."""
     from litgpt_plop.data import ReasoningGym
-    from litgpt_plop.finetune import setup as finetune
+    from litgpt_plop.commands.finetune import setup as finetune
 
     options = dict(
         checkpoint_dir=checkpoint_dir,

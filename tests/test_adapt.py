@@ -14,10 +14,18 @@ import torch
 import torch.nn.functional as F
 from litgpt.lora import LoRALinear, LoRAQKVLinear
 
-from litgpt_plop.adapt import LoRAQKVMixedRankLinear, apply_placement, current_placement, site_adapter
-from litgpt_plop.modules import base_linear, site_module
-from litgpt_plop.placement import HEAD_LAYER, QKV_KINDS, Placement, PlacementError, Site, kinds_from_flags, model_kinds
-from litgpt_plop.quantize import quantize_linears_4bit
+from litgpt_plop.model.adapt import LoRAQKVMixedRankLinear, apply_placement, current_placement, site_adapter
+from litgpt_plop.model.modules import base_linear, site_module
+from litgpt_plop.selection.placement import (
+    HEAD_LAYER,
+    QKV_KINDS,
+    Placement,
+    PlacementError,
+    Site,
+    kinds_from_flags,
+    model_kinds,
+)
+from litgpt_plop.model.quantize import quantize_linears_4bit
 
 from helpers import random_gpt, tiny_config
 

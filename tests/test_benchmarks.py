@@ -23,8 +23,8 @@ from benchmarks.rescore import held_out_items
 from benchmarks.stats import kendall_tau, median_ratio, paired_counts, sign_test
 from benchmarks.summarize import AUTOMATIC, PAIRED_BASELINES, module_command, paired_table, rescored_rows, rescored_section
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
-from litgpt_plop.placement import model_kinds
-from litgpt_plop.select import decide_placement
+from litgpt_plop.selection.placement import model_kinds
+from litgpt_plop.decide import decide_placement
 
 
 def tiny_config() -> litgpt.Config:
@@ -40,7 +40,7 @@ def test_harness_predicts_the_random_kinds_finetune_draws(seed):
     config = tiny_config()
     model = litgpt.model.GPT(config)
     candidates = list(model_kinds(config))
-    # what litgpt_plop.finetune does for --plugin random --seed SEED
+    # what litgpt_plop.commands.finetune does for --plugin random --seed SEED
     placement = decide_placement(
         model, "random", None, candidates, 8, 16, calibration=CalibrationArgs(), plop=PlopArgs(), cka=CkaArgs(), seed=seed
     )

@@ -14,13 +14,19 @@ from litgpt.lora import Config as LoRAConfig
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
-from litgpt_plop.calibration import Batch, as_batch, calibrate, make_batches, run_calibration
-from litgpt_plop.prompts import calibration_token_ids, data_module_prompts, read_prompts, select_samples, tokenize_prompts
-from litgpt_plop.placement import model_kinds
-from litgpt_plop.cka import CkaScorer
-from litgpt_plop.hsic import unbiased_hsic
-from litgpt_plop.scoring import PlopScorer
-from litgpt_plop.select import plan_placement
+from litgpt_plop.scoring.calibration import Batch, as_batch, calibrate, make_batches, run_calibration
+from litgpt_plop.scoring.prompts import (
+    calibration_token_ids,
+    data_module_prompts,
+    read_prompts,
+    select_samples,
+    tokenize_prompts,
+)
+from litgpt_plop.selection.placement import model_kinds
+from litgpt_plop.scoring.cka import CkaScorer
+from litgpt_plop.scoring.hsic import unbiased_hsic
+from litgpt_plop.scoring.plop import PlopScorer
+from litgpt_plop.decide import plan_placement
 
 from helpers import SCORING_MODEL, random_gpt, tiny_config
 

@@ -11,10 +11,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from litgpt import Config
 from torch.utils.data import DataLoader
 
-from litgpt_plop.adapt import current_placement
+from litgpt_plop.model.adapt import current_placement
 from litgpt_plop.args import CalibrationArgs
 from litgpt_plop.callbacks import PLoPCallback, token_ids_from_batches
-from litgpt_plop.placement import PlacementError
+from litgpt_plop.selection.placement import PlacementError
 
 from helpers import LitLLM, random_gpt, tiny_config, trainer
 

@@ -14,8 +14,8 @@ from litgpt import Config
 from litgpt.args import TrainArgs
 
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
-from litgpt_plop.finetune import setup as finetune
-from litgpt_plop.placement import Placement, Scores
+from litgpt_plop.commands.finetune import setup as finetune
+from litgpt_plop.selection.placement import Placement, Scores
 
 from helpers import logged_metric, tiny_run
 
@@ -177,7 +177,7 @@ def prompts_file(tmp_path) -> Path:
 
 @pytest.mark.parametrize("method", ["plop", "cka", "plop+cka", "qv"])
 def test_plan_writes_the_placement_and_its_report(tiny_checkpoint, tmp_path, prompts_file, capsys, method):
-    from litgpt_plop.plan import plan
+    from litgpt_plop.commands.plan import plan
 
     out_dir = tmp_path / "plan"
     # each method gets the options it reads (plan refuses the others)
@@ -205,8 +205,8 @@ def test_plan_writes_the_placement_and_its_report(tiny_checkpoint, tmp_path, pro
 
 
 def test_plan_bad_input(tiny_checkpoint, tmp_path, prompts_file):
-    from litgpt_plop.placement import PlacementError
-    from litgpt_plop.plan import plan
+    from litgpt_plop.selection.placement import PlacementError
+    from litgpt_plop.commands.plan import plan
 
     calibration = CalibrationArgs(file=prompts_file, num_samples=8, batch_size=4)
     with pytest.raises(ValueError, match=r"Unknown method 'plp'; choose one of"):
@@ -224,8 +224,8 @@ def test_plan_bad_input(tiny_checkpoint, tmp_path, prompts_file):
 
 def test_random_plugin_draws_with_the_run_seed(tiny_checkpoint):
     from litgpt_plop.args import CalibrationArgs as Cal
-    from litgpt_plop.checkpoint import load_checkpoint_model
-    from litgpt_plop.select import decide_placement
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
+    from litgpt_plop.decide import decide_placement
 
     model = load_checkpoint_model(tiny_checkpoint)
     kinds = ["query", "key", "value", "projection", "mlp_fc_1", "mlp_fc_2", "mlp_proj"]

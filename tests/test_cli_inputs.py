@@ -1,6 +1,6 @@
 """The command line as a user meets it: bad input gets one line naming it, and a run repeats from its own record.
 
-Every case goes through the real entry point (``litgpt_plop.__main__.main``, what the ``litgpt-plop`` script runs)
+Every case goes through the real entry point (``litgpt_plop.commands.cli.main``, what the ``litgpt-plop`` script runs)
 in this process, with ``sys.argv`` set as the shell would set it.
 """
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from litgpt_plop.__main__ import main
-from litgpt_plop.placement import Placement
+from litgpt_plop.commands.cli import main
+from litgpt_plop.selection.placement import Placement
 
 TINY_TRAIN = [
     "--data", "litgpt_plop.data.ReasoningGym", "--data.train_size", "16", "--data.val_size", "4",

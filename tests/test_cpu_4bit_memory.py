@@ -120,11 +120,11 @@ def test_a_4bit_load_owns_its_4bit_weights_and_little_more(tmp_path, trim):
         f"""
         import json, torch
         import bitsandbytes  # imported by the first quantization otherwise: its own memory is not the load's
-        import litgpt_plop.quantize
-        from litgpt_plop.checkpoint import load_checkpoint_model
+        import litgpt_plop.model.quantize
+        from litgpt_plop.model.checkpoint import load_checkpoint_model
 
         if not {trim}:
-            litgpt_plop.quantize.release_free_memory = lambda: False
+            litgpt_plop.model.quantize.release_free_memory = lambda: False
         torch.set_num_threads(2)
         start = anon()
         model = load_checkpoint_model({str(checkpoint)!r}, "bf16-true", "bnb.nf4", device="cpu")

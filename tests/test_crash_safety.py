@@ -22,8 +22,8 @@ from litgpt.scripts.merge_lora import merge_lora
 
 from helpers import tiny_config, write_checkpoint
 from litgpt_plop.atomic import replace_directory
-from litgpt_plop.export import load_adapter
-from litgpt_plop.placement import Placement
+from litgpt_plop.model.export import load_adapter
+from litgpt_plop.selection.placement import Placement
 
 FINAL_FILES = {
     "lit_model.pth.lora", "lit_model.pth", "placement.json", "report.md", "scores.png", "hyperparameters.yaml",

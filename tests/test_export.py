@@ -18,10 +18,10 @@ import yaml
 from litgpt.scripts.merge_lora import merge_lora
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from litgpt_plop.adapt import apply_placement, current_placement, site_adapter
-from litgpt_plop.export import LORA_FILE, load_adapter, save_adapter
-from litgpt_plop.stock import load_stock_state_dict
-from litgpt_plop.placement import HEAD_LAYER, Placement, PlacementError, Scores
+from litgpt_plop.model.adapt import apply_placement, current_placement, site_adapter
+from litgpt_plop.model.export import LORA_FILE, load_adapter, save_adapter
+from litgpt_plop.model.stock import load_stock_state_dict
+from litgpt_plop.selection.placement import HEAD_LAYER, Placement, PlacementError, Scores
 
 from helpers import load_gpt, tiny_config, write_checkpoint
 

@@ -25,8 +25,8 @@ from litgpt import Config
 from helpers import LAUNCH_VARIABLES
 from litgpt_plop.atomic import replace_directory
 from litgpt_plop.errors import reported_as_one_line
-from litgpt_plop.export import output_bytes
-from litgpt_plop.placement import Placement, model_kinds
+from litgpt_plop.model.export import output_bytes
+from litgpt_plop.selection.placement import Placement, model_kinds
 from test_cli_inputs import TINY_TRAIN, run_cli, snapshot
 
 LITGPT_PLOP = str(Path(sys.executable).parent / "litgpt-plop")

@@ -121,7 +121,7 @@ CLOSURE_SCRIPT = r"""
 import importlib.metadata as metadata, json, sys
 from pathlib import Path
 from benchmarks.gpu_check import KINDS, SHAPES, Settings, finetune_argv, parse_command
-import benchmarks.gpu_worker, litgpt.__main__, litgpt_plop.__main__, litgpt_plop.finetune, litgpt_plop.callbacks
+import benchmarks.gpu_worker, litgpt.__main__, litgpt_plop.commands.cli, litgpt_plop.commands.finetune, litgpt_plop.callbacks
 import litgpt.scripts.merge_lora, bitsandbytes, reasoning_gym, matplotlib.pyplot
 from lightning.fabric.plugins import BitsandbytesPrecision
 for label in SHAPES:
@@ -362,7 +362,7 @@ def test_litgpt_order_under_bitsandbytes_precision_updates_only_lora():
 
 
 def test_plugin_under_bitsandbytes_precision_updates_only_lora():
-    from litgpt_plop.finetune import build_optimizer
+    from litgpt_plop.commands.finetune import build_optimizer
 
     fabric = fabric_with_bitsandbytes_precision()
     model = fabric.setup_module(tiny_lora_model())

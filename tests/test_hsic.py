@@ -1,4 +1,4 @@
-"""CKA over all tokens as the pass computes it (``litgpt_plop.hsic.BatchHsic``): one Gram matrix per block boundary,
+"""CKA over all tokens as the pass computes it (``litgpt_plop.scoring.hsic.BatchHsic``): one Gram matrix per block boundary,
 computed a panel at a time, shared by the two blocks it joins.
 
 * every HSIC term equals ``unbiased_hsic`` on the same rows to float64 rounding, with one panel or several, in the
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from helpers import random_gpt, tiny_config
-from litgpt_plop.calibration import calibrate, make_batches
-from litgpt_plop.hsic import BatchHsic, unbiased_hsic
-from litgpt_plop.cka import CkaScorer
+from litgpt_plop.scoring.calibration import calibrate, make_batches
+from litgpt_plop.scoring.hsic import BatchHsic, unbiased_hsic
+from litgpt_plop.scoring.cka import CkaScorer
 
 
 @pytest.mark.parametrize("batch, length, width", [(2, 5, 16), (8, 40, 576), (8, 70, 700), (4, 30, 32)])

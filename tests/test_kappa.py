@@ -13,11 +13,13 @@ from helpers import random_gpt, tiny_config, tiny_run
 
 from litgpt_plop.args import CalibrationArgs, PlopArgs
 from litgpt_plop.errors import InputError
-from litgpt_plop.kappa import KappaArgs, condition_number, kappa_placement, score_weights
-from litgpt_plop.methods import get_method
-from litgpt_plop.placement import Placement, Scores, qkv_part_sizes
-from litgpt_plop.report_kappa import data_free_section
-from litgpt_plop.select import plan_placement
+from litgpt_plop.args import KappaArgs
+from litgpt_plop.scoring.kappa import condition_number, score_weights
+from litgpt_plop.decide import kappa_placement
+from litgpt_plop.selection.methods import get_method
+from litgpt_plop.selection.placement import Placement, Scores, qkv_part_sizes
+from litgpt_plop.reports.kappa import data_free_section
+from litgpt_plop.decide import plan_placement
 
 KINDS = ["query", "key", "value", "projection", "mlp_fc_1", "mlp_fc_2", "mlp_proj"]
 
@@ -89,8 +91,8 @@ def test_every_site_is_scored_on_its_own_weight_rows():
 
 def test_four_bit_weights_are_dequantized_first(one_thread):
     pytest.importorskip("bitsandbytes")
-    from litgpt_plop.quantize import quantize_linears_4bit
-    from litgpt_plop.scoring import weight_matrix
+    from litgpt_plop.model.quantize import quantize_linears_4bit
+    from litgpt_plop.scoring.plop import weight_matrix
 
     gpt = random_gpt(tiny_config(n_layer=1))
     dense = score_weights(gpt, ["value", "mlp_proj"], [0])
@@ -202,7 +204,7 @@ def test_the_report_says_whether_and_how_the_choice_differs():
 
 
 def test_plan_method_kappa(tiny_checkpoint, tmp_path, capsys):
-    from litgpt_plop.plan import plan
+    from litgpt_plop.commands.plan import plan
 
     out_dir = tmp_path / "plan"
     placement = plan(tiny_checkpoint, method="kappa", out_dir=out_dir, kappa=KappaArgs(num_kinds=2))
@@ -232,8 +234,8 @@ def test_finetune_plugin_kappa(tiny_checkpoint, tmp_path):
 def test_smollm2_condition_numbers(smollm2_checkpoint, one_thread):
     """SmolLM2-135M-Instruct, three layers: the numbers are svdvals', value is the best conditioned kind there and
     query the worst (its geometric mean over all 30 layers is 6.0 against 1.5e4)."""
-    from litgpt_plop.checkpoint import load_checkpoint_model
-    from litgpt_plop.scoring import weight_matrix
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
+    from litgpt_plop.scoring.plop import weight_matrix
 
     model = load_checkpoint_model(smollm2_checkpoint)
     scores = score_weights(model, KINDS, [0, 15, 29])

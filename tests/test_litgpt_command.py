@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from litgpt_plop.litgpt_command import supported_litgpt
-from litgpt_plop.litgpt_hook import DISABLE_VARIABLE
+from litgpt_plop.commands.litgpt_command import supported_litgpt
+from litgpt_plop.commands.litgpt_hook import DISABLE_VARIABLE
 
 BIN = Path(sys.executable).parent
 LITGPT = BIN / "litgpt"
@@ -83,7 +83,7 @@ def test_the_pth_file_is_part_of_the_distribution(tmp_path):
     # listed in RECORD, so `pip uninstall litgpt-plop` removes it; at the root of site-packages, so read at start-up
     (location,) = [where for name, where in json.loads(result.stdout) if name == "litgpt_plop.pth"]
     line = Path(location).read_text()
-    assert line.startswith("import ") and "litgpt_plop.litgpt_hook" in line and DISABLE_VARIABLE in line
+    assert line.startswith("import ") and "litgpt_plop.commands.litgpt_hook" in line and DISABLE_VARIABLE in line
 
 
 def test_start_up_loads_the_hook_for_the_litgpt_script_only(tmp_path):
@@ -98,7 +98,7 @@ def test_start_up_loads_the_hook_for_the_litgpt_script_only(tmp_path):
     modules_off, finders_off = start_up("litgpt", disable=True)
     modules_other, finders_other = start_up("other")
     # in LitGPT's script the hook is the one difference at start-up: no torch, no litgpt, nothing else imported
-    assert set(modules_on) - set(modules_off) == {"litgpt_plop", "litgpt_plop.litgpt_hook"}
+    assert set(modules_on) - set(modules_off) == {"litgpt_plop", "litgpt_plop.commands", "litgpt_plop.commands.litgpt_hook"}
     assert finders_on[0] == "LitgptPlopFinder" and finders_on[1:] == finders_off
     assert "LitgptPlopFinder" not in finders_off
     # every other program: not even the hook

@@ -16,14 +16,15 @@ import yaml
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.lora import LoRALinear
 
-from litgpt_plop.adapt import apply_placement, current_placement, lora_config
+from litgpt_plop.model.adapt import apply_placement, current_placement, lora_config
 from litgpt_plop.args import CalibrationArgs, PlopArgs
-from litgpt_plop.calibration import calibrate, make_batches
+from litgpt_plop.scoring.calibration import calibrate, make_batches
 from litgpt_plop.data import ReasoningGym
-from litgpt_plop.kappa import condition_number, geometric_mean, kappa_placement
-from litgpt_plop.placement import Placement, site_params
-from litgpt_plop.scoring import PlopScorer
-from litgpt_plop.select import plan_placement
+from litgpt_plop.scoring.kappa import condition_number, geometric_mean
+from litgpt_plop.decide import kappa_placement
+from litgpt_plop.selection.placement import Placement, site_params
+from litgpt_plop.scoring.plop import PlopScorer
+from litgpt_plop.decide import plan_placement
 from litgpt_plop.weightlora.args import WeightLoRAArgs
 
 from helpers import SMOLLM2_VOCAB, logged_metric, random_gpt, tiny_config, tiny_run
@@ -139,7 +140,7 @@ def test_experts_without_a_calibration_token_are_listed_and_left_out(one_thread)
 
 
 def placement_report(placement: Placement, config: litgpt.Config) -> str:
-    from litgpt_plop.report import _markdown
+    from litgpt_plop.reports.placement import _markdown
 
     return _markdown(placement, config)
 
@@ -280,7 +281,7 @@ def test_plugin_none_trains_what_litgpt_finetune_lora_trains(family, moe_checkpo
 def test_cpu_4bit_quantizes_every_expert_linear_and_the_router_then_plans(one_thread):
     import bitsandbytes as bnb
 
-    from litgpt_plop.quantize import quantize_linears_4bit
+    from litgpt_plop.model.quantize import quantize_linears_4bit
 
     config = moe_config("qwen3moe", n_embd=64, moe_intermediate_size=64)
     model = random_gpt(config)

@@ -25,9 +25,9 @@ from litgpt.lora import merge_lora_weights
 from torch.utils.data import DataLoader
 
 from litgpt_plop.callbacks import WeightLoRACallback
-from litgpt_plop.devices import placement_digest
+from litgpt_plop.model.devices import placement_digest
 from litgpt_plop.errors import InputError
-from litgpt_plop.placement import LORA_FLAGS, Placement
+from litgpt_plop.selection.placement import LORA_FLAGS, Placement
 from litgpt_plop.weightlora import WeightLoRAArgs
 
 from helpers import LAUNCH_VARIABLES, LitLLM, logged_metric, tiny_config, tiny_run, trainer

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -36,19 +37,19 @@ import yaml
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.tokenizer import Tokenizer
 
-import litgpt_plop.calibration as calibration_module
-from litgpt_plop.adapt import apply_placement
+import litgpt_plop.scoring.calibration as calibration_module
+from litgpt_plop.model.adapt import apply_placement
 from litgpt_plop.args import CalibrationArgs, PlopArgs
-from litgpt_plop.calibration import run_calibration
+from litgpt_plop.scoring.calibration import run_calibration
 from litgpt_plop.data import ReasoningGym
-from litgpt_plop.export import load_adapter
-from litgpt_plop.modules import KIND_TO_PATH
-from litgpt_plop.placement import Placement, model_kinds
-from litgpt_plop.checkpoint import load_checkpoint_model
-from litgpt_plop.quantize import quantize_linears_4bit
-from litgpt_plop.cka import CkaScorer
-from litgpt_plop.scoring import PlopScorer
-from litgpt_plop.select import plan_placement
+from litgpt_plop.model.export import load_adapter
+from litgpt_plop.model.modules import KIND_TO_PATH
+from litgpt_plop.selection.placement import Placement, model_kinds
+from litgpt_plop.model.checkpoint import load_checkpoint_model
+from litgpt_plop.model.quantize import quantize_linears_4bit
+from litgpt_plop.scoring.cka import CkaScorer
+from litgpt_plop.scoring.plop import PlopScorer
+from litgpt_plop.decide import plan_placement
 
 from benchmarks.stats import kendall_tau
 from helpers import logged_metric, random_gpt, tiny_config, tiny_run
@@ -220,7 +221,7 @@ def bf16_is_fast() -> bool:
 
 @pytest.fixture(scope="module")
 def smollm2_prompts(smollm2_checkpoint) -> list[torch.Tensor]:
-    from litgpt_plop.prompts import tokenize_prompts
+    from litgpt_plop.scoring.prompts import tokenize_prompts
 
     tokenizer = Tokenizer(smollm2_checkpoint)
     prompts = ReasoningGym(train_size=SMOLLM2_PROMPTS, val_size=8).prompts("train", tokenizer)
@@ -350,3 +351,19 @@ def test_plan_cli_quantize_nf4_writes_placement(tiny_checkpoint, tmp_path):
     assert set(placement["scores"]["nfn_per_kind"]) == {"query", "key", "value", "projection", "mlp_fc_1", "mlp_fc_2", "mlp_proj"}
     for name in ("report.md", "scores.png"):
         assert (out_dir / name).is_file(), name
+
+
+def test_the_notice_about_bitsandbytes_optional_kernels_package_is_silenced_and_nothing_else(caplog):
+    """On a CPU with avx512_bf16 bitsandbytes logs, when imported, that it could not load a kernel from the optional
+    `kernels` package (which downloads from a model hub). Our filter drops exactly that message of that logger."""
+    import inspect
+
+    import bitsandbytes.backends.cpu.ops as cpu_ops
+
+    from litgpt_plop.model.quantize import BNB_KERNELS_LOGGER, BNB_KERNELS_NOTICE
+
+    assert cpu_ops.logger.name == BNB_KERNELS_LOGGER and BNB_KERNELS_NOTICE in inspect.getsource(cpu_ops)
+    with caplog.at_level(logging.WARNING, logger=BNB_KERNELS_LOGGER):
+        cpu_ops.logger.warning(f"{BNB_KERNELS_NOTICE}: %s. Please make sure ...", "No module named 'kernels'")
+        cpu_ops.logger.warning("Some other bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["Some other bitsandbytes warning"]

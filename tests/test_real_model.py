@@ -16,13 +16,13 @@ import torch
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_plop.args import CalibrationArgs
-from litgpt_plop.prompts import tokenize_prompts
+from litgpt_plop.scoring.prompts import tokenize_prompts
 from litgpt_plop.data import ReasoningGym
-from litgpt_plop.modules import base_linear, site_module
-from litgpt_plop.placement import QKV_KINDS, model_kinds, site_shape
-from litgpt_plop.checkpoint import load_checkpoint_model
-from litgpt_plop.scoring import closed_form_denominator, monte_carlo_denominator, weight_matrix
-from litgpt_plop.select import plan_placement
+from litgpt_plop.model.modules import base_linear, site_module
+from litgpt_plop.selection.placement import QKV_KINDS, model_kinds, site_shape
+from litgpt_plop.model.checkpoint import load_checkpoint_model
+from litgpt_plop.scoring.plop import closed_form_denominator, monte_carlo_denominator, weight_matrix
+from litgpt_plop.decide import plan_placement
 
 from benchmarks.stats import kendall_tau
 

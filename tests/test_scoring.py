@@ -12,12 +12,12 @@ import torch.nn as nn
 from litgpt import GPT, Config
 
 from litgpt_plop.args import CkaArgs, PlopArgs
-from litgpt_plop.calibration import make_batches, calibrate
-from litgpt_plop.placement import Placement, PlacementError, model_kinds, site_params
-from litgpt_plop.report import summary_table, write_report
-from litgpt_plop.cka import CkaScores, linear_cka
-from litgpt_plop.hsic import unbiased_hsic
-from litgpt_plop.scoring import (
+from litgpt_plop.scoring.calibration import make_batches, calibrate
+from litgpt_plop.selection.placement import Placement, PlacementError, model_kinds, site_params
+from litgpt_plop.reports.placement import summary_table, write_report
+from litgpt_plop.scoring.cka import CkaScores, linear_cka
+from litgpt_plop.scoring.hsic import unbiased_hsic
+from litgpt_plop.scoring.plop import (
     PlopScorer,
     PlopScores,
     closed_form_denominator,
@@ -25,8 +25,9 @@ from litgpt_plop.scoring import (
     normalized_output_norms,
     weight_matrix,
 )
-from litgpt_plop.methods import method_names
-from litgpt_plop.select import budget_params, plan_placement, select_placement
+from litgpt_plop.selection.methods import method_names
+from litgpt_plop.selection.rules import budget_params
+from litgpt_plop.decide import plan_placement, select_placement
 
 from helpers import SCORING_MODEL, random_gpt, tiny_config
 
@@ -407,7 +408,7 @@ def test_report_is_written(tmp_path, method):
 
 
 def test_report_of_a_fixed_preset_without_scores(tmp_path):
-    from litgpt_plop.placement import preset
+    from litgpt_plop.selection.placement import preset
 
     config = tiny_config(n_layer=4, **SCORING_MODEL)
     placement = preset("qv", config)

@@ -7,13 +7,13 @@ from helpers import tiny_config
 from litgpt import GPT
 
 from litgpt_plop.args import CalibrationArgs
-from litgpt_plop.calibration import calibrate, make_batches
-from litgpt_plop.placement import Placement, Scores, model_kinds
-from litgpt_plop.report import summary_table, write_report
-from litgpt_plop.cka import CkaScorer, linear_cka
-from litgpt_plop.scoring import PlopScorer
-from litgpt_plop.select import plan_placement
-from litgpt_plop.stability import choice_stability
+from litgpt_plop.scoring.calibration import calibrate, make_batches
+from litgpt_plop.selection.placement import Placement, Scores, model_kinds
+from litgpt_plop.reports.placement import summary_table, write_report
+from litgpt_plop.scoring.cka import CkaScorer, linear_cka
+from litgpt_plop.scoring.plop import PlopScorer
+from litgpt_plop.decide import plan_placement
+from litgpt_plop.selection.stability import choice_stability
 
 
 def prompts(n: int) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The one loader (``litgpt_plop.checkpoint``) quantizes and converts while it loads, one tensor at a time.
+"""The one loader (``litgpt_plop.model.checkpoint``) quantizes and converts while it loads, one tensor at a time.
 
 * the model it gives is the model the load-everything-then-convert-then-quantize path gives, bit for bit
   (weights, 4-bit data and quantization state, rope cache), for each precision and 4-bit choice;
@@ -21,11 +21,15 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.model import GPT
 
 from helpers import logged_metric, tiny_config, tiny_run, write_checkpoint
-from litgpt_plop.checkpoint import (
-    PRECISION_DTYPES, MappedCheckpoint, create_missing_adapters, load_checkpoint_model, stream_checkpoint,
+from litgpt_plop.model.checkpoint import (
+    PRECISION_DTYPES,
+    MappedCheckpoint,
+    create_missing_adapters,
+    load_checkpoint_model,
+    stream_checkpoint,
 )  # fmt: skip
 from litgpt_plop.data import ReasoningGym
-from litgpt_plop.quantize import quantize_choice, quantize_linears_4bit
+from litgpt_plop.model.quantize import quantize_choice, quantize_linears_4bit
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS of file mappings: Linux /proc")
 

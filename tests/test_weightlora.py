@@ -20,14 +20,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from litgpt.scripts.merge_lora import merge_lora
 from torch.utils.data import DataLoader
 
-from litgpt_plop.adapt import (
-    LoRAQKVMixedRankLinear, SiteParameters, apply_placement, current_placement, site_adapter, site_parameters,
+from litgpt_plop.model.adapt import (
+    LoRAQKVMixedRankLinear,
+    SiteParameters,
+    apply_placement,
+    current_placement,
+    site_adapter,
+    site_parameters,
 )  # fmt: skip
 from litgpt_plop.callbacks import WeightLoRACallback
-from litgpt_plop.export import save_adapter
-from litgpt_plop.modules import site_module
-from litgpt_plop.placement import HEAD_LAYER, Placement, site_params
-from litgpt_plop.placement import preset as preset_placement
+from litgpt_plop.model.export import save_adapter
+from litgpt_plop.model.modules import site_module
+from litgpt_plop.selection.placement import HEAD_LAYER, Placement, site_params
+from litgpt_plop.selection.placement import preset as preset_placement
 from litgpt_plop.weightlora import (
     WeightLoRAArgs, WeightLoRAController, WeightLoRASchedule, grow_ranks, remap_optimizer, rescale_state_rows,
     round_steps,

@@ -15,11 +15,11 @@ from litgpt import Config
 from litgpt.args import TrainArgs
 from litgpt.finetune.lora import get_lr_scheduler
 
-from litgpt_plop.__main__ import main
+from litgpt_plop.commands.cli import main
 from litgpt_plop.errors import InputError
-from litgpt_plop.placement import Placement, preset, site_params
-from litgpt_plop.report import write_report
-from litgpt_plop.select import budget_params
+from litgpt_plop.selection.placement import Placement, preset, site_params
+from litgpt_plop.reports.placement import write_report
+from litgpt_plop.selection.rules import budget_params
 from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController
 
 from helpers import random_gpt, tiny_config, tiny_run

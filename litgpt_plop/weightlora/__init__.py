@@ -73,7 +73,7 @@ Where things are: ``args`` (the options, K, the warm-up LitGPT needs), ``schedul
 ``gates`` (the gate parametrization, whether the gates moved), ``cut`` (what a thresholding keeps, K or budget,
 and the record of each cut), ``growth`` (exact rank growth), ``surgery`` (editing the main optimizer),
 ``controller`` (the controller, which ties them together), ``record`` (its scores, state and gate files); the
-gates' plot, ``gates.json`` and the report's words are built in ``litgpt_plop.report``.
+gates' plot, ``gates.json`` and the report's words are built in ``litgpt_plop.reports.placement``.
 """
 
 from litgpt_plop.weightlora.args import WeightLoRAArgs, check_litgpt_warmup, resolve_k

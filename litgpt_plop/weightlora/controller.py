@@ -16,28 +16,27 @@ import torch.nn as nn
 from litgpt import Config
 from torch.utils.hooks import RemovableHandle
 
-from litgpt_plop.adapt import apply_placement, unit_parameters
-from litgpt_plop.calibration import all_reduce_sum, distributed
-from litgpt_plop.modules import gpt_of
-from litgpt_plop.placement import Placement, PlacementError, Site, site_params, site_shape
+from litgpt_plop.model.adapt import apply_placement, unit_parameters
+from litgpt_plop.distributed import all_reduce_sum, distributed
+from litgpt_plop.model.modules import gpt_of
+from litgpt_plop.selection.placement import Placement, PlacementError, Site, site_params, site_shape
 from litgpt_plop.weightlora.args import WeightLoRAArgs, resolve_k
 from litgpt_plop.weightlora.cut import checked_budget, cut_record, keep_mask
 from litgpt_plop.weightlora.gates import attach_gates, detach_gates, fold_gates, gates_moved, step_gates
 from litgpt_plop.weightlora.growth import reshape_adapters
-from litgpt_plop.weightlora.record import (
-    GATES_FILE, GATES_PLOT, controller_state, load_values, report_files, scores_record,
-)  # fmt: skip
+from litgpt_plop.weightlora.record import GATES_FILE, GATES_PLOT, ControllerRecord
 from litgpt_plop.weightlora.schedule import ScheduledEvent, WeightLoRASchedule
 
 __all__ = ["GATES_FILE", "GATES_PLOT", "WeightLoRAController"]
 
 
-class WeightLoRAController:
+class WeightLoRAController(ControllerRecord):
     """Runs WeightLoRA / WeightLoRA+ on a LitGPT model, independent of the training loop.
 
     Construction puts the gated candidate adapters on the model (``apply_placement``, then gates): build it before
     the main optimizer, which must hold the model's trainable parameters (the gates are not among them). Then, after
-    every main optimizer step, call ``on_optimizer_step(step, optimizer)``, or once ``attach(optimizer)``.
+    every main optimizer step, call ``on_optimizer_step(step, optimizer)``, or once ``attach(optimizer)``. What it
+    records (gates, state, report files) comes from ``ControllerRecord``.
 
     Args:
         model: a module holding a LitGPT ``GPT`` (the GPT itself, a LightningModule, Fabric's wrapper).
@@ -106,10 +105,6 @@ class WeightLoRAController:
         """Every candidate's trainable parameters at its current rank."""
         return [site_params(self.gpt.config, s.kind, self.ranks[(s.layer, s.kind)]) for s in self.sites]
 
-    def gate_values(self) -> dict[str, float]:
-        """The current gate of every candidate (0 for removed ones), keyed ``"<layer>.<kind>"``."""
-        return {s.key: float(w) for s, w in zip(self.sites, self.gates.detach().cpu().tolist())}
-
     def to(self, device: torch.device | str) -> "WeightLoRAController":
         """Move the gates next to the model (same parameter object, so the gate optimizer keeps working)."""
         self.gates.data = self.gates.data.to(device)
@@ -126,9 +121,7 @@ class WeightLoRAController:
         gates share. Steps the gates, thresholds them, and runs the WeightLoRA+ rounds and the end of the warm-up
         when ``step`` reaches them and the gates have moved since the previous change (editing ``optimizer`` in
         place). ``grad_scale``: the loss scale the gradients were computed with (fp16 mixed precision), to undo on
-        the gates. Returns what happened (``"round 1"``, ``"final"``), so that the caller can log it or save the new
-        placement.
-        """
+        the gates. Returns what happened (``"round 1"``, ``"final"``), for the caller to log or save."""
         self.step = step
         if self.finished:
             return []
@@ -251,13 +244,9 @@ class WeightLoRAController:
         sites = [Site(s.layer, s.kind, self.ranks[(s.layer, s.kind)]) for s, a in zip(self.sites, self.alive) if a]
         scores = c.scores
         if with_scores:
-            scores = dataclasses.replace(c.scores, weightlora=scores_record(self))
+            scores = dataclasses.replace(c.scores, weightlora=self.scores_record())
         # LoRA alpha and dropout, the model and the calibration are the candidates'
         return dataclasses.replace(c, sites=sites, method=method, scores=scores)
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs (``litgpt_plop.weightlora.record.controller_state``)."""
-        return controller_state(self)
 
     @classmethod
     def from_state_dict(
@@ -276,7 +265,7 @@ class WeightLoRAController:
                 f"The saved WeightLoRA state has adapters {[f'{s.key}@{s.rank}' for s in saved.sites]}, but the model"
                 f" has {[f'{s.key}@{s.rank}' for s in self.placement.sites]}"
             )
-        load_values(self, state)
+        self._load_values(state)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.alive = [bool(a) for a in state["alive"]]
@@ -285,36 +274,11 @@ class WeightLoRAController:
             self.ranks[(site.layer, site.kind)] = site.rank
         self.finished = bool(state["finished"])
         apply_placement(self.gpt, self._placement_of(self.args.method, with_scores=False))
-        load_values(self, state)
+        self._load_values(state)
         if self.finished:
             self.gate_optimizer = None
         else:
             attach_gates(self.gpt, self._alive_index(), self.gates)
-
-    # ---- outputs -------------------------------------------------------------------------------------------
-
-    def not_final_warning(self) -> str | None:
-        """At the end of a run: why no final cut was made (for a warning), or None when the placement is final.
-
-        A cut waits for the gates to move, so a gate learning rate too small for the loss (or a run that stops
-        right after the warm-up) ends with every remaining candidate trained, which is not what was asked for."""
-        if self.finished:
-            return None
-        why = (
-            "its gates never moved"
-            if self.first_moved_step is None
-            else "its gates did not move again after the last WeightLoRA+ round"
-        )
-        return (
-            f"WeightLoRA made no final cut by step {self.step} (warm-up: {self.args.warmup_steps} steps): {why}, and"
-            f" a cut waits for them. All {sum(self.alive)} remaining candidate adapters were trained and saved, not"
-            f" K. Raise the gate learning rate (gate_lr, now {self.args.gate_lr}) or train for more steps"
-        )
-
-    def report_files(self) -> dict[str, bytes]:
-        """``gates.json`` and ``gates.png`` as bytes to write (``litgpt_plop.weightlora.record.report_files``); the
-        placement itself is ``placement``."""
-        return report_files(self)
 
 
 def _checked_schedule(

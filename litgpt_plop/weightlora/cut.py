@@ -15,8 +15,8 @@ import torch
 from litgpt import Config
 
 from litgpt_plop.errors import InputError
-from litgpt_plop.placement import Placement, site_params
-from litgpt_plop.select import budget_params
+from litgpt_plop.selection.placement import Placement, site_params
+from litgpt_plop.selection.rules import budget_params
 from litgpt_plop.weightlora.args import WeightLoRAArgs
 from litgpt_plop.weightlora.gates import top_k_mask
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from litgpt_plop.adapt import SiteParameters, site_parameters
-from litgpt_plop.modules import gpt_of, site_experts, site_module
-from litgpt_plop.placement import PlacementError
+from litgpt_plop.model.adapt import SiteParameters, site_parameters
+from litgpt_plop.model.modules import gpt_of, site_experts, site_module
+from litgpt_plop.selection.placement import PlacementError
 from litgpt_plop.weightlora.surgery import rescale_state_rows
 
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from litgpt_plop.adapt import SiteParameters, apply_placement, current_placement, site_parameters, unit_parameters
-from litgpt_plop.modules import gpt_of
-from litgpt_plop.placement import Placement, PlacementError, Site
+from litgpt_plop.model.adapt import SiteParameters, apply_placement, current_placement, site_parameters, unit_parameters
+from litgpt_plop.model.modules import gpt_of
+from litgpt_plop.selection.placement import Placement, PlacementError, Site
 from litgpt_plop.weightlora.surgery import remap_optimizer
 
 SiteKey = tuple[int, str]  # (layer, kind)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Mapping
 import torch
 
 if TYPE_CHECKING:
-    from litgpt_plop.adapt import SiteParameters
+    from litgpt_plop.model.adapt import SiteParameters
 
 # Per-element state of the optimizers we know, and how it scales when its parameter is multiplied by w.
 _FIRST_MOMENTS = ("exp_avg", "momentum_buffer")  # scale with the gradient: / w

@@ -13,10 +13,10 @@ from typing import Any
 from litgpt import Config
 
 from litgpt_plop.atomic import write_bytes_atomic
-from litgpt_plop.methods import METHODS, title
-from litgpt_plop.experts import expert_section
-from litgpt_plop.placement import HEAD_LAYER, Placement, Scores, model_kinds, site_params
-from litgpt_plop.report_kappa import data_free_section, kappa_kind_table, kappa_summary_lines, kappa_why
+from litgpt_plop.selection.methods import METHODS, title
+from litgpt_plop.reports.experts import expert_section
+from litgpt_plop.selection.placement import HEAD_LAYER, Placement, Scores, model_kinds, site_params
+from litgpt_plop.reports.kappa import data_free_section, kappa_kind_table, kappa_summary_lines, kappa_why
 
 _WEIGHTLORA_MEANING = (
     "WeightLoRA gave every candidate adapter a trainable gate and, after every optimizer step once the gates had"

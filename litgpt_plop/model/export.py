@@ -5,7 +5,7 @@ all write through it. The directory is built whole in a staging directory and sw
 (``litgpt_plop.atomic.replace_directory``), merged model included: a run killed at any moment, SIGKILL
 included, leaves ``out_dir`` either as the previous complete save left it or as the new complete save, never a
 mixture, and never a half-written ``lit_model.pth`` that ``litgpt merge_lora`` would take for a finished merge.
-The adapter file is in stock LitGPT layout (``litgpt_plop.stock``); ``placement.json`` records the real placement,
+The adapter file is in stock LitGPT layout (``litgpt_plop.model.stock``); ``placement.json`` records the real placement,
 which ``load_adapter`` uses to undo the padding.
 """
 
@@ -26,14 +26,14 @@ from litgpt.prompts import PromptStyle, save_prompt_style
 from litgpt.scripts.merge_lora import merge_lora
 from litgpt.utils import copy_config_files
 
-from litgpt_plop.adapt import apply_placement, current_placement
+from litgpt_plop.model.adapt import apply_placement, current_placement
 from litgpt_plop.atomic import replace_directory, write_bytes_atomic
-from litgpt_plop.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_checkpoint_dir, load_checkpoint_model
-from litgpt_plop.inputs import check_free_space
-from litgpt_plop.modules import gpt_of
-from litgpt_plop.placement import Placement, PlacementError
-from litgpt_plop.report import write_report
-from litgpt_plop.stock import copy_into, to_stock_state_dict, unpad_stock_state_dict
+from litgpt_plop.errors import InputError
+from litgpt_plop.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_checkpoint_dir, load_checkpoint_model
+from litgpt_plop.model.modules import gpt_of
+from litgpt_plop.selection.placement import Placement, PlacementError
+from litgpt_plop.reports.placement import write_report
+from litgpt_plop.model.stock import copy_into, to_stock_state_dict, unpad_stock_state_dict
 
 LORA_FILE = "lit_model.pth.lora"
 PLACEMENT_FILE = "placement.json"
@@ -115,6 +115,23 @@ def check_room_for_final(
     needed = output_bytes(config, checkpoint_dir, dtype, adapter_params, periodic_saves)
     what = "the merged model and adapter in final/" + (f", {periodic_saves} periodic adapter saves" if periodic_saves else "")
     check_free_space(out_dir, needed, what)
+
+
+def check_free_space(out_dir: Path, needed: int, what: str, flag: str = "--out_dir") -> None:
+    """The filesystem ``out_dir`` is on (its nearest existing ancestor's) has ``needed`` bytes free."""
+    parent = Path(out_dir)
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise InputError(
+            f"{flag} {str(out_dir)!r}: this run will write about {_mib(needed)} ({what}), but its filesystem has"
+            f" {_mib(free)} free: free some space or choose another {flag}"
+        )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def write_placement_files(

@@ -3,7 +3,7 @@
 jsonargparse prints the whole usage (dozens of lines) before a parse error, and jsonargparse 4.41 (the newest
 LitGPT 0.5 accepts) words a value outside a ``Literal`` of strings as "Cannot take a Union of no types." (it
 builds ``Union[()]`` from the literal's non-string members). ``OneLineErrorParser`` prints ``error: <message>``
-alone and exits 2, as the checks of ``litgpt_plop.inputs`` do, and names the allowed values of a fixed-choice option.
+alone and exits 2, as the checks of ``litgpt_plop.commands.inputs`` do, and names the allowed values of a fixed-choice option.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from litgpt_plop.errors import InputError
 
 MethodKind = Literal["calibrated", "weights", "preset", "gated", "none"]
-# The kinds whose placement is decided before training, by ``litgpt_plop.select.decide_placement``.
+# The kinds whose placement is decided before training, by ``litgpt_plop.selection.rules.decide_placement``.
 DECIDED_BEFORE_TRAINING: tuple[MethodKind, ...] = ("calibrated", "weights", "preset")
 
 

@@ -3,10 +3,10 @@
 The flow, one named step each: check the options and build the run (``setup``), then, inside Fabric
 (``main``): load the base model (4-bit when ``--quantize`` asks), place the adapters (calibrate and decide, or
 gate them for WeightLoRA, or take LitGPT's flags for ``none``), train with LitGPT's own loop
-(``litgpt.finetune.lora.fit``), and save through the one crash-safe writer (``litgpt_plop.export.save_adapter``).
+(``litgpt.finetune.lora.fit``), and save through the one crash-safe writer (``litgpt_plop.model.export.save_adapter``).
 ``--plugin none`` trains exactly what ``litgpt finetune_lora`` trains with the same flags. With ``--devices N``
 (``--num_nodes M``) every rank calibrates its share and places the same adapters, then DDP trains them
-(``litgpt_plop.devices``); rank 0 writes.
+(``litgpt_plop.model.devices``); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -40,28 +40,40 @@ from litgpt.utils import (
     parse_devices,
 )
 
-from litgpt_plop.adapt import apply_placement, current_placement, lora_config
+from litgpt_plop.model.adapt import apply_placement, current_placement, lora_config
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.atomic import recover_directory
-from litgpt_plop.checkpoint import PRECISION_DTYPES, create_missing_adapters, stream_checkpoint
-from litgpt_plop.devices import (
-    FABRIC_PRECISIONS, check_same_adapters, check_same_placement, precision_and_quantization, rewrap, setup_model,
-    strategy_for, unwrapped,
+from litgpt_plop.model.checkpoint import PRECISION_DTYPES, create_missing_adapters, stream_checkpoint
+from litgpt_plop.model.devices import (
+    FABRIC_PRECISIONS,
+    check_same_adapters,
+    check_same_placement,
+    precision_and_quantization,
+    rewrap,
+    setup_model,
+    strategy_for,
+    unwrapped,
 )  # fmt: skip
 from litgpt_plop.errors import InputError
-from litgpt_plop.export import check_room_for_final, save_adapter, write_placement_files
-from litgpt_plop.hparams import data_module_hparams, plain
-from litgpt_plop.inputs import (
-    check_calibration_prompts, check_checkpoint, check_devices, check_lora, check_lr_schedule, check_out_dir,
-    check_precision, check_text_file,
+from litgpt_plop.model.export import check_room_for_final, save_adapter, write_placement_files
+from litgpt_plop.commands.hparams import data_module_hparams, plain
+from litgpt_plop.commands.inputs import (
+    check_calibration_prompts,
+    check_checkpoint,
+    check_devices,
+    check_lora,
+    check_lr_schedule,
+    check_out_dir,
+    check_precision,
+    check_text_file,
 )  # fmt: skip
-from litgpt_plop.kappa import KappaArgs
-from litgpt_plop.methods import Method, check_option_groups, get_method
-from litgpt_plop.placement import LORA_FLAGS, Placement, PlacementError, kinds_from_flags, model_kinds
-from litgpt_plop.prompts import calibration_token_ids
-from litgpt_plop.quantize import QuantizeChoice
-from litgpt_plop.report import summary_table
-from litgpt_plop.select import decide_placement
+from litgpt_plop.args import KappaArgs
+from litgpt_plop.selection.methods import Method, check_option_groups, get_method
+from litgpt_plop.selection.placement import LORA_FLAGS, Placement, PlacementError, kinds_from_flags, model_kinds
+from litgpt_plop.scoring.prompts import calibration_token_ids
+from litgpt_plop.model.quantize import QuantizeChoice
+from litgpt_plop.reports.placement import summary_table
+from litgpt_plop.decide import decide_placement
 from litgpt_plop.weightlora import WeightLoRAArgs, WeightLoRAController, check_litgpt_warmup
 
 # LitGPT's own defaults for ``finetune_lora``: what an unset flag means with ``--plugin none``.
@@ -150,7 +162,7 @@ def setup(
         precision: The precision to use for finetuning. Possible choices: "bf16-true", "bf16-mixed", "32-true".
         quantize: Quantize the base model's linears with bitsandbytes (QLoRA). On a GPU through Lightning's
             precision plugin as ``litgpt finetune_lora`` does; on CPU with bitsandbytes' CPU kernels (4-bit only).
-        devices: How many devices/GPUs to use: more than one trains with DDP (``litgpt_plop.devices`` says why
+        devices: How many devices/GPUs to use: more than one trains with DDP (``litgpt_plop.model.devices`` says why
             not LitGPT's sharded strategy); not with ``--quantize``.
         num_nodes: How many nodes the code is being run on (each runs the same command with ``--devices``).
         lora_r: The LoRA rank.
@@ -232,7 +244,7 @@ def setup(
     logger = choose_logger(
         logger_name, out_dir, name=f"finetune-{config.name}", log_interval=train.log_interval, log_args=dataclasses.asdict(log)
     )
-    # Several devices: DDP (litgpt_plop.devices says why not FSDP). Its launcher re-runs this command line in one
+    # Several devices: DDP (litgpt_plop.model.devices says why not FSDP). Its launcher re-runs this command line in one
     # process per further device, each of which gets here again and joins the run.
     fabric = L.Fabric(
         devices=devices, num_nodes=num_nodes, strategy=strategy_for(devices, num_nodes), precision=fabric_precision,
@@ -340,7 +352,7 @@ def load_base_model(fabric: L.Fabric, run: Run) -> GPT:
         return load_base_model_4bit(fabric, run, config)
     with fabric.init_module(empty_init=False):
         model = GPT(config)
-    if fabric.world_size > 1:  # several devices: wrapped after placement (litgpt_plop.devices.setup_model)
+    if fabric.world_size > 1:  # several devices: wrapped after placement (litgpt_plop.model.devices.setup_model)
         load_checkpoint(fabric, model, run.checkpoint_dir / "lit_model.pth", strict=False)
         return model
     model = fabric.setup_module(model)
@@ -352,7 +364,7 @@ def load_base_model(fabric: L.Fabric, run: Run) -> GPT:
 
 def load_base_model_4bit(fabric: L.Fabric, run: Run, config: Config) -> GPT:
     """The CPU 4-bit path: built on the meta device and filled from the memory-mapped checkpoint, each block linear
-    quantized as it loads (``litgpt_plop.checkpoint.stream_checkpoint``), so the dense model never exists. The
+    quantized as it loads (``litgpt_plop.model.checkpoint.stream_checkpoint``), so the dense model never exists. The
     adapters LitGPT's flags ask for (``none``) are then created as ``litgpt.lora`` initialises them, in the run's
     precision; the base weights they start from are not drawn first as in the dense path, so their random values
     differ from it."""

@@ -25,7 +25,7 @@ from litgpt.model import GPT
 from litgpt.utils import check_valid_checkpoint_dir
 
 from litgpt_plop.errors import InputError
-from litgpt_plop.quantize import QUANTIZE_CHOICES, quantize_choice, quantize_linears_4bit
+from litgpt_plop.model.quantize import QUANTIZE_CHOICES, quantize_choice, quantize_linears_4bit
 
 PRECISION_DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 WEIGHTS_FILE = "lit_model.pth"

@@ -1,69 +1,51 @@
-"""Turning calibration scores into a ``Placement``; ``plan_placement`` (calibrate, then choose) and
-``decide_placement`` (any method of the registry but the gated ones) are the calls the commands and callbacks use.
+"""Deciding a placement: calibrate, score and choose, the one call every command and callback makes.
 
-Methods:
-    ``plop``: the ``num_kinds`` candidate kinds with the LOWEST NFN, on every candidate layer; or, with a
-        ``budget``, kinds lowest-first while they fit; or, with ``granularity="site"``, single (layer, kind)
-        sites lowest-first while they fit.
-    ``plop-inverse``: the same with the HIGHEST NFN first (the paper's ablation baseline, PLoP^-1).
-    ``cka``: the ``ratio`` of candidate layers with the LOWEST CKA similarity, every candidate kind on them.
-    ``plop+cka``: PLoP's kinds (ranked over the candidate layers) on CKA's layers; a budget is then counted on
-        CKA's layers.
-    ``kappa``: PLoP's rules on the condition numbers of the weights instead of the NFN (``litgpt_plop.kappa``;
-        no data).
-
-Budgets are greedy and never skip: the first kind (or site) in score order that does not fit stops the
-selection, so a chosen item never has a worse score than one left out. Layers whose CKA is degenerate
-(``CkaScores.degenerate_layers``) are never chosen; if too few other layers remain for the ratio, selection
-fails with a ``PlacementError`` saying what to change.
+``decide_placement`` takes any method of the registry but the gated ones: a calibrated method runs one
+calibration pass with every scorer it needs (``litgpt_plop.scoring.plop``) and turns the scores into a ``Placement``
+with the selection rules (``litgpt_plop.selection.rules``); ``kappa`` scores the weights alone
+(``litgpt_plop.scoring.kappa``) and chooses with the same rules; a preset needs neither. Every calibrated plan
+also records what ``kappa`` would choose on the same candidates (``with_data_free_choice``), so that its report
+can say whether the task's prompts changed the choice.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 from litgpt import Config
 
+from litgpt_plop.args import CalibrationArgs, CkaArgs, KappaArgs, PlopArgs
 from litgpt_plop.errors import InputError
-from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
-from litgpt_plop.calibration import CalibrationStats, run_calibration
-from litgpt_plop.methods import DECIDED_BEFORE_TRAINING, Method, get_method
-from litgpt_plop.modules import gpt_of
-from litgpt_plop.placement import (
+from litgpt_plop.model.modules import gpt_of
+from litgpt_plop.scoring.calibration import CalibrationStats, run_calibration
+from litgpt_plop.scoring.cka import CkaScorer, CkaScores
+from litgpt_plop.scoring.kappa import HOW, KappaScores, score_weights
+from litgpt_plop.scoring.plop import PlopScorer, PlopScores
+from litgpt_plop.selection.methods import DECIDED_BEFORE_TRAINING, Method, get_method
+from litgpt_plop.selection.placement import (
     HEAD_KIND,
     HEAD_LAYER,
     Placement,
     PlacementError,
     Scores,
-    model_kinds,
     preset,
-    site_params,
 )
-from litgpt_plop.stability import choice_stability
-from litgpt_plop.cka import CkaScorer, CkaScores
-from litgpt_plop.scoring import PlopScorer, PlopScores
-
-if TYPE_CHECKING:  # litgpt_plop.kappa builds on this module
-    from litgpt_plop.kappa import KappaArgs
-
-
-class SiteScores(Protocol):
-    """A per-site score table: ``per_site[f"{layer}.{kind}"]``, lower = chosen first (PLoP's NFN, log condition numbers)."""
-
-    per_site: dict[str, float]
-
-
-class SelectionArgs(Protocol):
-    """The selection options PLoP's rules read (``PlopArgs``, ``litgpt_plop.kappa.KappaArgs``)."""
-
-    num_kinds: int
-    budget: int | float | None
-    granularity: str
-
+from litgpt_plop.selection.rules import (
+    budget_params,
+    choose_kinds,
+    choose_layers,
+    choose_sites,
+    plop_kind_scores,
+    plop_site_score,
+    resolve_candidates,
+    site_layers,
+)
+from litgpt_plop.selection.stability import choice_stability
 
 def calibrated_method(name: str) -> Method:
     """The calibrated method called ``name``; ``PlacementError`` naming the choices otherwise."""
@@ -73,151 +55,15 @@ def calibrated_method(name: str) -> Method:
         raise PlacementError(str(e)) from None
 
 
-def resolve_candidates(
-    config: Config, candidate_kinds: Sequence[str] | None = None, candidate_layers: Sequence[int] | None = None
-) -> tuple[list[str], list[int]]:
-    """The candidate kinds (default: every kind of the model but the head) and layers (default: all), checked."""
-    known = model_kinds(config, include_head=True)
-    kinds = list(model_kinds(config)) if candidate_kinds is None else list(dict.fromkeys(candidate_kinds))
-    unknown = [k for k in kinds if k not in known]
-    if unknown:
-        raise PlacementError(f"Unknown candidate kind(s) {unknown} for model {config.name!r}; its kinds are {list(known)}")
-    if not kinds:
-        raise PlacementError("No candidate kinds: nothing to place")
-    layers = list(range(config.n_layer)) if candidate_layers is None else sorted(set(candidate_layers))
-    outside = [l for l in layers if not 0 <= l < config.n_layer]
-    if outside:
-        raise PlacementError(f"Candidate layer(s) {outside} out of range for a model with {config.n_layer} layers")
-    if not layers:
-        raise PlacementError("No candidate layers: nothing to place")
-    return kinds, layers
+
+@dataclass(frozen=True)
+class _SiteTable:
+    """A score table in the shape ``litgpt_plop.selection.rules``'s choosers read."""
+
+    per_site: dict[str, float]
 
 
-def budget_params(config: Config, budget: float | int, rank: int) -> int:
-    """A budget in parameters: an int as it is, a float in (0, 1] as that fraction of the ``all`` placement
-    (every kind but the head on every layer) at ``rank``."""
-    if isinstance(budget, float):
-        all_params = config.n_layer * sum(site_params(config, kind, rank) for kind in model_kinds(config))
-        return int(budget * all_params)
-    return int(budget)
-
-
-def _site_layers(kind: str, layers: Sequence[int]) -> list[int]:
-    return [HEAD_LAYER] if kind == HEAD_KIND else list(layers)
-
-
-def _plop_site_score(scores: SiteScores, layer: int, kind: str) -> float:
-    key = f"{layer}.{kind}"
-    if key not in scores.per_site:
-        raise PlacementError(f"No score for site {key}: score with the same candidate kinds and layers")
-    return scores.per_site[key]
-
-
-def plop_kind_scores(scores: SiteScores, kinds: Sequence[str], layers: Sequence[int]) -> dict[str, float]:
-    """Each kind's NFN as the mean over ``layers`` of its sites (what PLoP ranks)."""
-    result = {}
-    for kind in kinds:
-        values = [_plop_site_score(scores, layer, kind) for layer in _site_layers(kind, layers)]
-        result[kind] = sum(values) / len(values)
-    return result
-
-
-def _budget_error(budget: float | int, params: int, rank: int, item: str, cost: int, group: str = "plop") -> PlacementError:
-    what = f"{budget:g} of the `all` placement = {params:,} parameters" if isinstance(budget, float) else f"{params:,} parameters"
-    return PlacementError(
-        f"The {'PLoP' if group == 'plop' else '--' + group} budget ({what} at rank {rank}) selects nothing: the first"
-        f" candidate in score order, {item}, alone needs {cost:,}. Raise --{group}.budget or lower the rank."
-    )
-
-
-def choose_kinds(
-    config: Config,
-    scores: SiteScores,
-    kinds: Sequence[str],
-    ranking_layers: Sequence[int],
-    placed_layers: Sequence[int],
-    rank: int,
-    args: SelectionArgs,
-    inverse: bool = False,
-    group: str = "plop",
-) -> list[str]:
-    """PLoP's kinds: lowest NFN first (highest with ``inverse``), ranked by the mean over ``ranking_layers``;
-    ``args.num_kinds`` of them, or as many as fit ``args.budget`` when placed on ``placed_layers``. Any per-site
-    score table works (``group`` names its options in messages)."""
-    per_kind = plop_kind_scores(scores, kinds, ranking_layers)
-    order = sorted(kinds, key=lambda k: (per_kind[k], kinds.index(k)), reverse=inverse)
-    if args.budget is None:
-        if args.num_kinds > len(order):
-            warnings.warn(f"--{group}.num_kinds={args.num_kinds} but only {len(order)} candidate kinds: choosing all of them", stacklevel=2)
-        return order[: args.num_kinds]
-    limit = budget_params(config, args.budget, rank)
-    chosen, total = [], 0
-    for kind in order:
-        cost = len(_site_layers(kind, placed_layers)) * site_params(config, kind, rank)
-        if total + cost > limit:
-            if not chosen:
-                item = f"kind {kind!r} on {len(_site_layers(kind, placed_layers))} layer(s)"
-                raise _budget_error(args.budget, limit, rank, item, cost, group)
-            break
-        chosen.append(kind)
-        total += cost
-    return chosen
-
-
-def choose_sites(
-    config: Config,
-    scores: SiteScores,
-    kinds: Sequence[str],
-    layers: Sequence[int],
-    rank: int,
-    args: SelectionArgs,
-    inverse: bool = False,
-    group: str = "plop",
-) -> list[tuple[int, str]]:
-    """PLoP at site granularity: single (layer, kind) sites by their own NFN, lowest first (highest with
-    ``inverse``), while they fit ``args.budget``."""
-    if args.budget is None:
-        raise PlacementError(f"--{group}.granularity site chooses sites until a budget is used: set --{group}.budget")
-    sites = [(layer, kind) for kind in kinds for layer in _site_layers(kind, layers)]
-    order = sorted(
-        sites, key=lambda s: (_plop_site_score(scores, *s), s[0], kinds.index(s[1])), reverse=inverse
-    )
-    limit = budget_params(config, args.budget, rank)
-    chosen, total = [], 0
-    for layer, kind in order:
-        cost = site_params(config, kind, rank)
-        if total + cost > limit:
-            if not chosen:
-                raise _budget_error(args.budget, limit, rank, f"site {layer}.{kind}", cost, group)
-            break
-        chosen.append((layer, kind))
-        total += cost
-    return chosen
-
-
-def choose_layers(scores: CkaScores, layers: Sequence[int], args: CkaArgs) -> list[int]:
-    """CKA's layers: the ``args.ratio`` of ``layers`` (rounded, at least one) with the lowest CKA similarity,
-    degenerate layers excluded (with a warning; a ``PlacementError`` when too few others remain)."""
-    missing = [l for l in layers if l not in scores.per_layer]
-    if missing:
-        raise PlacementError(f"No CKA score for layer(s) {missing}: calibrate with the same candidate layers")
-    keep = max(1, int(args.ratio * len(layers) + 0.5))
-    degenerate = [l for l in layers if l in scores.degenerate_layers]
-    eligible = [l for l in layers if l not in scores.degenerate_layers]
-    if len(eligible) < keep:
-        raise PlacementError(
-            f"CKA is degenerate on layer(s) {degenerate} (every calibration sample looks the same there), leaving"
-            f" {len(eligible)} usable layer(s) for the {keep} that --cka.ratio={args.ratio} asks for. Use more varied"
-            " prompts, --cka.pooling tokens, a lower ratio, or leave those layers out of the candidates."
-        )
-    if degenerate:
-        warnings.warn(
-            f"Not selecting layer(s) {degenerate}: their CKA is degenerate (every calibration sample looks the same"
-            " there), so their score says nothing",
-            stacklevel=2,
-        )
-    ranked = sorted(eligible, key=lambda l: (scores.per_layer[l], l))
-    return sorted(ranked[:keep])
+# ---- the math ---------------------------------------------------------------------------------------------
 
 
 def select_placement(
@@ -275,10 +121,10 @@ def _with_nfn(
     block_kinds = [k for k in kinds if k != HEAD_KIND]
     per_layer = {}
     if block_kinds:
-        per_layer = {str(l): sum(_plop_site_score(plop_scores, l, k) for k in block_kinds) / len(block_kinds) for l in layers}
+        per_layer = {str(l): sum(plop_site_score(plop_scores, l, k) for k in block_kinds) / len(block_kinds) for l in layers}
     return replace(
         scores,
-        nfn_per_site={f"{l}.{k}": _plop_site_score(plop_scores, l, k) for k in kinds for l in _site_layers(k, layers)},
+        nfn_per_site={f"{l}.{k}": plop_site_score(plop_scores, l, k) for k in kinds for l in site_layers(k, layers)},
         nfn_per_kind=plop_kind_scores(plop_scores, kinds, layers),
         nfn_per_layer=per_layer,
         nfn_per_expert={key: v for key, v in plop_scores.per_expert.items() if _is_candidate(key, kinds, layers)},
@@ -319,10 +165,10 @@ def plan_placement(
     Args:
         model: a module holding a frozen LitGPT ``GPT`` (``litgpt.model.GPT`` or ``litgpt.lora.GPT``; dense or
             bitsandbytes 4-bit). Its train/eval modes are restored afterwards.
-        token_ids: tokenized prompts (see ``litgpt_plop.calibration.calibration_token_ids``). At most
+        token_ids: tokenized prompts (see ``litgpt_plop.scoring.calibration.calibration_token_ids``). At most
             ``calibration.num_samples`` are used; prompts longer than ``calibration.max_seq_length`` are
             truncated with a warning.
-        method: a calibrated method of the registry (``litgpt_plop.methods``).
+        method: a calibrated method of the registry (``litgpt_plop.selection.methods``).
         rank: LoRA rank of every site.
         lora_alpha: LoRA alpha.
         lora_dropout: LoRA dropout (recorded in the placement).
@@ -379,9 +225,7 @@ def plan_placement(
         stability = choice_stability(choose, prompts, calibration.resamples, calibration.seed)
         placement = replace(placement, scores=replace(placement.scores, stability=stability))
     # What the weights alone would choose, for the report's "calibrated vs data-free" section; with PLoP's own
-    # selection options, so that both choices have the same size. (kappa builds on this module: imported here.)
-    from litgpt_plop.kappa import KappaArgs, with_data_free_choice
-
+    # selection options, so that both choices have the same size.
     same_size = KappaArgs(num_kinds=plop.num_kinds, budget=plop.budget, granularity=plop.granularity) if spec.uses_plop else KappaArgs()
     return with_data_free_choice(placement, gpt, rank, same_size)
 
@@ -408,8 +252,6 @@ def decide_placement(
     spec = get_method(method, *DECIDED_BEFORE_TRAINING)
     calibration = CalibrationArgs() if calibration is None else calibration
     if spec.kind == "weights":
-        from litgpt_plop.kappa import kappa_placement  # kappa builds on this module's choosers
-
         return kappa_placement(model, candidate_kinds, lora_r, lora_alpha, lora_dropout, kappa=kappa)
     if spec.calibrates:
         if not token_ids:
@@ -427,3 +269,87 @@ def decide_placement(
         placement = placement.restricted(kinds=candidate_kinds)
     placement.validate(config)
     return placement
+
+
+# ---- kappa ------------------------------------------------------------------------------------------------
+
+
+def choose_by_kappa(
+    config: Config, scores: KappaScores, kinds: Sequence[str], layers: Sequence[int], rank: int, args: KappaArgs
+) -> list[tuple[int, str]]:
+    """The ``(layer, kind)`` sites PLoP's rules choose from the condition numbers, lowest first."""
+    # Ranking kinds by the mean of log10(kappa) over layers is ranking them by the geometric mean; for single
+    # sites the logarithm keeps the order.
+    table = _SiteTable({key: math.log10(value) for key, value in scores.per_site.items()})
+    if args.granularity == "site":
+        return choose_sites(config, table, kinds, layers, rank, args, group="kappa")
+    chosen = choose_kinds(config, table, kinds, layers, layers, rank, args, group="kappa")
+    return [(layer, kind) for kind in chosen for layer in ([HEAD_LAYER] if kind == HEAD_KIND else layers)]
+
+
+def _record(
+    config: Config, scores: KappaScores, sites: list[tuple[int, str]] | None, rank: int, args: KappaArgs, error: str | None
+) -> dict[str, Any]:
+    return {
+        "num_kinds": args.num_kinds if args.budget is None else None,
+        "budget": args.budget,
+        "budget_params": budget_params(config, args.budget, rank) if args.budget is not None else None,
+        "granularity": args.granularity,
+        "rank": rank,
+        "choice": None if sites is None else [f"{layer}.{kind}" for layer, kind in sites],
+        "error": error,
+        "computed_as": HOW,
+    }
+
+
+def kappa_placement(
+    model: nn.Module,
+    candidate_kinds: Sequence[str] | None,
+    rank: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    kappa: KappaArgs | None = None,
+    candidate_layers: Sequence[int] | None = None,
+) -> Placement:
+    """The ``kappa`` method's placement: score the weights of the LitGPT model in ``model``, choose the lowest."""
+    args = KappaArgs() if kappa is None else kappa
+    config = gpt_of(model).config
+    kinds, layers = resolve_candidates(config, candidate_kinds, candidate_layers)
+    scores = score_weights(model, kinds, layers)
+    sites = choose_by_kappa(config, scores, kinds, layers, rank, args)
+    record = Scores(
+        candidate_kinds=kinds,
+        candidate_layers=layers,
+        kappa_per_site=scores.per_site,
+        kappa_per_kind=scores.per_kind,
+        kappa=_record(config, scores, sites, rank, args, None),
+        kappa_per_expert=scores.per_expert,
+    )
+    return Placement.from_sites(
+        config, [(layer, kind, rank) for layer, kind in sites], lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        method="kappa", scores=record,
+    )  # fmt: skip
+
+
+def with_data_free_choice(placement: Placement, model: nn.Module, rank: int, args: KappaArgs) -> Placement:
+    """``placement`` (of a calibrated method) with the condition numbers of its candidates and what ``kappa``
+    would choose from them with ``args`` on the same candidates: what the calibration changed. A ``kappa`` choice
+    that cannot be made (a budget its first kind does not fit) is recorded as an error, not raised. The time it
+    took goes to the calibration record (``kappa_seconds``), beside the pass's own: scores hold no timings, so
+    that the same model and prompts always give the same scores."""
+    config = gpt_of(model).config
+    kinds, layers = placement.scores.candidate_kinds, placement.scores.candidate_layers
+    scores = score_weights(model, kinds, layers)
+    try:
+        sites, error = choose_by_kappa(config, scores, kinds, layers, rank, args), None
+    except PlacementError as e:
+        sites, error = None, str(e)
+    extended = replace(
+        placement.scores,
+        kappa_per_site=scores.per_site,
+        kappa_per_kind=scores.per_kind,
+        kappa=_record(config, scores, sites, rank, args, error),
+        kappa_per_expert=scores.per_expert,
+    )
+    calibration = {**(placement.calibration or {}), "kappa_seconds": round(scores.seconds, 3)}
+    return replace(placement, scores=extended, calibration=calibration)

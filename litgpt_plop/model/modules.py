@@ -13,7 +13,7 @@ import torch.nn as nn
 from litgpt import GPT as BaseGPT
 from litgpt.lora import LoRALinear
 
-from litgpt_plop.placement import EXPERT_KINDS, ROUTER_KIND, PlacementError, is_moe, qkv_part_sizes
+from litgpt_plop.selection.placement import EXPERT_KINDS, ROUTER_KIND, PlacementError, is_moe, qkv_part_sizes
 
 # kind -> attribute path inside a block. The fused qkv holds query, key and value as row slices.
 KIND_TO_PATH = {

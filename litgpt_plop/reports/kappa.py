@@ -1,13 +1,13 @@
 """The report's parts about condition numbers (``Scores.kappa*``): the ``kappa`` method's own explanation and
 kind table, and, for a calibrated method, what its choice has in common with what the weights alone choose.
 
-Reads only the ``Placement``, like ``litgpt_plop.report``, which calls these functions.
+Reads only the ``Placement``, like ``litgpt_plop.reports.placement``, which calls these functions.
 """
 
 from __future__ import annotations
 
-from litgpt_plop.methods import METHODS, title
-from litgpt_plop.placement import Placement
+from litgpt_plop.selection.methods import METHODS, title
+from litgpt_plop.selection.placement import Placement
 
 KAPPA_MEANING = (
     "kappa scores every candidate matrix by its condition number, its largest singular value divided by its"

@@ -1,9 +1,9 @@
 """The calibration pass: run task prompts through a frozen LitGPT model and feed what the linears and blocks
-see to the scorers (``litgpt_plop.scoring``), without storing activations.
+see to the scorers (``litgpt_plop.scoring.plop``), without storing activations.
 
 The pass
     * works on ``litgpt.model.GPT`` and ``litgpt.lora.GPT``, dense or with bitsandbytes ``Linear4bit`` base
-      linears (found with ``litgpt_plop.modules``);
+      linears (found with ``litgpt_plop.model.modules``);
     * runs under ``torch.no_grad()`` in eval mode. Not ``torch.inference_mode()``: ``Linear4bit.forward`` casts
       its bias in place (``bias.data = ...``) and an inference-mode tensor stored in a parameter breaks training
       afterwards;
@@ -39,12 +39,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from litgpt_plop.distributed import all_reduce_max, all_reduce_sum, distributed
 from litgpt_plop.errors import InputError
 from litgpt_plop.args import CalibrationArgs
+from litgpt_plop.model.modules import gpt_of
+from litgpt_plop.scoring.prompts import select_samples
+from litgpt_plop.model.quantize import no_cpu_repack
 from litgpt_plop.memory import release_free_memory
-from litgpt_plop.modules import gpt_of
-from litgpt_plop.prompts import select_samples
-from litgpt_plop.quantize import no_cpu_repack
 
 # ---- batches ----------------------------------------------------------------------------------------------
 
@@ -136,54 +137,6 @@ def make_batches(
 # ---- data parallel ----------------------------------------------------------------------------------------
 
 
-def distributed() -> bool:
-    """True when running under an initialized ``torch.distributed`` process group with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _comm_device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo (and the rest) take CPU tensors.
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of ``tensor`` over all ranks (the tensor itself when not distributed). Reduce sums and counts,
-    never means, so ranks with different amounts of data combine correctly."""
-    if not distributed():
-        return tensor
-    reduced = tensor.to(_comm_device())
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced.to(tensor.device)
-
-
-def all_reduce_max(value: float) -> float:
-    """The largest ``value`` over all ranks."""
-    if not distributed():
-        return value
-    reduced = torch.tensor([value], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-    return float(reduced.item())
-
-
-def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The rows of ``tensor`` (``(n_rank, ...)``, ``n_rank`` may differ per rank) of every rank, concatenated in
-    rank order, on every rank."""
-    if not distributed():
-        return tensor
-    device = _comm_device()
-    size = torch.tensor([tensor.shape[0]], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    largest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((largest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-    padded[: tensor.shape[0]] = tensor.to(device)
-    gathered = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)]).to(tensor.device)
-
-
 def shard_batches(batches: Sequence[Batch]) -> list[Batch]:
     """This rank's share of the batches: batch ``i`` goes to rank ``i % world_size`` (all of them when not
     distributed). Sharding whole batches keeps every batch as one process would see it."""
@@ -199,7 +152,7 @@ ForwardHook = Callable[[nn.Module, tuple, dict, Any], None]
 
 
 class Scorer(Protocol):
-    """What the pass needs from a scorer (see ``litgpt_plop.scoring``)."""
+    """What the pass needs from a scorer (see ``litgpt_plop.scoring.plop``)."""
 
     needs_head: bool
 

@@ -1,7 +1,7 @@
 """``litgpt-plop plan``: calibrate a pretrained model on task prompts and show where LoRA would go. No training.
 
-A thin command: it parses, loads the checkpoint (``litgpt_plop.checkpoint``), decides (``litgpt_plop.select``),
-writes (``litgpt_plop.export``) and prints (``litgpt_plop.report``).
+A thin command: it parses, loads the checkpoint (``litgpt_plop.model.checkpoint``), decides (``litgpt_plop.selection.rules``),
+writes (``litgpt_plop.model.export``) and prints (``litgpt_plop.reports.placement``).
 """
 
 from __future__ import annotations
@@ -13,18 +13,23 @@ from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
-from litgpt_plop.prompts import calibration_token_ids
-from litgpt_plop.checkpoint import PRECISION_DTYPES, load_checkpoint_model
-from litgpt_plop.export import write_placement_files
-from litgpt_plop.inputs import (
-    check_calibration_prompts, check_checkpoint, check_lora, check_out_dir, check_precision, check_text_file,
+from litgpt_plop.scoring.prompts import calibration_token_ids
+from litgpt_plop.model.checkpoint import PRECISION_DTYPES, load_checkpoint_model
+from litgpt_plop.model.export import write_placement_files
+from litgpt_plop.commands.inputs import (
+    check_calibration_prompts,
+    check_checkpoint,
+    check_lora,
+    check_out_dir,
+    check_precision,
+    check_text_file,
 )  # fmt: skip
-from litgpt_plop.kappa import KappaArgs
-from litgpt_plop.methods import DECIDED_BEFORE_TRAINING, check_option_groups, get_method
-from litgpt_plop.placement import Placement, PlacementError, kinds_from_flags
-from litgpt_plop.quantize import QuantizeChoice
-from litgpt_plop.report import summary_table
-from litgpt_plop.select import decide_placement
+from litgpt_plop.args import KappaArgs
+from litgpt_plop.selection.methods import DECIDED_BEFORE_TRAINING, check_option_groups, get_method
+from litgpt_plop.selection.placement import Placement, PlacementError, kinds_from_flags
+from litgpt_plop.model.quantize import QuantizeChoice
+from litgpt_plop.reports.placement import summary_table
+from litgpt_plop.decide import decide_placement
 
 
 def plan(

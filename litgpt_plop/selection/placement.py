@@ -2,7 +2,7 @@
 
 LitGPT can only say "this kind in every block, one rank" (its ``lora_*`` flags and ``lora_r``). A ``Placement``
 can say anything finer: one MLP matrix, some layers only, a different rank per site. It knows nothing about
-how adapters are put on a model (``litgpt_plop.adapt``) or saved (``litgpt_plop.export``); it only describes
+how adapters are put on a model (``litgpt_plop.model.adapt``) or saved (``litgpt_plop.model.export``); it only describes
 the choice, counts what it costs and round-trips through JSON.
 """
 
@@ -18,7 +18,7 @@ from litgpt import Config
 
 from litgpt_plop.atomic import write_text_atomic
 from litgpt_plop.errors import InputError
-from litgpt_plop.methods import METHODS, method_names
+from litgpt_plop.selection.methods import METHODS, method_names
 
 # The kinds of LoRA-able linear maps, in LitGPT terms (see docs/methods.md).
 ATTENTION_KINDS = ("query", "key", "value", "projection")
@@ -192,7 +192,7 @@ class Scores:
         kappa_per_expert: in a mixture of experts, each candidate MLP site's condition number per expert (``kappa_per_site``
             holds their geometric mean).
         stability: how often bootstrap resamples of the calibration prompts make the same choice
-            (``litgpt_plop.stability``): ``same_choice``, ``kind_frequency``, ``layer_frequency``, ...
+            (``litgpt_plop.selection.stability``): ``same_choice``, ``kind_frequency``, ``layer_frequency``, ...
     """
 
     candidate_kinds: list[str] = field(default_factory=list)

@@ -1,7 +1,7 @@
 """``litgpt finetune --plugin plop``: LitGPT's own ``litgpt`` command reaching the plugin, extended from outside.
 
 LitGPT 0.5 has no plugin mechanism: its console script (``litgpt = litgpt.__main__:main``) runs
-``CLI(PARSER_DATA)`` on a fixed dict. ``litgpt_plop.litgpt_hook`` (set up at interpreter start by
+``CLI(PARSER_DATA)`` on a fixed dict. ``litgpt_plop.commands.litgpt_hook`` (set up at interpreter start by
 ``litgpt_plop.pth``) calls ``extend`` right after ``litgpt.__main__`` has loaded, and ``extend`` wraps its ``main``.
 The wrapper looks at the command line before anything is parsed, and:
 
@@ -37,7 +37,7 @@ JSONARGPARSE_OPTIONS = ("config", "print_config", "help")
 
 
 def extend(module: ModuleType) -> None:
-    """Wrap ``litgpt.__main__.main`` (called by ``litgpt_plop.litgpt_hook`` once the module has loaded)."""
+    """Wrap ``litgpt.__main__.main`` (called by ``litgpt_plop.commands.litgpt_hook`` once the module has loaded)."""
     original = module.main
 
     @functools.wraps(original)
@@ -70,7 +70,7 @@ def choose(module: ModuleType, stock_main: Callable[[], Any], argv: list[str]) -
     if any(flag in options for flag in HELP_FLAGS):
         return functools.partial(with_finetune_entries, module, combined_help_function(), stock_main)
     if wants_plugin(options):
-        from litgpt_plop.__main__ import main as plop_main
+        from litgpt_plop.commands.cli import main as plop_main
 
         return plop_main
     orphans = plugin_only_options(options)
@@ -156,7 +156,7 @@ def plugin_only_options(options: list[str]) -> list[str]:
     if not unknown:
         return []
     try:
-        from litgpt_plop.finetune import setup as plugin_setup
+        from litgpt_plop.commands.finetune import setup as plugin_setup
     except ImportError:
         return []  # stock LitGPT reports the unknown options itself
     plugin_only = set(inspect.signature(plugin_setup).parameters)
@@ -188,7 +188,7 @@ def combined_help_function() -> Callable[..., None]:
     """
     from litgpt.finetune.lora import setup as stock_setup
 
-    from litgpt_plop.finetune import setup as plugin_setup
+    from litgpt_plop.commands.finetune import setup as plugin_setup
 
     stock = inspect.signature(stock_setup).parameters
     hints = typing.get_type_hints(plugin_setup)

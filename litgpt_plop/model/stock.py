@@ -24,9 +24,17 @@ import torch
 import torch.nn as nn
 from litgpt import Config
 
-from litgpt_plop.adapt import current_placement, lora_config, site_adapter
-from litgpt_plop.modules import EXPERT_ATTR, KIND_TO_PATH, gpt_of, site_experts
-from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, QKV_KINDS, Placement, PlacementError, model_kinds, site_shape
+from litgpt_plop.model.adapt import current_placement, lora_config, site_adapter
+from litgpt_plop.model.modules import EXPERT_ATTR, KIND_TO_PATH, gpt_of, site_experts
+from litgpt_plop.selection.placement import (
+    HEAD_KIND,
+    HEAD_LAYER,
+    QKV_KINDS,
+    Placement,
+    PlacementError,
+    model_kinds,
+    site_shape,
+)
 
 # A site's adapter in stock layout: (layer, kind), or (layer, kind, expert) for one expert of a mixture of experts.
 PieceKey = tuple

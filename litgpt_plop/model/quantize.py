@@ -14,6 +14,7 @@ module made here gets it set to False, and ``apply_placement`` does the same for
 
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Literal, get_args
@@ -21,11 +22,34 @@ from typing import Callable, Iterable, Iterator, Literal, get_args
 import torch
 import torch.nn as nn
 
+from litgpt_plop.model.modules import gpt_of
 from litgpt_plop.memory import release_free_memory
-from litgpt_plop.modules import gpt_of
 
 QuantizeChoice = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq"]
 QUANTIZE_CHOICES = get_args(QuantizeChoice)
+
+# bitsandbytes' CPU backend logs this warning when it is imported on a CPU with avx512_bf16 and the optional
+# `kernels` package is absent. It reads as an error, and `kernels` fetches its kernel from a model hub; without it
+# the 4-bit results are the same (bitsandbytes' own CPU kernels), only that one fused matmul is not used.
+BNB_KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _WithoutKernelsNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(BNB_KERNELS_NOTICE)
+
+
+def silence_kernels_notice() -> None:
+    """Keep bitsandbytes' notice about the optional ``kernels`` package from printing (see ``BNB_KERNELS_NOTICE``).
+    Only that one message of that one logger is dropped; a filter on a logger by name works before bitsandbytes
+    is imported, which is when it logs it."""
+    logger = logging.getLogger(BNB_KERNELS_LOGGER)
+    if not any(isinstance(f, _WithoutKernelsNotice) for f in logger.filters):
+        logger.addFilter(_WithoutKernelsNotice())
+
+
+silence_kernels_notice()  # importing this module comes before any import of bitsandbytes by this package
 
 
 def disable_cpu_repack(modules: Iterable[nn.Module]) -> None:
@@ -97,7 +121,7 @@ def quantize_linears_4bit(
         blocksize: quantization block size.
         dtype: convert each weight (and bias) to this dtype just before quantizing it; None keeps its dtype.
         release: called with each dense weight (and converted bias) once it is no longer needed, e.g. to hand the
-            pages of a memory-mapped checkpoint back (``litgpt_plop.checkpoint``).
+            pages of a memory-mapped checkpoint back (``litgpt_plop.model.checkpoint``).
 
     Returns:
         How many linears were quantized.

@@ -33,9 +33,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from litgpt.lora import LoRALayer, LoRALinear, LoRAQKVLinear
 
-from litgpt_plop.modules import base_linear, gpt_of, qkv_row_slices, site_experts, site_module, site_modules, site_parent
-from litgpt_plop.quantize import disable_cpu_repack
-from litgpt_plop.placement import (
+from litgpt_plop.model.modules import (
+    base_linear,
+    gpt_of,
+    qkv_row_slices,
+    site_experts,
+    site_module,
+    site_modules,
+    site_parent,
+)
+from litgpt_plop.model.quantize import disable_cpu_repack
+from litgpt_plop.selection.placement import (
     HEAD_KIND,
     HEAD_LAYER,
     QKV_KINDS,
@@ -78,7 +86,7 @@ class LoRAQKVMixedRankLinear(LoRAQKVLinear):
     enabled part has its own ``lora_A_<part>`` (rank x d_in) and ``lora_B_<part>`` (part size x rank) and its own
     scaling ``lora_alpha / rank``, so the trainable parameter count is exactly the placement's. Used only when
     the enabled parts of one qkv have different ranks; every other qkv is LitGPT's ``LoRAQKVLinear``.
-    Saving in stock LitGPT layout (``litgpt_plop.export``) zero-pads every part to the largest rank.
+    Saving in stock LitGPT layout (``litgpt_plop.model.export``) zero-pads every part to the largest rank.
     """
 
     def __init__(

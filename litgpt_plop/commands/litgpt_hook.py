@@ -4,7 +4,7 @@ Every interpreter with litgpt-plop installed runs the one line of ``litgpt_plop.
 ``install()`` here. So this module imports nothing but ``os`` and ``sys`` (both already loaded by ``site``): no
 torch, no litgpt. The finder answers for a single module name, ``litgpt.__main__`` (what LitGPT's ``litgpt``
 console script imports); it lets LitGPT's own loader run the module as usual, then hands the loaded module to
-``litgpt_plop.litgpt_command.extend``, which wraps its ``main``. Any other import is declined at the cost of one
+``litgpt_plop.commands.litgpt_command.extend``, which wraps its ``main``. Any other import is declined at the cost of one
 string comparison.
 
 ``LITGPT_PLOP_DISABLE`` set to anything but ``""`` or ``"0"`` switches it off (checked in the ``.pth`` line and
@@ -41,7 +41,7 @@ class _ExtendingLoader:
         if disabled():
             return
         try:
-            from litgpt_plop.litgpt_command import extend
+            from litgpt_plop.commands.litgpt_command import extend
 
             extend(module)
         except Exception as error:  # noqa: BLE001 - whatever goes wrong here, stock LitGPT must still run

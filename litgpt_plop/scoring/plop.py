@@ -1,5 +1,5 @@
 """PLoP's score, computed in the calibration pass (docs/methods.md section 1), and its scorer. CKA's is in
-``litgpt_plop.cka``.
+``litgpt_plop.scoring.cka``.
 
 PLoP, per site (one LoRA-able linear map in one block)::
 
@@ -25,11 +25,19 @@ import torch
 import torch.nn as nn
 from litgpt import GPT
 
-from litgpt_plop.calibration import Batch, ForwardHook, all_gather_rows, all_reduce_sum
-from litgpt_plop.experts import ExpertRouting, token_weighted, unused_experts
+from litgpt_plop.scoring.calibration import Batch, ForwardHook
+from litgpt_plop.distributed import all_gather_rows, all_reduce_sum
+from litgpt_plop.scoring.experts import ExpertRouting, token_weighted, unused_experts
+from litgpt_plop.model.modules import (
+    KIND_TO_PATH,
+    base_linear,
+    is_expert_site,
+    qkv_row_slices,
+    site_experts,
+    site_module,
+)
+from litgpt_plop.selection.placement import HEAD_KIND, HEAD_LAYER, QKV_KINDS
 from litgpt_plop.memory import release_free_memory
-from litgpt_plop.modules import KIND_TO_PATH, base_linear, is_expert_site, qkv_row_slices, site_experts, site_module
-from litgpt_plop.placement import HEAD_KIND, HEAD_LAYER, QKV_KINDS
 
 # ---- the math, on plain tensors ---------------------------------------------------------------------------
 
@@ -118,10 +126,10 @@ class PlopScorer:
     State per site and per prompt: the sum of the normalised output norms over the prompt's real tokens and
     their count. A site's NFN is the mean over every token the pass saw (summed sums / summed counts), so how
     the prompts are grouped into batches does not change it. ``reduce`` gathers every rank's prompts; the
-    per-prompt rows stay for resampling (``litgpt_plop.stability``).
+    per-prompt rows stay for resampling (``litgpt_plop.selection.stability``).
 
     In a mixture of experts an MLP site is one matrix per expert: each (site, expert) is a *unit* with its own sums
-    over the tokens the router sent to that expert (``litgpt_plop.experts``); elsewhere a unit is a site.
+    over the tokens the router sent to that expert (``litgpt_plop.scoring.experts``); elsewhere a unit is a site.
     """
 
     def __init__(

@@ -16,9 +16,9 @@ from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_plop.data import ReasoningGym, evaluate_accuracy
-from litgpt_plop.finetune import setup as finetune
-from litgpt_plop.placement import Placement
-from litgpt_plop.checkpoint import load_checkpoint_model
+from litgpt_plop.commands.finetune import setup as finetune
+from litgpt_plop.selection.placement import Placement
+from litgpt_plop.model.checkpoint import load_checkpoint_model
 from litgpt_plop.prepare import prepare_smollm2
 
 

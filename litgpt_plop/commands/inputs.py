@@ -7,7 +7,6 @@ with one line instead of after minutes of work, and leaves every existing output
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -17,9 +16,9 @@ from litgpt import Config
 from litgpt.model import GPT
 
 from litgpt_plop.args import CkaArgs
-from litgpt_plop.checkpoint import CONFIG_FILE, WEIGHTS_FILE, MappedCheckpoint, check_checkpoint_dir
+from litgpt_plop.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, MappedCheckpoint, check_checkpoint_dir
 from litgpt_plop.errors import InputError
-from litgpt_plop.methods import Method
+from litgpt_plop.selection.methods import Method
 
 
 def check_checkpoint(checkpoint_dir: Path, tokenizer: bool) -> Config:
@@ -87,23 +86,6 @@ def check_out_dir(out_dir: Path, flag: str = "--out_dir") -> Path:
     except OSError as e:
         raise InputError(f"{flag} {str(out_dir)!r} cannot be written: {e.strerror} in {str(parent)!r}") from None
     return out_dir
-
-
-def check_free_space(out_dir: Path, needed: int, what: str, flag: str = "--out_dir") -> None:
-    """The filesystem ``out_dir`` is on (its nearest existing ancestor's) has ``needed`` bytes free."""
-    parent = Path(out_dir)
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if free < needed:
-        raise InputError(
-            f"{flag} {str(out_dir)!r}: this run will write about {_mib(needed)} ({what}), but its filesystem has"
-            f" {_mib(free)} free: free some space or choose another {flag}"
-        )
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def check_precision(precision: str | None, allowed: Iterable[str], flag: str = "--precision") -> None:

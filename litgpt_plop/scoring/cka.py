@@ -3,11 +3,11 @@
 CKA, per block: X = residual stream entering it, Y = leaving it. ``last`` pooling keeps one vector per prompt
 (its last real token) and computes linear CKA with the biased HSIC; ``tokens`` treats every real token as a
 sample and averages the unbiased HSIC over batches (Nguyen, Raghu, Kornblith 2021) with O(1) state per layer,
-computed by ``litgpt_plop.hsic.BatchHsic`` (one Gram matrix per block boundary, shared by the two blocks it
+computed by ``litgpt_plop.scoring.hsic.BatchHsic`` (one Gram matrix per block boundary, shared by the two blocks it
 joins; equal to ``unbiased_hsic`` to float64 rounding).
 LOWER similarity = the block changes its input more = gets LoRA. A layer whose pooled inputs (or outputs) are
 the same for every sample has a ~zero centred matrix and a meaningless CKA: it is listed in
-``degenerate_layers`` with a warning, and ``litgpt_plop.select`` never selects it.
+``degenerate_layers`` with a warning, and ``litgpt_plop.selection.rules`` never selects it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 from litgpt import GPT
 
-from litgpt_plop.calibration import Batch, ForwardHook, all_gather_rows, all_reduce_sum
-from litgpt_plop.hsic import BatchHsic, TokenSide
+from litgpt_plop.scoring.calibration import Batch, ForwardHook
+from litgpt_plop.distributed import all_gather_rows, all_reduce_sum
+from litgpt_plop.scoring.hsic import BatchHsic, TokenSide
 
 # ---- the math, on plain tensors ---------------------------------------------------------------------------
 

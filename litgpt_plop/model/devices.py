@@ -13,7 +13,7 @@ Why DDP, not the sharded strategy ``litgpt finetune_lora`` uses for several devi
   FSDP2 every forward all-gathers the shards, a collective the other ranks never join, so it hangs: stock
   ``litgpt finetune_lora --devices 2`` (0.5.13, two CPU processes, gloo, torch 2.13) stops at its first
   evaluation's sample. Under DDP a forward is local to its rank.
-- Calibration needs the full model on every rank anyway (``litgpt_plop.calibration``), so the peak memory per
+- Calibration needs the full model on every rank anyway (``litgpt_plop.scoring.calibration``), so the peak memory per
   device is that of the full model whatever the strategy; what sharding would save is the frozen base weights'
   memory during training, at the price of a gather before every save (``save_adapter`` writes from the full
   module on rank 0).
@@ -41,10 +41,10 @@ from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.wrappers import _FabricModule
 from torch.nn.parallel import DistributedDataParallel
 
-from litgpt_plop.calibration import all_gather_rows
-from litgpt_plop.checkpoint import PRECISION_DTYPES
+from litgpt_plop.distributed import all_gather_rows
+from litgpt_plop.model.checkpoint import PRECISION_DTYPES
 from litgpt_plop.errors import InputError
-from litgpt_plop.placement import Placement
+from litgpt_plop.selection.placement import Placement
 
 # What Fabric takes as ``precision`` (its own lists; anything else is its ValueError deep inside the launch).
 FABRIC_PRECISIONS = (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS))

@@ -13,7 +13,7 @@ import warnings
 from collections import Counter
 from typing import Any, Callable, Sequence
 
-from litgpt_plop.placement import Placement, PlacementError
+from litgpt_plop.selection.placement import Placement, PlacementError
 
 
 def choice_stability(

@@ -1,0 +1,148 @@
+"""``kappa``'s scores: the condition number of every candidate weight, from the weights alone (no data).
+
+The criterion of KappaTune (O. Ludwig; its selector as integrated with PEFT): a matrix whose singular values are
+spread evenly (low condition number ``kappa = sigma_max / sigma_min``) encodes nothing very specialised, so
+adapting it should disturb the pretrained model least. Here it is a placement method like the others
+(docs/methods.md section 4): every candidate site is scored here by its weight's condition number, and PLoP's
+selection rules (``litgpt_plop.selection.rules``: ``num_kinds``, or a greedy budget, by kind or by site) choose the
+LOWEST (``litgpt_plop.decide.kappa_placement``). A kind is ranked by the geometric mean of its sites' condition numbers over
+the candidate layers: condition numbers are ratios spanning orders of magnitude (3.9 to 7.7e5 on
+SmolLM2-135M), where an arithmetic mean would be one outlier layer's value.
+
+Because it needs no data, every calibrated plan also computes it (``litgpt_plop.decide.with_data_free_choice``), so that its report
+can say whether the task's prompts changed the choice (``litgpt_plop.reports.kappa``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from litgpt import GPT
+
+from litgpt_plop.memory import release_free_memory
+from litgpt_plop.model.modules import KIND_TO_PATH, base_linear, gpt_of, qkv_row_slices, site_experts, site_module
+from litgpt_plop.selection.placement import HEAD_KIND, HEAD_LAYER
+from litgpt_plop.model.quantize import no_cpu_repack
+from litgpt_plop.scoring.plop import weight_matrix
+
+# Above this condition number the Gram matrix's rounding (relative error about kappa^2 * 1e-16 on sigma_min^2)
+# would show in the result, so the singular values are computed directly instead.
+GRAM_KAPPA_LIMIT = 1e6
+# Rows (or columns) of a weight turned into float64 at a time when forming its Gram matrix: bounds the memory
+# for a tall matrix such as a vocabulary-sized head.
+_GRAM_BLOCK = 8192
+HOW = "eigenvalues of the float64 Gram matrix of the smaller side; float64 svdvals where kappa > 1e6"
+
+
+@dataclass
+class KappaScores:
+    """Condition numbers of the candidate sites.
+
+    Args:
+        per_site: ``sigma_max / sigma_min`` of each ``"<layer>.<kind>"`` site's weight (``inf`` if singular).
+        per_kind: each kind's geometric mean over the candidate layers (what ``kappa`` ranks).
+        seconds: how long computing them took.
+        per_expert: in a mixture of experts, each MLP site's condition number per expert; ``per_site`` holds
+            their geometric mean (every expert weighs the same: no data says how often each is used).
+    """
+
+    per_site: dict[str, float]
+    per_kind: dict[str, float]
+    seconds: float = 0.0
+    per_expert: dict[str, list[float]] = field(default_factory=dict)
+
+
+def gram_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The float64 Gram matrix of the smaller side of ``weight`` (``W W^T`` for a wide matrix, ``W^T W`` for a
+    tall one), summed over blocks of the long side so that no float64 copy of a large weight is made."""
+    tall = weight.shape[0] > weight.shape[1]
+    size = weight.shape[1] if tall else weight.shape[0]
+    gram = torch.zeros(size, size, dtype=torch.float64, device=weight.device)
+    for block in weight.split(_GRAM_BLOCK, dim=0 if tall else 1):
+        block = block.double()
+        gram += block.T @ block if tall else block @ block.T
+    return gram
+
+
+def condition_number(weight: torch.Tensor) -> float:
+    """``sigma_max / sigma_min`` over the ``min(d_out, d_in)`` singular values of a ``(d_out, d_in)`` weight.
+
+    The squared singular values are the eigenvalues of the Gram matrix of the smaller side: on SmolLM2-135M's 210
+    matrices 2.4 to 6.6 times faster than float64 ``torch.linalg.svdvals`` (and than float32) on one CPU thread in
+    two runs, and within 1e-6 of it (benchmarks/RESULTS.md, "Cross-task"). In float64, because the Gram matrix squares the condition number: its rounding relative to
+    sigma_min^2 is about ``kappa^2 * eps``, which float32's eps (6e-8) would make noise for SmolLM2's worst query
+    slice (kappa 7.7e5) and float64's keeps near 1e-4. Above ``GRAM_KAPPA_LIMIT`` float64 svdvals is used instead.
+    ``inf`` for a singular matrix; a ``ValueError`` for an all-zero one, whose condition number is undefined.
+    """
+    eigenvalues = torch.linalg.eigvalsh(gram_matrix(weight))
+    largest, smallest = float(eigenvalues[-1]), float(eigenvalues[0])
+    if not largest > 0:
+        raise ValueError("The weight is all zeros: its condition number is undefined")
+    if smallest > largest / GRAM_KAPPA_LIMIT**2:
+        return math.sqrt(largest / smallest)
+    singular_values = torch.linalg.svdvals(weight.double())
+    smallest_sv = float(singular_values[-1])
+    return float(singular_values[0]) / smallest_sv if smallest_sv > 0 else math.inf
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    return 10 ** (sum(math.log10(v) for v in values) / len(values))
+
+
+# ---- scoring a model --------------------------------------------------------------------------------------
+
+
+def site_weights(gpt: GPT, kinds: Sequence[str], layers: Sequence[int]):
+    """``(layer, kind, expert, weight)`` for every candidate site, one dequantized module at a time (q/k/v: row
+    slices; in a mixture of experts, an MLP site once per expert; expert None elsewhere)."""
+    block_kinds = [k for k in kinds if k != HEAD_KIND]
+    paths = list(dict.fromkeys(KIND_TO_PATH[k] for k in block_kinds))
+    for layer in layers:
+        for path in paths:
+            path_kinds = [k for k in block_kinds if KIND_TO_PATH[k] == path]
+            for expert in site_experts(gpt, path_kinds[0]):
+                weight = weight_matrix(base_linear(site_module(gpt, layer, path_kinds[0], expert)))
+                if path == "attn.qkv":
+                    slices = qkv_row_slices(gpt.config)
+                    for kind in path_kinds:
+                        yield layer, kind, None, weight[slices[kind]]
+                else:
+                    yield layer, path_kinds[0], expert, weight
+                on_cpu = weight.device.type == "cpu"
+                del weight
+                if on_cpu:
+                    release_free_memory()  # else malloc keeps the copy's pages (litgpt_plop.memory)
+    if HEAD_KIND in kinds:
+        yield HEAD_LAYER, HEAD_KIND, None, weight_matrix(base_linear(site_module(gpt, HEAD_LAYER, HEAD_KIND)))
+
+
+def score_weights(model: nn.Module, kinds: Sequence[str], layers: Sequence[int]) -> KappaScores:
+    """The condition number of every candidate site of the LitGPT model in ``model`` (dense or 4-bit)."""
+    gpt = gpt_of(model)
+    t0 = time.perf_counter()
+    per_site: dict[str, float] = {}
+    per_expert: dict[str, list[float]] = {}
+    # a 4-bit weight repacked by an earlier eval-mode forward is unpacked first (dequantizing it would be garbage)
+    with torch.no_grad(), no_cpu_repack(gpt):
+        for layer, kind, expert, weight in site_weights(gpt, kinds, layers):
+            where = f"{layer}.{kind}" if expert is None else f"{layer}.{kind} (expert {expert})"
+            try:
+                value = condition_number(weight)
+            except ValueError as e:
+                raise ValueError(f"Site {where}: {e}") from None
+            if expert is None:
+                per_site[f"{layer}.{kind}"] = value
+            else:
+                per_expert.setdefault(f"{layer}.{kind}", []).append(value)
+            del weight  # before the next site's weight is made: one dense copy at a time
+    # a site spanning every expert: the geometric mean over them, as over layers for a kind
+    per_site.update({key: geometric_mean(values) for key, values in per_expert.items()})
+    per_kind = {}
+    for kind in kinds:
+        per_kind[kind] = geometric_mean([v for key, v in per_site.items() if key.split(".", 1)[1] == kind])
+    return KappaScores(per_site=per_site, per_kind=per_kind, seconds=time.perf_counter() - t0, per_expert=per_expert)
