@@ -40,7 +40,8 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        _raise_if_disk_full(e, path.parent, path)
+        if _disk_full(e, path.parent):
+            raise _disk_full_error(e, path) from e
         raise
     WRITTEN.append(path)
 
@@ -70,7 +71,7 @@ def replace_directory(out_dir: Path, fill: Callable[[Path], None]) -> Path:
         full = _disk_full(e, staging)  # measured before the staging directory's space is given back
         shutil.rmtree(staging, ignore_errors=True)
         if full:
-            _raise_if_disk_full(e, out_dir.parent, out_dir, full=True)
+            raise _disk_full_error(e, out_dir) from e
         raise
     WRITTEN.append(out_dir)
     return out_dir
@@ -89,13 +90,11 @@ def _disk_full(error: BaseException, where: Path) -> bool:
         return False
 
 
-def _raise_if_disk_full(error: BaseException, where: Path, target: Path, full: bool | None = None) -> None:
-    """Re-raise a full disk as ``OSError(ENOSPC)`` that says so, names ``target`` and says it is unchanged."""
-    if full or (full is None and _disk_full(error, where)):
-        raise OSError(
-            errno.ENOSPC,
-            f"the disk holding {str(target)!r} is full: it could not be written, and is as it was before ({error})",
-        ) from error
+def _disk_full_error(error: BaseException, target: Path) -> OSError:
+    """A full disk as ``OSError(ENOSPC)`` that says so, names ``target`` and says it is unchanged."""
+    return OSError(
+        errno.ENOSPC, f"the disk holding {str(target)!r} is full: it could not be written, and is as it was before ({error})"
+    )
 
 
 def recover_directory(out_dir: Path) -> None:
