@@ -180,17 +180,40 @@ def plan_placement(
         shard: under ``torch.distributed``, give each rank its share of the batches of ``token_ids`` (pass the
             same prompts on every rank). Every rank returns the same placement.
     """
-    spec = calibrated_method(method)
+    return plan_placements(
+        model, token_ids, [method], rank, lora_alpha, lora_dropout, candidate_kinds, candidate_layers, plop, cka,
+        calibration, shard,
+    )[method]  # fmt: skip
+
+
+def plan_placements(
+    model: nn.Module,
+    token_ids: Sequence[torch.Tensor],
+    methods: Sequence[str],
+    rank: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    candidate_kinds: Sequence[str] | None = None,
+    candidate_layers: Sequence[int] | None = None,
+    plop: PlopArgs | None = None,
+    cka: CkaArgs | None = None,
+    calibration: CalibrationArgs | None = None,
+    shard: bool = True,
+) -> dict[str, Placement]:
+    """``plan_placement`` for several calibrated ``methods`` from one calibration pass with every scorer any of
+    them needs (the race's candidates): each method's placement, by name."""
+    specs = [calibrated_method(m) for m in methods]
     plop = PlopArgs() if plop is None else plop
     cka = CkaArgs() if cka is None else cka
     calibration = CalibrationArgs() if calibration is None else calibration
     gpt = gpt_of(model)
     kinds, layers = resolve_candidates(gpt.config, candidate_kinds, candidate_layers)
-    if spec.uses_plop and plop.granularity == "site" and plop.budget is None:
+    uses_plop, uses_cka = any(s.uses_plop for s in specs), any(s.uses_cka for s in specs)
+    if uses_plop and plop.granularity == "site" and plop.budget is None:
         raise PlacementError("--plop.granularity site chooses sites until a budget is used: set --plop.budget")
 
-    plop_scorer = PlopScorer(gpt, kinds, layers, plop.denominator, plop.mc_samples, calibration.seed) if spec.uses_plop else None
-    cka_scorer = CkaScorer(gpt, layers, cka.pooling, cka.degenerate_tol) if spec.uses_cka else None
+    plop_scorer = PlopScorer(gpt, kinds, layers, plop.denominator, plop.mc_samples, calibration.seed) if uses_plop else None
+    cka_scorer = CkaScorer(gpt, layers, cka.pooling, cka.degenerate_tol) if uses_cka else None
     scorers = [s for s in (plop_scorer, cka_scorer) if s is not None]
     stats: CalibrationStats = run_calibration(model, token_ids, scorers, calibration, shard=shard)
     record = {
@@ -201,33 +224,37 @@ def plan_placement(
         "prompt_style": calibration.prompt_style,
         "seed": calibration.seed,
     }
+    placements = {}
+    weights = score_weights(model, kinds, layers)  # the data-free comparison's, once for every method
+    for spec in specs:
 
-    def choose(prompts: Sequence[int] | None) -> Placement:
-        """The method's choice from the scores over ``prompts`` (None: all of them)."""
-        return select_placement(
-            gpt.config, method,
-            plop_scores=plop_scorer.scores_of(prompts) if plop_scorer is not None else None,
-            cka_scores=cka_scorer.scores_of(prompts, warn=prompts is None) if cka_scorer is not None else None,
-            rank=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, candidate_kinds=kinds, candidate_layers=layers,
-            plop=plop, cka=cka, calibration=record,
-        )  # fmt: skip
+        def choose(prompts: Sequence[int] | None, spec: Method = spec) -> Placement:
+            """The method's choice from the scores over ``prompts`` (None: all of them)."""
+            return select_placement(
+                gpt.config, spec.name,
+                plop_scores=plop_scorer.scores_of(prompts) if spec.uses_plop else None,
+                cka_scores=cka_scorer.scores_of(prompts, warn=prompts is None) if spec.uses_cka else None,
+                rank=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, candidate_kinds=kinds,
+                candidate_layers=layers, plop=plop, cka=cka, calibration=record,
+            )  # fmt: skip
 
-    placement = choose(None)
-    if placement.scores.unused_experts:  # reported, and left out of the token-weighted means
-        idle = "; ".join(f"block {layer}: {experts}" for layer, experts in placement.scores.unused_experts.items())
-        warnings.warn(
-            f"Some experts received no calibration token, so PLoP has no score for them ({idle}); each site's NFN is"
-            " the token-weighted mean over the experts that did. More or more varied prompts would reach them.",
-            stacklevel=2,
-        )
-    if calibration.resamples and (cka_scorer is None or cka.pooling == "last"):
-        prompts = stats.samples  # every rank's prompts, as the scorers gathered them
-        stability = choice_stability(choose, prompts, calibration.resamples, calibration.seed)
-        placement = replace(placement, scores=replace(placement.scores, stability=stability))
-    # What the weights alone would choose, for the report's "calibrated vs data-free" section; with PLoP's own
-    # selection options, so that both choices have the same size.
-    same_size = KappaArgs(num_kinds=plop.num_kinds, budget=plop.budget, granularity=plop.granularity) if spec.uses_plop else KappaArgs()
-    return with_data_free_choice(placement, gpt, rank, same_size)
+        placement = choose(None)
+        if placement.scores.unused_experts:  # reported, and left out of the token-weighted means
+            idle = "; ".join(f"block {layer}: {experts}" for layer, experts in placement.scores.unused_experts.items())
+            warnings.warn(
+                f"Some experts received no calibration token, so PLoP has no score for them ({idle}); each site's NFN"
+                " is the token-weighted mean over the experts that did. More or more varied prompts would reach them.",
+                stacklevel=2,
+            )
+        if calibration.resamples and (not spec.uses_cka or cka.pooling == "last"):
+            prompts = stats.samples  # every rank's prompts, as the scorers gathered them
+            stability = choice_stability(choose, prompts, calibration.resamples, calibration.seed)
+            placement = replace(placement, scores=replace(placement.scores, stability=stability))
+        # What the weights alone would choose, for the report's "calibrated vs data-free" section; with PLoP's own
+        # selection options, so that both choices have the same size.
+        same_size = KappaArgs(num_kinds=plop.num_kinds, budget=plop.budget, granularity=plop.granularity) if spec.uses_plop else KappaArgs()
+        placements[spec.name] = with_data_free_choice(placement, gpt, rank, same_size, weights)
+    return placements
 
 
 def decide_placement(
@@ -331,15 +358,18 @@ def kappa_placement(
     )  # fmt: skip
 
 
-def with_data_free_choice(placement: Placement, model: nn.Module, rank: int, args: KappaArgs) -> Placement:
+def with_data_free_choice(
+    placement: Placement, model: nn.Module, rank: int, args: KappaArgs, scores: KappaScores | None = None
+) -> Placement:
     """``placement`` (of a calibrated method) with the condition numbers of its candidates and what ``kappa``
     would choose from them with ``args`` on the same candidates: what the calibration changed. A ``kappa`` choice
     that cannot be made (a budget its first kind does not fit) is recorded as an error, not raised. The time it
     took goes to the calibration record (``kappa_seconds``), beside the pass's own: scores hold no timings, so
-    that the same model and prompts always give the same scores."""
+    that the same model and prompts always give the same scores. ``scores``: the candidates' condition numbers
+    where they are known already."""
     config = gpt_of(model).config
     kinds, layers = placement.scores.candidate_kinds, placement.scores.candidate_layers
-    scores = score_weights(model, kinds, layers)
+    scores = score_weights(model, kinds, layers) if scores is None else scores
     try:
         sites, error = choose_by_kappa(config, scores, kinds, layers, rank, args), None
     except PlacementError as e:

@@ -108,7 +108,7 @@ def test_passthrough_subcommand_behaves_like_litgpt(tiny_checkpoint):
 def test_every_config_parses(config_file):
     parser = capture_parser(lambda: CLI(finetune, args=["--config", str(config_file)]))
     cfg = parser.parse_args(["--config", str(config_file)])
-    assert cfg.plugin in ("plop", "cka", "plop+cka")
+    assert cfg.plugin in ("plop", "cka", "plop+cka", "race")
     assert parser.instantiate_classes(cfg).data is not None
 
 

@@ -15,6 +15,7 @@ from litgpt import Config
 from litgpt_plop.atomic import write_bytes_atomic
 from litgpt_plop.selection.methods import METHODS, title
 from litgpt_plop.reports.experts import expert_section
+from litgpt_plop.reports.race import RACE_FIGURE, race_png, race_section
 from litgpt_plop.selection.placement import HEAD_LAYER, Placement, Scores, model_kinds, site_params
 from litgpt_plop.reports.kappa import data_free_section, kappa_kind_table, kappa_summary_lines, kappa_why
 
@@ -190,6 +191,7 @@ def _markdown(placement: Placement, config: Config) -> str:
         "",
         _params_line(placement, config),
         "",
+        *race_section(placement.scores.race),
         "## Why",
         "",
         _why(placement),
@@ -384,12 +386,15 @@ def _placement_map_png(placement: Placement, config: Config) -> bytes:
 
 
 def write_report(placement: Placement, config: Config, out_dir: Path | str) -> tuple[Path, Path]:
-    """Write ``report.md`` (the choice and the scores in words and tables) and ``scores.png`` into ``out_dir``,
+    """Write ``report.md`` (the choice and the scores in words and tables) and ``scores.png`` (and ``race.png`` for a
+    race's winner) into ``out_dir``,
     each atomically (temporary file, then rename). Returns both paths."""
     out_dir = Path(out_dir)
     png = _figure_png(placement, config)
     report_path, png_path = out_dir / "report.md", out_dir / "scores.png"
     write_bytes_atomic(png_path, png)
+    if placement.scores.race:
+        write_bytes_atomic(out_dir / RACE_FIGURE, race_png(placement.scores.race))
     write_bytes_atomic(report_path, _markdown(placement, config).encode("utf-8"))
     return report_path, png_path
 

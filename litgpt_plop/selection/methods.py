@@ -1,6 +1,6 @@
 """The method registry: what each placement method is, in one table that every command, callback and report reads.
 
-A method is one of five kinds:
+A method is one of six kinds:
 
 - ``calibrated``: runs a calibration pass over task prompts and chooses from the scores (``plop``,
   ``plop-inverse``, ``cka``, ``plop+cka``);
@@ -8,6 +8,8 @@ A method is one of five kinds:
 - ``preset``: a fixed placement the calibrated ones are compared against (``all``, ``attention``, ``qv``,
   ``mlp``, ``random``);
 - ``gated``: learned while training, from a gate on every candidate adapter (``weightlora``, ``weightlora+``);
+- ``race``: chosen by training candidate placements side by side and keeping the best on validation loss
+  (``race``, ``litgpt_plop.race``);
 - ``none``: exactly what LitGPT's own ``lora_*`` flags say.
 
 Adding a method means adding a row here and, for a new scorer, the scorer and its selection rule.
@@ -20,7 +22,7 @@ from typing import Any, Literal
 
 from litgpt_plop.errors import InputError
 
-MethodKind = Literal["calibrated", "weights", "preset", "gated", "none"]
+MethodKind = Literal["calibrated", "weights", "preset", "gated", "race", "none"]
 # The kinds whose placement is decided before training, by ``litgpt_plop.selection.rules.decide_placement``.
 DECIDED_BEFORE_TRAINING: tuple[MethodKind, ...] = ("calibrated", "weights", "preset")
 
@@ -31,7 +33,7 @@ class Method:
 
     Args:
         name: what the user types (``--plugin``, ``--method``).
-        kind: ``calibrated``, ``weights``, ``preset``, ``gated`` or ``none`` (see the module docstring).
+        kind: ``calibrated``, ``weights``, ``preset``, ``gated``, ``race`` or ``none`` (see the module docstring).
         title: how reports and terminal tables name it.
         scorers: the scores a scored method needs, in the order they are computed: ``plop``, ``cka`` (from a
             calibration pass), ``kappa`` (from the weights).
@@ -71,6 +73,8 @@ class Method:
             return self.scorers
         if self.kind == "gated":
             return ("weightlora",)
+        if self.kind == "race":  # its candidates' groups too
+            return ("race", "calibration", "plop", "cka", "kappa")
         return ()
 
 
@@ -87,10 +91,11 @@ _ALL = (
     Method("random", "preset", "random kinds"),
     Method("weightlora", "gated", "WeightLoRA"),
     Method("weightlora+", "gated", "WeightLoRA+"),
+    Method("race", "race", "race (successive halving among candidate placements)"),
     Method("none", "none", "LitGPT's flags"),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
-OPTION_GROUPS = ("calibration", "plop", "cka", "kappa", "weightlora")
+OPTION_GROUPS = ("calibration", "plop", "cka", "kappa", "weightlora", "race")
 
 
 def method_names(*kinds: MethodKind) -> tuple[str, ...]:

@@ -193,6 +193,7 @@ class Scores:
             holds their geometric mean).
         stability: how often bootstrap resamples of the calibration prompts make the same choice
             (``litgpt_plop.selection.stability``): ``same_choice``, ``kind_frequency``, ``layer_frequency``, ...
+        race: the race that chose it (``litgpt_plop.race``): ``candidates``, ``rounds``, ``winner``, ``overhead_steps``.
     """
 
     candidate_kinds: list[str] = field(default_factory=list)
@@ -213,6 +214,7 @@ class Scores:
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
     unused_experts: dict[str, list[int]] = field(default_factory=dict)
     kappa_per_expert: dict[str, list[float]] = field(default_factory=dict)
+    race: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
