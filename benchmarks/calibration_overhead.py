@@ -36,133 +36,36 @@ import gc
 import os
 import statistics
 import time
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
+from benchmarks.calibration_passes import (
+    FORWARDS,
+    METHODS,
+    MODES,
+    batches_of,
+    finish,
+    load_model,
+    make_scorers,
+    run_forward,
+    run_method,
+    run_train_steps,
+    token_ids,
+)
 from benchmarks.common import RESULTS_ROOT, PeakRss, answer_worker, benchmark_parser, json_worker, machine, write_results
 from benchmarks.stats import median_ratio, ratio
-from litgpt_plop.selection.methods import get_method
 
-FORWARDS = ("forward", "forward_blocks")
-METHODS = {
-    # what this benchmark measures: name -> (calibrated method of litgpt_plop.selection.methods, CKA pooling)
-    "plop": ("plop", "last"),
-    "cka_last": ("cka", "last"),
-    "cka_tokens": ("cka", "tokens"),
-    "plop+cka": ("plop+cka", "last"),
-}
-MODES = FORWARDS + tuple(METHODS)
 # time / forward_blocks, per method (issue #17)
 TIME_GOALS = {"plop": 1.10, "cka_last": 1.10, "cka_tokens": 1.15, "plop+cka": 1.10}
 MEMORY_GOAL, MEMORY_GOAL_4BIT = 1.10, 1.05
+Log = Callable[[str], None]
 
 
-# ---- one measurement --------------------------------------------------------------------------------------
+# ---- memory: one measurement per fresh process --------------------------------------------------------------
 
 
-def token_ids(checkpoint_dir: Path, num_prompts: int, seed: int = 42) -> list:
-    from litgpt.tokenizer import Tokenizer
-
-    from litgpt_plop.scoring.prompts import tokenize_prompts
-    from litgpt_plop.data import ReasoningGym
-
-    tokenizer = Tokenizer(checkpoint_dir)
-    prompts = ReasoningGym(train_size=num_prompts, val_size=8, seed=seed).prompts("train", tokenizer)
-    return tokenize_prompts(prompts, tokenizer)
-
-
-def batches_of(ids: list, batch_size: int, max_seq_length: int = 256) -> list:
-    """The batches the calibration pass runs, with the all-padding columns dropped as it drops them."""
-    from litgpt_plop.scoring.calibration import Batch, make_batches
-
-    batches, _ = make_batches(ids, batch_size, max_seq_length)
-    out = []
-    for b in batches:
-        width = int(b.lengths.max())
-        out.append(Batch(b.input_ids[:, :width], b.mask[:, :width], b.index))
-    return out
-
-
-def load_model(checkpoint_dir: Path, quantize: str | None):
-    """The model as ``litgpt-plop plan`` loads it, every weight copied into memory (not left mmapped from the
-    checkpoint file, where touching it during the pass would count as the pass's memory)."""
-    import torch
-
-    from litgpt_plop.model.checkpoint import load_checkpoint_model
-
-    model = load_checkpoint_model(checkpoint_dir, quantize=quantize)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, param in list(module.named_parameters(recurse=False)):
-                if param.dtype.is_floating_point:
-                    param.data = param.data.clone()
-            for name, buffer in list(module.named_buffers(recurse=False)):
-                setattr(module, name, buffer.clone())
-    return model
-
-
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(module, args):
-    raise _Stop
-
-
-def run_forward(model, batches: list, blocks_only: bool) -> None:
-    import torch
-
-    handle = model.transformer.ln_f.register_forward_pre_hook(_raise_stop) if blocks_only else None
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    model(batch.input_ids)
-                except _Stop:
-                    pass
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def run_method(model, ids: list, mode: str, batch_size: int):
-    from litgpt_plop.args import CalibrationArgs, CkaArgs
-    from litgpt_plop.decide import plan_placement
-
-    method, pooling = METHODS[mode]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # CKA's degenerate-layer warning: reported in the placement, not here
-        return plan_placement(
-            model,
-            ids,
-            method=method,
-            cka=CkaArgs(pooling=pooling),
-            calibration=CalibrationArgs(num_samples=len(ids), batch_size=batch_size, progress=False),
-        )
-
-
-def run_train_steps(model, batches: list, kinds: list[str]) -> None:
-    """One LoRA training step (forward, backward, AdamW step) per batch, LoRA (rank 8) on ``kinds`` in every layer."""
-    import torch
-    import torch.nn.functional as F
-
-    from litgpt_plop.model.adapt import apply_placement
-    from litgpt_plop.selection.placement import Placement
-
-    gpt = apply_placement(model, Placement.from_kinds(model.config, kinds, rank=8, lora_alpha=16))
-    gpt.train()
-    optimizer = torch.optim.AdamW([p for p in gpt.parameters() if p.requires_grad], lr=1e-4)
-    for batch in batches:
-        logits = gpt(batch.input_ids)
-        targets = batch.input_ids[:, 1:].masked_fill(~batch.mask[:, 1:], -100)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-
-def worker(spec: dict) -> dict:
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement in this (fresh) process: ``spec`` has mode, checkpoint_dir, num_prompts, batch_size,
     quantize, and for ``train`` the kinds and the number of largest batches."""
     import torch
@@ -186,7 +89,7 @@ def worker(spec: dict) -> dict:
     kinds = placement.kinds if mode in METHODS else None
     return {
         "kinds": kinds,
-        **spec,
+        **{k: v for k, v in spec.items() if k != "report"},  # the protocol's, not the measurement's
         "seconds": rss.seconds,
         **rss.figures(),
         "tokens": int(sum(int(b.mask.sum()) for b in batches)),
@@ -203,7 +106,7 @@ def median_runs(runs: list[dict]) -> dict:
     return merged
 
 
-def measure_memory(specs: dict[str, dict], reps: int, log, label: str = "") -> dict[str, dict]:
+def measure_memory(specs: dict[str, dict], reps: int, log: Log, label: str = "") -> dict[str, dict]:
     """Each spec in a fresh subprocess, ``reps`` rounds (all specs once per round, order alternating)."""
     runs: dict[str, list[dict]] = {name: [] for name in specs}
     for rep in range(reps):
@@ -216,7 +119,8 @@ def measure_memory(specs: dict[str, dict], reps: int, log, label: str = "") -> d
     return {name: median_runs(r) for name, r in runs.items()}
 
 
-def in_subprocess(spec: dict) -> dict:
+def in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    """``worker`` on ``spec`` in a fresh process, with the spec's threads and malloc setting."""
     return json_worker(
         "benchmarks.calibration_overhead",
         spec,
@@ -226,49 +130,11 @@ def in_subprocess(spec: dict) -> dict:
     )
 
 
-# ---- the benchmark ----------------------------------------------------------------------------------------
+
+# ---- time: every mode side by side in this process ----------------------------------------------------------
 
 
-def make_scorers(model, mode: str) -> list:
-    """Fresh scorers for ``mode``, as ``plan_placement`` builds them (every kind but the head, every layer)."""
-    from litgpt_plop.selection.placement import model_kinds
-    from litgpt_plop.scoring.cka import CkaScorer
-    from litgpt_plop.scoring.plop import PlopScorer
-
-    method, pooling = METHODS[mode]
-    layers = list(range(model.config.n_layer))
-    scorers = []
-    if get_method(method).uses_plop:
-        scorers.append(PlopScorer(model, model_kinds(model.config), layers))
-    if get_method(method).uses_cka:
-        scorers.append(CkaScorer(model, layers, pooling))
-    return scorers
-
-
-def finish(model, mode: str, scorers: list):
-    """Scores and selection from filled scorers: what ``plan_placement`` does after the pass."""
-    from litgpt_plop.args import CkaArgs
-    from litgpt_plop.scoring.cka import CkaScorer
-    from litgpt_plop.scoring.plop import PlopScorer
-    from litgpt_plop.decide import select_placement
-
-    method, pooling = METHODS[mode]
-    for scorer in scorers:  # the batches were fed with reduce=False, one calibrate call each
-        scorer.reduce()
-    plop = next((s for s in scorers if isinstance(s, PlopScorer)), None)
-    cka = next((s for s in scorers if isinstance(s, CkaScorer)), None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return select_placement(
-            model.config,
-            method,
-            plop_scores=plop.result() if plop is not None else None,
-            cka_scores=cka.result() if cka is not None else None,
-            cka=CkaArgs(pooling=pooling),
-        )
-
-
-def measure_time(args, log) -> tuple[dict, dict, dict, list[str]]:
+def measure_time(args: argparse.Namespace, log: Log) -> tuple[dict, dict, dict, list[str]]:
     """Wall time of every mode on ``args.num_prompts`` prompts, ``args.reps`` times.
 
     After an unmeasured warm-up pass over every batch in every mode, interleaved batch by batch: for each batch,
@@ -328,7 +194,28 @@ def measure_time(args, log) -> tuple[dict, dict, dict, list[str]]:
     return samples, finish_samples, batch_samples, plop_kinds
 
 
-def main(argv: list[str] | None = None) -> dict:
+# ---- the run ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    """What one run measured: times per mode (per repetition, the scores-and-selection step, per batch), PLoP's
+    kinds, and the memory figures of the main table, the growth table and the 4-bit case."""
+
+    time_samples: dict[str, list[float]]
+    finish_samples: dict[str, list[float]]
+    batch_samples: dict[str, list[float]]
+    plop_kinds: list[str]
+    memory: dict[str, dict] = field(default_factory=dict)
+    growth: dict[int, dict[str, dict]] = field(default_factory=dict)
+    four_bit: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def time_median(self) -> dict[str, float]:
+        return {mode: statistics.median(v) for mode, v in self.time_samples.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = benchmark_parser("benchmarks.calibration_overhead", __doc__)
     parser.add_argument("--num_prompts", type=int, default=128, help="calibration prompts for the main table (default: %(default)s)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[32, 64, 128, 256], help="prompt counts for the growth table; none to skip (default: %(default)s)")
@@ -348,68 +235,59 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tag", default="", help="suffix of the result files: calibration_overhead_<tag>.{json,md}")
     parser.add_argument("--out", type=Path, default=RESULTS_ROOT, help="directory for calibration_overhead.{json,md} (default: %(default)s)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
-    if args._worker:
-        answer_worker(args._worker, worker)
-        return {}
 
-    import torch
+def measure_times(args: argparse.Namespace, log: Log) -> Figures:
+    """The interleaved time measurement (``measure_time``), or nan figures with ``--reps 0``."""
+    if args.reps > 0:
+        log(f"Time: {len(MODES)} modes x {args.reps} interleaved repetitions on {args.num_prompts} prompts")
+        return Figures(*measure_time(args, log))
+    log("Time: skipped (--reps 0)")
+    nan = float("nan")
+    return Figures({m: [nan] for m in MODES}, {m: [nan] for m in METHODS}, {m: [nan] for m in MODES}, [])
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    host = machine()
-    started = time.perf_counter()
-    load_start = list(os.getloadavg())  # a shared machine: ratios are side by side, but say how busy it was
 
-    def log(text: str) -> None:
-        print(text, flush=True)
-
+def measure_memories(args: argparse.Namespace, figures: Figures, log: Log) -> None:
+    """The memory figures, each in a fresh process: every mode at ``--num_prompts``, the growth modes at every
+    size, and (unless ``--skip_4bit``) the 4-bit forward, PLoP and a training step on PLoP's kinds."""
     common = dict(
         checkpoint_dir=str(args.checkpoint_dir),
         batch_size=args.batch_size,
         threads=args.threads,
         malloc_mmap_threshold=args.malloc_mmap_threshold,
     )
-    if args.reps > 0:
-        log(f"Time: {len(MODES)} modes x {args.reps} interleaved repetitions on {args.num_prompts} prompts")
-        time_samples, finish_samples, batch_samples, plop_kinds = measure_time(args, log)
-    else:
-        log("Time: skipped (--reps 0)")
-        nan = float("nan")
-        time_samples = {m: [nan] for m in MODES}
-        finish_samples = {m: [nan] for m in METHODS}
-        batch_samples = {m: [nan] for m in MODES}
-        plop_kinds = []
-    time_median = {mode: statistics.median(v) for mode, v in time_samples.items()}
-
     log("Memory: one fresh subprocess per measurement")
     memory = measure_memory({m: {**common, "mode": m, "num_prompts": args.num_prompts} for m in MODES}, args.mem_reps, log)
-
-    growth: dict[int, dict[str, dict]] = {}
+    figures.memory = memory
     for size in args.sizes:
         if size == args.num_prompts:
-            growth[size] = {m: memory[m] for m in args.growth_modes}
+            figures.growth[size] = {m: memory[m] for m in args.growth_modes}
             continue
         specs = {m: {**common, "mode": m, "num_prompts": size} for m in args.growth_modes}
-        growth[size] = measure_memory(specs, 1, log, label=f"growth n={size:4d} ")
+        figures.growth[size] = measure_memory(specs, 1, log, label=f"growth n={size:4d} ")
 
-    plop_kinds = plop_kinds or memory["plop"]["kinds"]
-    four_bit: dict[str, dict] = {}
+    figures.plop_kinds = figures.plop_kinds or memory["plop"]["kinds"]
     if not args.skip_4bit:
-        log(f"4-bit (NF4, CPU): PLoP's kinds for the training step: {plop_kinds}")
+        log(f"4-bit (NF4, CPU): PLoP's kinds for the training step: {figures.plop_kinds}")
         specs = {m: {**common, "mode": m, "num_prompts": args.num_prompts, "quantize": "bnb.nf4"} for m in ("forward", "forward_blocks", "plop", "train")}
-        specs["train"].update(kinds=plop_kinds, largest_batches=args.train_batches)
-        four_bit = measure_memory(specs, args.mem_reps, log, label="4-bit ")
+        specs["train"].update(kinds=figures.plop_kinds, largest_batches=args.train_batches)
+        figures.four_bit = measure_memory(specs, args.mem_reps, log, label="4-bit ")
 
-    # ---- tables ----
+
+# ---- the report ---------------------------------------------------------------------------------------------
+
+
+def table_rows(figures: Figures) -> list[dict[str, Any]]:
+    """The main table: per method, its time and memory against both forward baselines."""
+    time_samples, batch_samples, memory = figures.time_samples, figures.batch_samples, figures.memory
     rows = []
     for mode in METHODS:
         rows.append(
             {
                 "mode": mode,
-                "time_s": time_median[mode],
-                "finish_s": statistics.median(finish_samples[mode]),
+                "time_s": figures.time_median[mode],
+                "finish_s": statistics.median(figures.finish_samples[mode]),
                 "time_vs_forward": median_ratio(time_samples[mode], time_samples["forward"]),
                 "time_vs_forward_blocks": median_ratio(time_samples[mode], time_samples["forward_blocks"]),
                 "batch_time_vs_forward": median_ratio(batch_samples[mode], batch_samples["forward"]),
@@ -421,6 +299,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "increase_vs_forward_blocks": ratio(memory[mode]["increase_mib"], memory["forward_blocks"]["increase_mib"]),
             }
         )
+    return rows
+
+
+def main_table_md(
+    args: argparse.Namespace, figures: Figures, rows: list[dict[str, Any]], host: dict[str, Any], load_start: list[float]
+) -> list[str]:
+    """The title, the run's setting, the forward baselines and the main table."""
+    import torch
+
+    memory, time_samples, time_median = figures.memory, figures.time_samples, figures.time_median
     md = [
         f"# Calibration overhead: {args.checkpoint_dir.name}, {args.num_prompts} reasoning-gym prompts, batch {args.batch_size}",
         "",
@@ -452,50 +340,66 @@ def main(argv: list[str] | None = None) -> dict:
             f" {r['peak_vs_forward']:.3f} | {r['peak_vs_forward_blocks']:.3f} | {r['peak_anon_mib']:.1f} | {r['increase_mib']:.1f} |"
             f" {r['increase_vs_forward']:.2f} | {r['increase_vs_forward_blocks']:.2f} |"
         )
-    growth_base = next((m for m in ("forward", "forward_blocks") if m in args.growth_modes), None)
-    if growth and growth_base:
-        methods_grown = [m for m in args.growth_modes if m not in FORWARDS]
-        md += ["", "## Growth with the number of prompts (one fresh process per figure; time of that run, not interleaved)", "",
-               "| prompts | " + " | ".join(f"{m} adds MiB | {m} s" for m in args.growth_modes) + " | "
-               + " | ".join(f"{m} peak / {growth_base} | {m} adds / {growth_base}'s | {m} time / {growth_base}" for m in methods_grown) + " |",
-               "|---|" + "---|---|" * len(args.growth_modes) + "---|---|---|" * len(methods_grown)]  # fmt: skip
-        for size, by_mode in growth.items():
-            cells = [f"{by_mode[m]['increase_mib']:.1f} | {by_mode[m]['seconds']:.1f}" for m in args.growth_modes]
-            cells += [
-                f"{ratio(by_mode[m]['peak_rss_mib'], by_mode[growth_base]['peak_rss_mib']):.3f} |"
-                f" {ratio(by_mode[m]['increase_mib'], by_mode[growth_base]['increase_mib']):.2f} |"
-                f" {ratio(by_mode[m]['seconds'], by_mode[growth_base]['seconds']):.3f}"
-                for m in args.growth_modes
-                if m not in FORWARDS
-            ]
-            md.append(f"| {size} | " + " | ".join(cells) + " |")
-    if four_bit:
-        f, fb, p, t = (four_bit[m] for m in ("forward", "forward_blocks", "plop", "train"))
-        md += [
-            "",
-            f"## 4-bit (NF4 on CPU, fp32 compute): {args.num_prompts} prompts; training step: LoRA r=8 on {plop_kinds},"
-            f" AdamW, on the {args.train_batches} largest batches",
-            "",
-            "| | peak RSS MiB | peak owned MiB | adds MiB | time s |",
-            "|---|---|---|---|---|",
-        ]
-        for name, m in (("inference forward", f), ("forward_blocks", fb), ("PLoP calibration", p), ("training step", t)):
-            md.append(f"| {name} | {m['peak_rss_mib']:.1f} | {m['peak_anon_mib']:.1f} | {m['increase_mib']:.1f} | {m['seconds']:.1f} |")
-        md += [
-            "",
-            f"- PLoP peak / 4-bit inference forward peak: {ratio(p['peak_rss_mib'], f['peak_rss_mib']):.3f} (goal <= {MEMORY_GOAL_4BIT});"
-            f" / forward_blocks: {ratio(p['peak_rss_mib'], fb['peak_rss_mib']):.3f}",
-            f"- PLoP adds / forward adds: {ratio(p['increase_mib'], f['increase_mib']):.2f}; / forward_blocks adds:"
-            f" {ratio(p['increase_mib'], fb['increase_mib']):.2f}",
-            f"- PLoP peak / training-step peak: {ratio(p['peak_rss_mib'], t['peak_rss_mib']):.3f} (must be < 1);"
-            f" adds / training step adds: {ratio(p['increase_mib'], t['increase_mib']):.2f}",
-        ]
-    md += ["", f"Total benchmark wall time: {time.perf_counter() - started:.0f} s."]
-    text = "\n".join(md)
-    print()
-    print(text)
+    return md
 
-    results = {
+
+def growth_md(args: argparse.Namespace, growth: dict[int, dict[str, dict]]) -> list[str]:
+    """The growth table; none without sizes or without a forward among the growth modes to divide by."""
+    growth_base = next((m for m in ("forward", "forward_blocks") if m in args.growth_modes), None)
+    if not growth or not growth_base:
+        return []
+    methods_grown = [m for m in args.growth_modes if m not in FORWARDS]
+    md = ["", "## Growth with the number of prompts (one fresh process per figure; time of that run, not interleaved)", "",
+          "| prompts | " + " | ".join(f"{m} adds MiB | {m} s" for m in args.growth_modes) + " | "
+          + " | ".join(f"{m} peak / {growth_base} | {m} adds / {growth_base}'s | {m} time / {growth_base}" for m in methods_grown) + " |",
+          "|---|" + "---|---|" * len(args.growth_modes) + "---|---|---|" * len(methods_grown)]  # fmt: skip
+    for size, by_mode in growth.items():
+        cells = [f"{by_mode[m]['increase_mib']:.1f} | {by_mode[m]['seconds']:.1f}" for m in args.growth_modes]
+        cells += [
+            f"{ratio(by_mode[m]['peak_rss_mib'], by_mode[growth_base]['peak_rss_mib']):.3f} |"
+            f" {ratio(by_mode[m]['increase_mib'], by_mode[growth_base]['increase_mib']):.2f} |"
+            f" {ratio(by_mode[m]['seconds'], by_mode[growth_base]['seconds']):.3f}"
+            for m in args.growth_modes
+            if m not in FORWARDS
+        ]
+        md.append(f"| {size} | " + " | ".join(cells) + " |")
+    return md
+
+
+def four_bit_md(args: argparse.Namespace, four_bit: dict[str, dict], plop_kinds: list[str]) -> list[str]:
+    """The 4-bit section; none when it was skipped."""
+    if not four_bit:
+        return []
+    f, fb, p, t = (four_bit[m] for m in ("forward", "forward_blocks", "plop", "train"))
+    md = [
+        "",
+        f"## 4-bit (NF4 on CPU, fp32 compute): {args.num_prompts} prompts; training step: LoRA r=8 on {plop_kinds},"
+        f" AdamW, on the {args.train_batches} largest batches",
+        "",
+        "| | peak RSS MiB | peak owned MiB | adds MiB | time s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in (("inference forward", f), ("forward_blocks", fb), ("PLoP calibration", p), ("training step", t)):
+        md.append(f"| {name} | {m['peak_rss_mib']:.1f} | {m['peak_anon_mib']:.1f} | {m['increase_mib']:.1f} | {m['seconds']:.1f} |")
+    md += [
+        "",
+        f"- PLoP peak / 4-bit inference forward peak: {ratio(p['peak_rss_mib'], f['peak_rss_mib']):.3f} (goal <= {MEMORY_GOAL_4BIT});"
+        f" / forward_blocks: {ratio(p['peak_rss_mib'], fb['peak_rss_mib']):.3f}",
+        f"- PLoP adds / forward adds: {ratio(p['increase_mib'], f['increase_mib']):.2f}; / forward_blocks adds:"
+        f" {ratio(p['increase_mib'], fb['increase_mib']):.2f}",
+        f"- PLoP peak / training-step peak: {ratio(p['peak_rss_mib'], t['peak_rss_mib']):.3f} (must be < 1);"
+        f" adds / training step adds: {ratio(p['increase_mib'], t['increase_mib']):.2f}",
+    ]
+    return md
+
+
+def results_of(
+    args: argparse.Namespace, figures: Figures, rows: list[dict[str, Any]], host: dict[str, Any], load_start: list[float]
+) -> dict[str, Any]:
+    """What the JSON result file holds: the settings, every figure, and the goals."""
+    import torch
+
+    return {
         "checkpoint_dir": str(args.checkpoint_dir),
         "num_prompts": args.num_prompts,
         "batch_size": args.batch_size,
@@ -503,19 +407,48 @@ def main(argv: list[str] | None = None) -> dict:
         "mem_reps": args.mem_reps,
         "malloc_mmap_threshold": args.malloc_mmap_threshold,
         "threads": torch.get_num_threads(),
-        "time_samples_s": time_samples,
-        "time_median_s": time_median,
-        "finish_samples_s": finish_samples,
-        "batch_samples_s": batch_samples,
-        "memory": memory,
+        "time_samples_s": figures.time_samples,
+        "time_median_s": figures.time_median,
+        "finish_samples_s": figures.finish_samples,
+        "batch_samples_s": figures.batch_samples,
+        "memory": figures.memory,
         "table": rows,
-        "growth": {str(k): v for k, v in growth.items()},
-        "four_bit": four_bit,
-        "plop_kinds": plop_kinds,
+        "growth": {str(k): v for k, v in figures.growth.items()},
+        "four_bit": figures.four_bit,
+        "plop_kinds": figures.plop_kinds,
         "goals": {"time_vs_forward_blocks": TIME_GOALS, "memory": MEMORY_GOAL, "memory_4bit": MEMORY_GOAL_4BIT},
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "machine": host,
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args._worker:
+        answer_worker(args._worker, worker)
+        return {}
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    host = machine()
+    started = time.perf_counter()
+    load_start = list(os.getloadavg())  # a shared machine: ratios are side by side, but say how busy it was
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+
+    figures = measure_times(args, log)
+    measure_memories(args, figures, log)
+    rows = table_rows(figures)
+    md = main_table_md(args, figures, rows, host, load_start) + growth_md(args, figures.growth)
+    md += four_bit_md(args, figures.four_bit, figures.plop_kinds)
+    md += ["", f"Total benchmark wall time: {time.perf_counter() - started:.0f} s."]
+    text = "\n".join(md)
+    print()
+    print(text)
+    results = results_of(args, figures, rows, host, load_start)
     write_results(args.out, "calibration_overhead" + (f"_{args.tag}" if args.tag else ""), results, text)
     return results
 

@@ -69,6 +69,8 @@ class WorkerRun:
         peak_anon_mib, peak_file_mib: the peaks of its ``RssAnon`` (memory it owns) and ``RssFile`` (pages of
             mapped files, e.g. a memory-mapped checkpoint: clean, the kernel reclaims them under pressure), sampled
             from ``/proc/<pid>/status`` every 10 ms (``STATUS_SAMPLE_S``); None where there is no ``/proc``.
+        peak_vmrss_mib: the peak of its ``VmRSS``, sampled alike: unlike ``peak_rss_mib`` it does not start at the
+            launching process's peak (``ru_maxrss`` is inherited across the vfork + exec that starts a worker).
     """
 
     returncode: int
@@ -81,6 +83,7 @@ class WorkerRun:
     stderr: str = ""
     peak_anon_mib: float | None = None
     peak_file_mib: float | None = None
+    peak_vmrss_mib: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -140,7 +143,7 @@ def run_worker(
                 pid, status, usage = os.wait4(process.pid, os.WNOHANG)
                 if pid:
                     break
-                for field, kib in read_status_kib(process.pid, ("RssAnon", "RssFile")).items():
+                for field, kib in read_status_kib(process.pid, ("VmRSS", "RssAnon", "RssFile")).items():
                     peaks[field] = max(peaks.get(field, 0), kib)
                 if timeout is not None and time.perf_counter() - start > timeout:
                     timed_out = True
@@ -164,6 +167,7 @@ def run_worker(
             cpu_sys_s=usage.ru_stime,
             peak_anon_mib=peaks["RssAnon"] / 1024 if "RssAnon" in peaks else None,
             peak_file_mib=peaks["RssFile"] / 1024 if "RssFile" in peaks else None,
+            peak_vmrss_mib=peaks["VmRSS"] / 1024 if "VmRSS" in peaks else None,
         )
         if log is None and not console:
             stdout.seek(0)
@@ -173,23 +177,72 @@ def run_worker(
     return run
 
 
-def json_worker(
+def call_worker(
+    module: str,
+    spec: dict[str, Any],
+    *,
+    flag: str = "--_worker",
+    report: Path | None = None,
+    **options: Any,
+) -> tuple[dict[str, Any] | None, WorkerRun]:
+    """The benchmarks' one worker protocol, parent side: run ``python -m <module> <flag> SPEC_FILE`` in a fresh
+    interpreter (``run_worker``: its time, peak memory and exit) and read the JSON report it wrote.
+
+    The spec travels as a file with ``"report"`` (where the worker writes its JSON) added, so a worker's stdout
+    stays free for its own log. Returns (the report, or None when the worker wrote none; a worker may write a
+    partial report before failing, which is returned too) and the ``WorkerRun``.
+
+    Args:
+        module: the worker's module, e.g. ``benchmarks.overhead``.
+        spec: what the worker is to do; must be JSON.
+        flag: the worker's command-line flag that takes the spec file.
+        report: where the report goes (kept afterwards); None: a temporary file.
+        options: for ``run_worker`` (threads, malloc_mmap_threshold, log, console, timeout).
+    """
+    with tempfile.TemporaryDirectory(prefix="benchmark-worker-") as tmp:
+        report = Path(report) if report is not None else Path(tmp) / "report.json"
+        report.unlink(missing_ok=True)
+        spec_file = Path(tmp) / "spec.json"
+        write_json(spec_file, {**spec, "report": str(report)})
+        run = run_worker(module, [flag, str(spec_file)], **options)
+        result = json.loads(report.read_text()) if report.is_file() else None
+    return result, run
+
+
+def checked_worker(
     module: str, spec: dict[str, Any], what: str, flag: str = "--_worker", **options: Any
-) -> dict[str, Any]:
-    """Run ``module`` as a worker on ``spec`` (passed as JSON after ``flag``) and return the JSON object it printed
-    last; a failure raises ``RuntimeError`` naming ``what`` with the end of its stderr. ``options``: as for
-    ``run_worker`` (threads, malloc_mmap_threshold, timeout)."""
-    run = run_worker(module, [flag, json.dumps(spec)], **options)
-    if not run.ok:
-        reason = "timed out" if run.timed_out else f"exit {run.returncode}"
-        raise RuntimeError(f"{what} failed ({reason}):\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+) -> tuple[dict[str, Any], WorkerRun]:
+    """``call_worker`` for a worker that must succeed: its report and ``WorkerRun``, or ``RuntimeError`` naming
+    ``what`` with the end of its output (its log file's, named too, when ``options`` has one)."""
+    result, run = call_worker(module, spec, flag=flag, **options)
+    if run.ok and result is not None:
+        return result, run
+    reason = "timed out" if run.timed_out else f"exit {run.returncode}" if not run.ok else "no report"
+    log = options.get("log")
+    if log is not None:
+        raise RuntimeError(f"{what} failed ({reason}); see {log}:\n{log_tail(Path(log))}")
+    raise RuntimeError(f"{what} failed ({reason}):\n{run.stderr[-3000:]}")
 
 
-def answer_worker(payload: str, work: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """The worker side of ``json_worker``: run ``work`` on the JSON spec ``payload`` and print its result as the
-    last line of stdout."""
-    print(json.dumps(work(json.loads(payload))), flush=True)
+def json_worker(module: str, spec: dict[str, Any], what: str, flag: str = "--_worker", **options: Any) -> dict[str, Any]:
+    """``checked_worker`` when only the report matters."""
+    return checked_worker(module, spec, what, flag, **options)[0]
+
+
+def answer_worker(spec_file: str | Path, work: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """The worker side of ``call_worker``: run ``work`` on the spec read from ``spec_file`` and write what it returns
+    as the report (atomically). A worker that reports as it goes writes ``spec["report"]`` itself with
+    ``write_json``; its return value is the last word."""
+    spec = json.loads(Path(spec_file).read_text())
+    write_json(Path(spec["report"]), work(spec))
+
+
+def log_tail(path: Path, chars: int = 3000) -> str:
+    """The end of a worker's log file; empty when it cannot be read."""
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
 
 
 def benchmark_parser(module: str, doc: str) -> argparse.ArgumentParser:
@@ -363,13 +416,15 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2))
 
 
-def write_results(out_dir: Path, stem: str, data: Any, markdown: str) -> tuple[Path, Path]:
-    """A benchmark's two result files, ``<stem>.json`` and ``<stem>.md`` in ``out_dir``, each written atomically."""
+def write_results(out_dir: Path, stem: str, data: Any, markdown: str, quiet: bool = False) -> tuple[Path, Path]:
+    """A benchmark's two result files, ``<stem>.json`` and ``<stem>.md`` in ``out_dir``, each written atomically;
+    says where unless ``quiet`` (a script that rewrites them after every step)."""
     out_dir = Path(out_dir)
     paths = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     write_json(paths[0], data)
     write_text(paths[1], markdown)
-    print(f"\nWrote {paths[0]} and {paths[1]}")
+    if not quiet:
+        print(f"\nWrote {paths[0]} and {paths[1]}")
     return paths
 
 

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO_ROOT, RESULTS_ROOT, benchmark_parser, command_line, git_commit, machine, write_results, write_text
+from benchmarks.common import REPO_ROOT, RESULTS_ROOT, benchmark_parser, command_line, git_commit, machine, write_results
+from benchmarks.results_md import write_section
 from benchmarks.stats import kendall_tau
 
 BEGIN, END = "<!-- cross_task:begin -->", "<!-- cross_task:end -->"
+TRAINING_COST = "## Training cost per placement"  # where RESULTS.md has no cross-task section yet, it goes before this
 QA = "english_qa"
 # (task, category); reasoning-gym task configs: the placement grid's where it has one (TASK_CONFIGS), else defaults.
 TASKS = (
@@ -92,7 +94,7 @@ def english_questions(seed: int) -> list[str]:
 def prompt_token_ids(spec: Spec, tokenizer: Any, num_prompts: int, seed: int, prompt_style: str | None = None) -> list[Any]:
     """The calibration prompts of ``spec``, tokenized (the prompt only): in the checkpoint's chat template, or in the
     LitGPT prompt style ``prompt_style`` (``none``: the text as it is, LitGPT's ``Default`` style)."""
-    from benchmarks.placement_quality import TASK_CONFIGS
+    from benchmarks.quality_grid import TASK_CONFIGS
     from litgpt_plop.data import ReasoningGym
     from litgpt_plop.scoring.prompts import data_module_prompts, tokenize_prompts
 
@@ -334,18 +336,6 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(out + [END]) + "\n"
 
 
-def write_section(md_path: Path, block: str) -> None:
-    """Put the generated block between its markers in RESULTS.md (before the training-cost section if absent)."""
-    text = md_path.read_text()
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block.rstrip("\n") + text[text.index(END) + len(END) :]
-    else:
-        anchor = "## Training cost per placement"
-        at = text.index(anchor) if anchor in text else len(text)
-        text = text[:at] + block + "\n" + text[at:]
-    write_text(md_path, text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser("benchmarks.cross_task", __doc__)
     parser.add_argument("--tasks", nargs="+", default=[t for t, _ in TASKS], help="tasks (default: all %(default)s)")
@@ -385,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     block = markdown(data)
     write_results(args.out, stem, data, block.replace(BEGIN, "").replace(END, "").strip())
     if args.results_md:
-        write_section(Path(args.results_md), block)
+        write_section(Path(args.results_md), BEGIN, END, block, before=TRAINING_COST)
         print(f"Updated {args.results_md}")
 
 

@@ -4,7 +4,7 @@ A finetune (``litgpt finetune_lora``, and ``litgpt-plop finetune``, which saves 
 by writing a merged dense ``lit_model.pth`` with LitGPT's ``merge_lora``. That function memory-maps the base
 checkpoint (``torch.load(mmap=True)``), adds B·A into each adapted weight in place, and saves every tensor. Its
 resident memory has two parts, which this script measures apart in a worker process (``/proc/<pid>/status``
-sampled every 10 ms):
+sampled every 10 ms by ``benchmarks.common.run_worker``):
 
 - ``RssFile``: the checkpoint's pages, read through the mapping. They are clean copies of a file, which the
   kernel drops when memory runs short and reads again when needed: they make RSS large, not memory required.
@@ -22,25 +22,20 @@ Run (from the repository root; the shaped checkpoints come from ``python -m benc
 
 from __future__ import annotations
 
+import argparse
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_ROOT, benchmark_parser, command_line, git_commit, machine, write_results
+from benchmarks.common import RESULTS_ROOT, answer_worker, benchmark_parser, checked_worker, command_line, git_commit, machine, write_results
 
 GIB = 2**30
-FIELDS = ("VmRSS", "RssAnon", "RssFile")
 PLACEMENTS = {
     "qv": ("query", "value"),
     "attention": ("query", "key", "value", "projection"),
     "all": ("query", "key", "value", "projection", "mlp"),
 }
-IMPORT_ONLY = "import lightning, torch, litgpt.lora, litgpt.scripts.merge_lora"
-MERGE = "from pathlib import Path; from litgpt.scripts.merge_lora import merge_lora; merge_lora(Path({path!r}))"
 
 
 def write_adapter(checkpoint_dir: Path, kinds: tuple[str, ...], out_dir: Path, rank: int = 8) -> int:
@@ -78,44 +73,44 @@ def write_adapter(checkpoint_dir: Path, kinds: tuple[str, ...], out_dir: Path, r
     return rewritten
 
 
-def peak_status(code: str, timeout_s: float = 1800) -> dict[str, Any]:
-    """Run ``python -c code`` and sample its ``/proc/<pid>/status`` every 10 ms: the peak of each field (GiB), the
-    exit status and the wall time."""
-    peaks = dict.fromkeys(FIELDS, 0)
-    start = time.perf_counter()
-    worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while worker.poll() is None and time.perf_counter() - start < timeout_s:
-        try:
-            with open(f"/proc/{worker.pid}/status") as f:
-                for line in f:
-                    name, _, value = line.partition(":")
-                    if name in peaks:
-                        peaks[name] = max(peaks[name], int(value.split()[0]))
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        time.sleep(0.01)
-    if worker.poll() is None:
-        worker.kill()
-    _, stderr = worker.communicate()
-    if worker.returncode != 0:
-        raise RuntimeError(f"The worker failed ({worker.returncode}): {stderr[-2000:]}")
-    return {**{f"{k}_gib": v / 2**20 for k, v in peaks.items()}, "wall_s": time.perf_counter() - start}
+def merge_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: import stock ``merge_lora`` (it imports lightning, torch and ``litgpt.lora``) and, unless
+    ``spec["adapter_dir"]`` is None (the worker that measures the interpreter's own share), merge that adapter."""
+    from litgpt.scripts.merge_lora import merge_lora
+
+    if spec["adapter_dir"] is not None:
+        merge_lora(Path(spec["adapter_dir"]))
+    return {"merged": spec["adapter_dir"] is not None}
+
+
+def peak_status(adapter_dir: Path | None, timeout_s: float = 1800) -> dict[str, Any]:
+    """``merge_worker`` in a fresh process: the peaks of its ``VmRSS``, ``RssAnon`` and ``RssFile`` (GiB, sampled
+    every 10 ms) and its wall time; ``RuntimeError`` when it fails."""
+    spec = {"adapter_dir": None if adapter_dir is None else str(adapter_dir)}
+    what = "the import-only worker" if adapter_dir is None else f"the merge of {adapter_dir}"
+    _, run = checked_worker("benchmarks.merge_memory", spec, what, timeout=timeout_s)
+    peaks = {"VmRSS": run.peak_vmrss_mib, "RssAnon": run.peak_anon_mib, "RssFile": run.peak_file_mib}
+    return {**{f"{k}_gib": (mib or 0.0) / 1024 for k, mib in peaks.items()}, "wall_s": run.wall_s}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = benchmark_parser("benchmarks.merge_memory", __doc__)
     parser.add_argument("--placements", nargs="+", choices=list(PLACEMENTS), default=["qv", "all"])
     parser.add_argument("--out_dir", type=Path, default=RESULTS_ROOT)
+    parser.add_argument("--_worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._worker:
+        answer_worker(args._worker, merge_worker)
+        return {}
     checkpoint_dir = args.checkpoint_dir.resolve()
     checkpoint_gib = (checkpoint_dir / "lit_model.pth").stat().st_size / GIB
 
-    rows = [{"placement": "import", "rewritten_gib": 0.0, **peak_status(IMPORT_ONLY)}]
+    rows = [{"placement": "import", "rewritten_gib": 0.0, **peak_status(None)}]
     for name in args.placements:
         with tempfile.TemporaryDirectory(prefix="merge_memory-") as tmp:
             adapter_dir = Path(tmp) / name
             rewritten = write_adapter(checkpoint_dir, PLACEMENTS[name], adapter_dir) / GIB
-            rows.append({"placement": name, "rewritten_gib": rewritten, **peak_status(MERGE.format(path=str(adapter_dir)))})
+            rows.append({"placement": name, "rewritten_gib": rewritten, **peak_status(adapter_dir)})
         print(rows[-1], flush=True)
     baseline = rows[0]["RssAnon_gib"]
     for row in rows[1:]:

@@ -38,8 +38,9 @@ import statistics
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
-from benchmarks.calibration_overhead import load_model
+from benchmarks.calibration_passes import load_model
 from benchmarks.common import (
     RESULTS_ROOT,
     PeakRss,
@@ -49,10 +50,9 @@ from benchmarks.common import (
     git_commit,
     json_worker,
     machine,
-    write_json,
-    write_text,
+    write_results,
 )
-from benchmarks.placement_quality import CALIBRATED, FIXED, TASK_CONFIGS, closest_rank
+from benchmarks.quality_grid import CALIBRATED, FIXED, TASK_CONFIGS, closest_rank
 from benchmarks.stats import median_ratio
 
 REFERENCE, REFERENCE_RANK = "plop", 8  # the budget: PLoP's decision at rank 8, as in the placement-quality grid
@@ -272,7 +272,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = benchmark_parser("benchmarks.overhead", __doc__)
     parser.add_argument("--task", default="basic_arithmetic", help="reasoning-gym task for calibration and training batches (default: %(default)s)")
     parser.add_argument("--calibration_samples", type=int, default=64, help="calibration prompts (default: %(default)s)")
@@ -286,22 +286,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--placement", action="append", default=[], metavar="NAME=PATH", help="an extra placement.json to measure (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS_ROOT, help="directory for overhead.{json,md} (default: %(default)s)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args._worker:
-        answer_worker(args._worker, memory_worker)
-        return {}
+    return parser
 
-    import torch
-    from litgpt.tokenizer import Tokenizer
 
+def placements_to_measure(args: argparse.Namespace, tokenizer: Any, log: Callable[[str], None]) -> dict[str, dict]:
+    """The grid's placements decided on the task's prompts (``decide_placements``), then the ``--placement`` ones."""
     from litgpt_plop.model.checkpoint import load_checkpoint_model
     from litgpt_plop.selection.placement import Placement
 
-    torch.set_num_threads(args.threads)
-    command = command_line("benchmarks.overhead", argv)
-    log = lambda text: print(text, flush=True)  # noqa: E731
-    loadavg_before = os.getloadavg()
-    tokenizer = Tokenizer(args.checkpoint_dir)
     model = load_checkpoint_model(args.checkpoint_dir)
     log(f"deciding placements on {args.calibration_samples} {args.task} prompts ...")
     placements = decide_placements(model, tokenizer, args.task, args.calibration_samples, args.cka_ratio)
@@ -311,6 +303,43 @@ def main(argv: list[str] | None = None) -> dict:
         if not name or not path:
             raise SystemExit(f"--placement expects NAME=PATH, got {item!r}")
         placements[name] = Placement.load(Path(path)).to_dict()
+    return placements
+
+
+def placement_rows(checkpoint_dir: Path, placements: dict[str, dict], times: dict, memory: dict) -> dict[str, dict]:
+    """One report row per placement: where it puts LoRA, its trainable parameters, its step time and memory."""
+    from litgpt import Config
+
+    from litgpt_plop.selection.placement import Placement
+
+    config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    rows = {}
+    for name, placement in placements.items():
+        rows[name] = {
+            "where": describe(placement),
+            "trainable_params": Placement.from_dict(placement).trainable_params(config),
+            **times[name],
+            **memory[name],
+            "placement": placement,
+        }
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args._worker:
+        answer_worker(args._worker, memory_worker)
+        return {}
+
+    import torch
+    from litgpt.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    command = command_line("benchmarks.overhead", argv)
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    loadavg_before = os.getloadavg()
+    tokenizer = Tokenizer(args.checkpoint_dir)
+    placements = placements_to_measure(args, tokenizer, log)
 
     batches = training_batches(tokenizer, args.task, count=8)
     batch = sorted(batches, key=lambda b: b["input_ids"].numel())[len(batches) // 2]  # a typical (median) batch
@@ -321,18 +350,6 @@ def main(argv: list[str] | None = None) -> dict:
             "malloc_mmap_threshold": args.malloc_mmap_threshold}
     memory = measure_memory(spec, placements, log)
 
-    from litgpt import Config
-
-    config = Config.from_file(args.checkpoint_dir / "model_config.yaml")
-    rows = {}
-    for name, placement in placements.items():
-        rows[name] = {
-            "where": describe(placement),
-            "trainable_params": Placement.from_dict(placement).trainable_params(config),
-            **times[name],
-            **memory[name],
-            "placement": placement,
-        }
     report = {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -346,11 +363,10 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_after": list(os.getloadavg()),
         "machine": machine(),
         "git_commit": git_commit(),
-        "placements": rows,
+        "placements": placement_rows(args.checkpoint_dir, placements, times, memory),
     }
     text = markdown(report)
-    write_json(args.out / "overhead.json", report)
-    write_text(args.out / "overhead.md", text)
+    write_results(args.out, "overhead", report, text)
     print("\n" + text)
     return report
 

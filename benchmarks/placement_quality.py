@@ -100,13 +100,10 @@ each (about 4-6 minutes per run on 2 cores, 2 runs at a time):
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -114,447 +111,79 @@ from typing import Any
 from benchmarks.common import (
     DEFAULT_CHECKPOINT,
     REPO_ROOT,
-    RESULTS_ROOT,
     append_jsonl,
+    call_worker,
     command_line,
     git_commit,
+    log_tail,
     machine,
-    read_jsonl,
-    run_worker,
-    self_peak_rss_mib,
-    write_text,
+    write_json,
 )
-from litgpt_plop.selection.methods import get_method, method_names
+from benchmarks.quality_grid import (
+    EXTRA_METHODS,
+    FULL,
+    METHODS,
+    PLANNED,
+    RACE,
+    REFERENCES,
+    RESULTS_DIR,
+    SMOKE,
+    TASK_CONFIGS,
+    WEIGHTLORA,
+    Settings,
+    entry_for,
+    is_done,
+    is_stale,
+    matching,
+    print_matching,
+    recorded_rows,
+    settings_for,
+)
 
-RESULTS_DIR = RESULTS_ROOT / "placement_quality"
-
-# The task configs: basic_arithmetic as in configs/demo-cpu.yaml (two terms of 1-2 digits); chain_sum with three
-# one-digit terms (about 20% after 50 steps: room both ways). Tried and not in the default grid (RESULTS.md says
-# what they gave at 50 steps): leg_counting (1-2 kinds of animal, up to 3 of each: every placement answered "12"
-# to everything, also at 100 steps), spell_backward (3-6 letters: no exact answer from any placement, partial
-# credit only), products (two terms of 1 or 2 digits: one-digit products right, two-digit ones wrong, so it
-# saturates near 50%). gsm_symbolic as is (multi-step word problems: a 135M model answering in at most 16 tokens
-# without working is expected to stay near 0%, so it tells little at this size).
-TASK_CONFIGS: dict[str, dict[str, Any] | None] = {
-    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
-    "leg_counting": {"min_animals": 1, "max_animals": 2, "max_instances": 3},
-    "spell_backward": {"min_word_len": 3, "max_word_len": 6},
-    "products": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
-    "chain_sum": {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1},
-    "gsm_symbolic": None,
-}
-# What the grid runs, in the order it runs and reports them. What each one is comes from the project's method
-# registry (litgpt_plop.selection.methods); ``all@r0`` and ``base`` exist only here (see the module docstring).
-METHODS = (
-    "qv", "attention", "mlp", "all", "random", "plop", "plop-inverse", "cka", "plop+cka", "kappa", "weightlora",
-    "weightlora+", "all@r0",
-)  # fmt: skip
-EXTRA_METHODS = ("base",)
-
-
-def _registered(*kinds: str) -> tuple[str, ...]:
-    """The grid's methods that the registry lists as one of ``kinds``, in the grid's order."""
-    return tuple(m for m in METHODS if m in method_names(*kinds))
-
-
-FIXED = _registered("preset")
-CALIBRATED = _registered("calibrated")
-WEIGHTS = _registered("weights")  # scored from the weights alone (kappa)
-# sites known only once scored: planned first
-PLANNED = tuple(m for m in CALIBRATED + WEIGHTS if get_method(m).uses_plop or get_method(m).uses_kappa)
-WEIGHTLORA = _registered("gated")
-REFERENCES = ("plop", "qv")
+WORKER = "benchmarks.quality_worker"  # the module that runs one job in its own process
 
 
 @dataclasses.dataclass
-class Settings:
-    """Everything that changes a run's numbers. Its hash (``config_id``) is part of the resume key."""
+class Grid:
+    """One invocation of the grid: what it runs, where its rows and run directories go, the matching per task,
+    and what every row records about where it came from."""
 
-    steps: int = 100
-    micro_batch: int = 8
-    lr: float = 2e-3
-    lr_warmup_steps: int = 10
-    rank: int = 8
-    alpha_rule: str = "ratio"
-    reference: str = "plop"
-    train_size: int = 800
-    eval_items: int = 40
-    max_new_tokens: int = 16
-    max_seq_length: int = 256
-    calibration_samples: int = 64
-    cka_ratio: float = 0.5
-    weightlora_warmup: float = 0.25
-    data_seed: int = 42
-    lora_dropout: float = 0.05
-    smoke: bool = False
+    args: argparse.Namespace
+    settings: Settings
+    tasks: list[str]
+    methods: list[str]
+    seeds: list[int]
+    out: Path
+    work_dir: Path
+    command: str
+    machine: dict[str, Any]
+    commit: str | None
+    matches: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
+    @property
     def config_id(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha1(text.encode()).hexdigest()[:10]
+        """The settings hash: part of every row's key and of the run directories' path."""
+        return self.settings.config_id()
 
-    def alpha(self, rank: int) -> int:
-        base_alpha = 2 * self.rank  # alpha 16 at r0 = 8, the project's default
-        return max(1, round(rank * base_alpha / self.rank)) if self.alpha_rule == "ratio" else base_alpha
-
-    def weightlora_warmup_steps(self) -> int:
-        return max(5, round(self.steps * self.weightlora_warmup))  # finetune refuses less for WeightLoRA+ (3 + rounds)
+    @property
+    def finetuned(self) -> list[str]:
+        """The methods that train (all but ``base``), and so need the matching."""
+        return [m for m in self.methods if m != "base"]
 
 
-FULL = {"tasks": ["basic_arithmetic", "chain_sum"], "methods": list(METHODS) + ["base"], "seeds": [0, 1, 2]}
-SMOKE = {
-    "tasks": ["basic_arithmetic"],
-    "methods": ["base", "qv", "plop"],
-    "seeds": [0],
-    "steps": 5,
-    "lr_warmup_steps": 1,
-    "train_size": 64,
-    "eval_items": 8,
-    "calibration_samples": 16,
-}
+# ---- one job in its own process ----------------------------------------------------------------------------
 
 
-# ---- parameter matching ------------------------------------------------------------------------------------
-
-
-def model_config(checkpoint_dir: Path):
-    from litgpt import Config
-
-    return Config.from_file(Path(checkpoint_dir) / "model_config.yaml")
-
-
-def params_at_rank_one(config, kinds: list[str], layers: list[int] | None) -> int:
-    from litgpt_plop.selection.placement import Placement
-
-    return Placement.from_kinds(config, kinds, layers=layers, rank=1).trainable_params(config)
-
-
-def closest_rank(budget: int, p1: int) -> int:
-    """The integer rank r >= 1 whose r * p1 is closest to ``budget``."""
-    low = max(1, budget // p1)
-    return min((low, low + 1), key=lambda r: (abs(r * p1 - budget), r))
-
-
-def fixed_kinds(method: str, config, seed: int = 0) -> list[str]:
-    from litgpt_plop.selection.placement import model_kinds, preset
-
-    # exactly what finetune does: decide_placement -> preset(..., candidates=every kind but the head, seed=--seed)
-    candidates = list(model_kinds(config))
-    return preset(method, config, rank=1, candidates=candidates, seed=seed).kinds
-
-
-def matching(task: str, settings: Settings, plans: dict[str, Any], checkpoint_dir: Path, seeds: list[int]) -> dict[str, Any]:
-    """The budget of a task and, per method, the rank (and K) that matches it, with the expected parameters.
-
-    ``random`` draws other kinds for every seed, so its entry is per seed: ``entry_for(match, "random", seed)``.
-    """
-    from litgpt_plop.selection.placement import model_kinds
-
-    config = model_config(checkpoint_dir)
-    r0 = settings.rank
-    shapes: dict[str, dict[str, Any]] = {}
-    for method in FIXED:
-        if method == "random":
-            continue
-        kinds = fixed_kinds(method, config)
-        shapes[method] = {"kinds": kinds, "layers": list(range(config.n_layer))}
-    for method in PLANNED:
-        plan = plans[method]
-        shapes[method] = {"kinds": plan["kinds"], "layers": plan["layers"]}
-    n_cka = max(1, int(settings.cka_ratio * config.n_layer + 0.5))  # litgpt_plop.selection.rules.choose_layers
-    for method in CALIBRATED:
-        if method not in PLANNED:  # CKA alone: every kind on n_cka layers, a cost known without calibration
-            shapes[method] = {"kinds": list(model_kinds(config)), "layers": None, "n_layers": n_cka}
-    for shape in shapes.values():
-        layers = shape["layers"]
-        shape.setdefault("n_layers", len(layers) if layers is not None else None)
-        shape["p1"] = (
-            params_at_rank_one(config, shape["kinds"], layers)
-            if layers is not None
-            else n_cka * params_at_rank_one(config, shape["kinds"], [0])
-        )
-    budget = r0 * shapes[settings.reference]["p1"]
-
-    methods: dict[str, Any] = {}
-    for method, shape in shapes.items():
-        rank = closest_rank(budget, shape["p1"])
-        methods[method] = {
-            "plugin": method,
-            "rank": rank,
-            "kinds": shape["kinds"],
-            "n_layers": shape["n_layers"],
-            "expected_params": rank * shape["p1"],
-        }
-    methods["all@r0"] = {**methods["all"], "rank": r0, "expected_params": r0 * shapes["all"]["p1"]}
-    by_seed = {}
-    for seed in seeds:
-        kinds = fixed_kinds("random", config, seed)
-        p1 = params_at_rank_one(config, kinds, list(range(config.n_layer)))
-        rank = closest_rank(budget, p1)
-        by_seed[seed] = {"plugin": "random", "rank": rank, "kinds": kinds, "n_layers": config.n_layer, "expected_params": rank * p1}
-    methods["random"] = {"by_seed": by_seed}
-    candidates = list(model_kinds(config))
-    n_candidates = len(candidates) * config.n_layer
-    mean_adapter = params_at_rank_one(config, candidates, None) / n_candidates * r0
-    k = max(1, min(n_candidates, round(budget / mean_adapter)))
-    for method in WEIGHTLORA:
-        methods[method] = {
-            "plugin": method,
-            "rank": r0,
-            "k": k,
-            "kinds": None,
-            "n_layers": None,
-            "expected_params": round(k * mean_adapter),
-            "warmup_steps": settings.weightlora_warmup_steps(),
-        }
-    for entry in methods.values():
-        for one in entry["by_seed"].values() if "by_seed" in entry else [entry]:
-            one["alpha"] = settings.alpha(one["rank"])
-    return {"task": task, "budget": budget, "reference": settings.reference, "rank0": r0, "methods": methods}
-
-
-# ---- the subprocess side -----------------------------------------------------------------------------------
-
-
-def make_data(spec: dict[str, Any]):
-    """The task's data module; training batches shuffled with ``shuffle_seed`` (same items, other order)."""
-    import torch
-    from litgpt.data import get_sft_collate_fn
-    from torch.utils.data import DataLoader
-
-    from litgpt_plop.data import ReasoningGym
-
-    @dataclasses.dataclass
-    class SeededOrderReasoningGym(ReasoningGym):
-        """``ReasoningGym`` whose training batches are shuffled with their own seed (the items stay the same)."""
-
-        shuffle_seed: int | None = None
-
-        def train_dataloader(self) -> DataLoader:
-            if self.shuffle_seed is None:
-                return super().train_dataloader()
-            return DataLoader(
-                self.train_dataset,
-                batch_size=self.batch_size,
-                shuffle=True,
-                generator=torch.Generator().manual_seed(self.shuffle_seed),
-                num_workers=self.num_workers,
-                collate_fn=get_sft_collate_fn(max_seq_length=self.max_seq_length, ignore_index=self.ignore_index),
-            )
-
-    return SeededOrderReasoningGym(
-        task=spec["task"],
-        task_config=spec["task_config"],
-        train_size=spec["train_size"],
-        val_size=spec["val_size"],
-        seed=spec["data_seed"],
-        shuffle_seed=spec.get("shuffle_seed"),
-    )
-
-
-def calibration_args(spec: dict[str, Any]):
-    from litgpt_plop.args import CalibrationArgs
-
-    return CalibrationArgs(num_samples=spec["calibration_samples"], batch_size=8, max_seq_length=256, progress=False)
-
-
-def evaluate(checkpoint_dir: Path, data, num_items: int, max_new_tokens: int, records_path: Path | None) -> dict[str, Any]:
-    """``litgpt_plop.commands.demo.accuracy``'s procedure (the checkpoint's prompt style, greedy, the task's scorer), keeping
-    the partial-credit mean and the answers too."""
-    from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
-    from litgpt.tokenizer import Tokenizer
-
-    from litgpt_plop.model.checkpoint import load_checkpoint_model
-    from litgpt_plop.data import evaluate_accuracy
-
-    model = load_checkpoint_model(checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint_dir)
-    prompt_style = load_prompt_style(checkpoint_dir) if has_prompt_style(checkpoint_dir) else PromptStyle.from_config(model.config)
-    items = data.items("val")[:num_items]
-    t0 = time.perf_counter()
-    result = evaluate_accuracy(model, tokenizer, items, data.scorer(), prompt_style, max_new_tokens)
-    seconds = time.perf_counter() - t0
-    if records_path is not None:
-        with open(records_path, "w") as f:
-            for r in result.records:
-                f.write(json.dumps(dataclasses.asdict(r)) + "\n")
-    for r in result.records[:3]:
-        print(f"  Q: {r.question!r}  expected {r.reference!r}  got {r.answer!r}", flush=True)
-    return {
-        "accuracy": result.accuracy,
-        "mean_score": result.mean_score,
-        "item_scores": [r.score for r in result.records],
-        "eval_items": len(result.records),
-        "eval_s": round(seconds, 2),
-        "prompt_style": type(prompt_style).__name__,
-    }
-
-
-def read_metrics(out_dir: Path) -> dict[str, Any]:
-    files = sorted(out_dir.glob("logs/csv/*/metrics.csv"))
-    if not files:
-        return {"metrics_csv": None}
-    rows = list(csv.DictReader(open(files[-1])))
-
-    def column(name: str) -> list[float]:
-        return [float(row[name]) for row in rows if row.get(name) not in (None, "")]
-
-    iter_times, losses, val_losses, trainable = column("iter_time"), column("loss"), column("val_loss"), column("trainable_params")
-    return {
-        "metrics_csv": str(files[-1].relative_to(REPO_ROOT)) if files[-1].is_relative_to(REPO_ROOT) else str(files[-1]),
-        "median_step_s": statistics.median(iter_times) if iter_times else None,
-        "mean_step_s": statistics.fmean(iter_times) if iter_times else None,
-        "logged_steps": len(iter_times),
-        "final_train_loss": losses[-1] if losses else None,
-        "val_loss": val_losses[-1] if val_losses else None,
-        "trainable_params_logged": int(trainable[0]) if trainable else None,
-    }
-
-
-def worker(spec_path: Path) -> None:
-    """One job in this process: ``plan`` (PLoP/CKA decisions), ``base`` (evaluate the pretrained model) or
-    ``finetune`` (finetune + evaluate). Writes ``spec["result_path"]``."""
-    import warnings
-
-    import torch
-
-    spec = json.loads(Path(spec_path).read_text())
-    torch.set_float32_matmul_precision("high")
-    warnings.filterwarnings("ignore", message=r"The epoch parameter in `scheduler.step\(\)`.*")
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    checkpoint_dir = Path(spec["checkpoint_dir"])
-    run_dir = Path(spec["run_dir"])
-    result: dict[str, Any] = {}
-    t0 = time.perf_counter()
-
-    if spec["mode"] == "plan":
-        from litgpt_plop.args import CkaArgs
-        from litgpt_plop.commands.plan import plan
-
-        for method in spec["methods"]:
-            # only the option groups the method reads (plan refuses the others): kappa reads no calibration
-            groups = get_method(method).option_groups
-            options = {"calibration": calibration_args(spec)} if "calibration" in groups else {}
-            placement = plan(
-                checkpoint_dir,
-                method=method,
-                out_dir=run_dir / method,
-                data=make_data(spec),
-                cka=CkaArgs(ratio=spec["cka_ratio"]),
-                lora_r=spec["rank"],
-                **options,
-            )
-            result[method] = {
-                "kinds": placement.kinds,
-                "layers": placement.layers,
-                "sites": [[s.layer, s.kind] for s in placement.sites],
-                "calibration_s": (placement.calibration or {}).get("seconds"),
-                "per_kind": placement.scores.nfn_per_kind,
-            }
-
-    elif spec["mode"] == "base":
-        result.update(evaluate(checkpoint_dir, make_data(spec), spec["eval_items"], spec["max_new_tokens"], run_dir / "eval.jsonl"))
-
-    else:
-        from litgpt.args import EvalArgs, TrainArgs
-
-        import litgpt_plop.commands.finetune as finetune
-        from litgpt_plop.args import CkaArgs
-        from litgpt_plop.selection.placement import ALL_KINDS
-        from litgpt_plop.weightlora import WeightLoRAArgs
-
-        # Fabric never finalizes its loggers, so the CSV logger's last rows could stay unwritten (log_interval=1
-        # flushes every row, but finalize anyway): keep a handle on it.
-        loggers = []
-        choose_logger = finetune.choose_logger
-
-        def keep_logger(*args: Any, **kwargs: Any):
-            logger = choose_logger(*args, **kwargs)
-            loggers.append(logger)
-            return logger
-
-        finetune.choose_logger = keep_logger
-        plugin = spec["plugin"]
-        groups = get_method(plugin).option_groups  # the --<group>.* options this plugin reads
-        options: dict[str, Any] = {}
-        if "calibration" in groups:
-            options["calibration"] = calibration_args(spec)
-        if "cka" in groups:
-            options["cka"] = CkaArgs(ratio=spec["cka_ratio"])
-        if "weightlora" in groups:
-            options["weightlora"] = WeightLoRAArgs(k=spec["k"], warmup_steps=spec["warmup_steps"])
-        data = make_data(spec)
-        t_train = time.perf_counter()
-        try:
-            finetune.setup(
-                checkpoint_dir=checkpoint_dir,
-                out_dir=run_dir,
-                plugin=plugin,
-                precision="32-true",
-                lora_r=spec["rank"],
-                lora_alpha=spec["alpha"],
-                lora_dropout=spec["lora_dropout"],
-                data=data,
-                train=TrainArgs(
-                    save_interval=None,
-                    log_interval=1,
-                    global_batch_size=spec["micro_batch"],
-                    micro_batch_size=spec["micro_batch"],
-                    lr_warmup_steps=spec["lr_warmup_steps"],
-                    epochs=10_000,  # max_steps ends the run, never the epoch count (which would also generate an example)
-                    max_steps=spec["steps"],
-                    max_seq_length=spec["max_seq_length"],
-                ),
-                eval=EvalArgs(
-                    interval=10**9, max_new_tokens=spec["max_new_tokens"], max_iters=10**6,
-                    initial_validation=False, final_validation=True,
-                ),  # fmt: skip
-                optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": spec["lr"], "weight_decay": 0.0}},
-                logger_name="csv",
-                seed=spec["seed"],
-                **options,
-            )
-        finally:
-            for logger in loggers:
-                logger.finalize("success")
-        result["finetune_s"] = round(time.perf_counter() - t_train, 2)
-        result["peak_rss_finetune_mb"] = round(self_peak_rss_mib(), 1)
-        result.update(read_metrics(run_dir))
-        final = run_dir / "final"
-        placement = json.loads((final / "placement.json").read_text())
-        sites = placement["sites"]
-        result.update(
-            trainable_params=placement["trainable_params"],
-            kinds=sorted({s["kind"] for s in sites}, key=ALL_KINDS.index),
-            n_layers=len({s["layer"] for s in sites}),
-            n_sites=len(sites),
-            ranks=sorted({s["rank"] for s in sites}),
-            calibration_s=(placement.get("calibration") or {}).get("seconds"),
-            sites=[[s["layer"], s["kind"]] for s in sites],
-        )
-        result.update(evaluate(final, data, spec["eval_items"], spec["max_new_tokens"], run_dir / "eval.jsonl"))
-        if not spec.get("keep_checkpoints"):
-            # the merged model is ~0.5 GB per run; the adapter (lit_model.pth.lora) and placement stay
-            (final / "lit_model.pth").unlink(missing_ok=True)
-
-    result["worker_s"] = round(time.perf_counter() - t0, 2)
-    result["peak_rss_self_mb"] = round(self_peak_rss_mib(), 1)
-    write_text(Path(spec["result_path"]), json.dumps(result))
-
-
-def run_subprocess(spec: dict[str, Any], timeout: float, quiet: bool) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Run ``worker`` on ``spec`` in a fresh interpreter. Returns (result or None, process facts)."""
-    run_dir = Path(spec["run_dir"])
+def run_job(spec: dict[str, Any], run_dir: Path, timeout: float, quiet: bool) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Run one job of ``benchmarks.quality_worker`` on ``spec`` in a fresh interpreter, its output in
+    ``run_dir/log.txt`` (or the console) and its report in ``run_dir/result.json``. Returns (the report, or None
+    when the job failed, timed out or wrote none; the process facts every row records)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = run_dir / "spec.json"
-    result_path = Path(spec["result_path"])
-    result_path.unlink(missing_ok=True)
-    spec_path.write_text(json.dumps(spec, indent=2))
     log_path = run_dir / "log.txt"
-    run = run_worker(
-        "benchmarks.placement_quality", ["--worker", str(spec_path)], log=log_path if quiet else None, console=not quiet, timeout=timeout
+    result, run = call_worker(
+        WORKER, spec, report=run_dir / "result.json", log=log_path if quiet else None, console=not quiet, timeout=timeout
     )
-    facts = {
+    facts: dict[str, Any] = {
         "returncode": run.returncode,
         "timed_out": run.timed_out,
         "wall_s": round(run.wall_s, 2),
@@ -564,19 +193,17 @@ def run_subprocess(spec: dict[str, Any], timeout: float, quiet: bool) -> tuple[d
         "cpu_per_wall": round(run.cpu_per_wall, 2),
         "log": str(log_path.relative_to(REPO_ROOT)) if log_path.is_relative_to(REPO_ROOT) else str(log_path),
     }
-    if run.returncode != 0 or not result_path.is_file():
-        try:
-            facts["error_tail"] = log_path.read_text()[-3000:] if quiet else "(see the console)"
-        except OSError:
-            pass
-        return None, facts
-    return json.loads(result_path.read_text()), facts
-
-
-# ---- the grid ----------------------------------------------------------------------------------------------
+    if run.ok and result is not None:
+        return result, facts
+    if not quiet:
+        facts["error_tail"] = "(see the console)"
+    elif log_path.is_file():
+        facts["error_tail"] = log_tail(log_path)
+    return None, facts
 
 
 def base_spec(task: str, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """What every job of a task shares: the checkpoint, the data, the scoring and calibration settings."""
     return {
         "checkpoint_dir": str(args.checkpoint_dir),
         "task": task,
@@ -594,72 +221,33 @@ def base_spec(task: str, settings: Settings, args: argparse.Namespace) -> dict[s
 
 
 def load_plans(task: str, settings: Settings, args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
-    """The PLoP / PLoP^-1 / PLoP+CKA decisions of a task (cached in the work directory)."""
+    """The PLoP / PLoP^-1 / PLoP+CKA / kappa decisions of a task (cached in the work directory)."""
     path = work_dir / task / "plans.json"
     if path.is_file():
         cached = json.loads(path.read_text())
         if all(method in cached for method in PLANNED):  # a cache from before a method was added is planned again
             return cached
     print(f"== {task}: planning {', '.join(PLANNED)} to learn their sites (calibration only)", flush=True)
-    spec = {**base_spec(task, settings, args), "mode": "plan", "methods": list(PLANNED)}
-    spec["run_dir"] = str(work_dir / task / "plans")
-    spec["result_path"] = str(work_dir / task / "plans" / "result.json")
-    result, facts = run_subprocess(spec, args.timeout, args.quiet)
+    run_dir = work_dir / task / "plans"
+    spec = {**base_spec(task, settings, args), "mode": "plan", "methods": list(PLANNED), "run_dir": str(run_dir)}
+    result, facts = run_job(spec, run_dir, args.timeout, args.quiet)
     if result is None:
         raise RuntimeError(f"Planning {task} failed (exit {facts['returncode']}); log: {facts['log']}\n{facts.get('error_tail', '')}")
     result = {method: result[method] for method in PLANNED}
-    path.write_text(json.dumps(result, indent=2))
+    write_json(path, result)
     return result
 
 
-def print_matching(match: dict[str, Any], methods: list[str]) -> None:
-    budget = match["budget"]
-    print(f"\n{match['task']}: budget {budget:,} trainable parameters = {match['reference']} at rank {match['rank0']}")
-    print(f"  {'method':<13} {'rank':>4} {'alpha':>5} {'K':>4} {'params':>11} {'vs budget':>9}  placement")
-    for method in methods:
-        if method not in match["methods"]:
-            continue
-        entry = match["methods"][method]
-        for seed, m in entry["by_seed"].items() if "by_seed" in entry else [(None, entry)]:
-            name = method if seed is None else f"{method} s{seed}"
-            where = (
-                f"K={m['k']} of the candidate adapters (learned), warm-up {m['warmup_steps']} steps"
-                if method in WEIGHTLORA
-                else f"{', '.join(m['kinds'])} on {m['n_layers']} layers"
-            )
-            print(
-                f"  {name:<13} {m['rank']:>4} {m['alpha']:>5} {m.get('k', ''):>4} {m['expected_params']:>11,}"
-                f" {m['expected_params'] / budget - 1:>+9.1%}  {where}"
-            )
+def plans_cache(work_dir: Path, task: str) -> dict[str, Any]:
+    """A task's plans as ``load_plans`` cached them: what a finished run's sites are checked against."""
+    return json.loads((work_dir / task / "plans.json").read_text())
 
 
-def entry_for(match: dict[str, Any], method: str, seed: int | None) -> dict[str, Any]:
-    """What ``method`` runs with for ``seed``: its rank, kinds, alpha (and K)."""
-    entry = match["methods"][method]
-    return entry["by_seed"][seed] if "by_seed" in entry else entry
-
-
-def recorded_rows(path: Path, include_failed: bool = False) -> dict[tuple, dict[str, Any]]:
-    """(config_id, task, method, seed) -> the newest row recorded as ok (or any row, with ``include_failed``)."""
-    rows: dict[tuple, dict[str, Any]] = {}
-    for row in read_jsonl(path):  # a line cut short by a kill is skipped: that run is simply run again
-        if row.get("status") == "ok" or include_failed:
-            rows[(row["config_id"], row["task"], row["method"], row.get("seed"))] = row
-    return rows
-
-
-def is_done(row: dict[str, Any] | None, method: str, m: dict[str, Any] | None) -> bool:
-    """Whether a recorded row ran what the matching asks for now (the same rank; for fixed kinds, the same kinds)."""
-    if row is None:
-        return False
-    if m is None:  # base: nothing to match
-        return True
-    if row.get("rank") != m["rank"]:
-        return False
-    return method not in FIXED or row.get("kinds") is None or sorted(row["kinds"]) == sorted(m["kinds"])
+# ---- the command line --------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The grid's options; every one left out takes the full grid's default (or the smoke profile's)."""
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.placement_quality",
         description=(
@@ -698,161 +286,192 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed and recorded as failed (default 3600)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=True, help="send each run's output to its log.txt (default) or to the console")
-    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    settings = Settings(smoke=args.smoke)
-    profile = SMOKE if args.smoke else {}
-    for field in dataclasses.fields(Settings):
-        if field.name == "smoke":
-            continue
-        value = getattr(args, field.name, None)
-        if value is None:
-            value = profile.get(field.name, getattr(settings, field.name))
-        setattr(settings, field.name, value)
-    if settings.steps < 1 or settings.eval_items < 1 or settings.rank < 1:
-        raise SystemExit("--steps, --eval_items and --rank must be positive")
-    if settings.lr_warmup_steps >= settings.steps:
-        settings.lr_warmup_steps = max(1, settings.steps // 5)
-    return settings
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.worker is not None:
-        worker(args.worker)
-        return
-    settings = settings_from(args)
+def make_grid(args: argparse.Namespace, argv: list[str] | None) -> Grid:
+    """The grid this invocation runs: its tasks, methods and seeds, and where results and run directories go
+    (run directories under the settings hash, so runs of other settings never overwrite each other)."""
+    settings = settings_for(vars(args), args.smoke)
     profile = SMOKE if args.smoke else FULL
-    tasks = args.tasks or profile["tasks"]
-    methods = args.methods or profile["methods"]
-    seeds = args.seeds if args.seeds is not None else profile["seeds"]
     name = "smoke" if args.smoke else "full"
     out = args.out or RESULTS_DIR / ("smoke.jsonl" if args.smoke else "results.jsonl")
     work_root = args.work_dir or RESULTS_DIR / "runs"
     if args.work_dir is None:
         work_root.mkdir(parents=True, exist_ok=True)
         (work_root / ".gitignore").write_text("*\n")  # run directories are bulky scratch, never committed
-    config_id = settings.config_id()
-    work_dir = (work_root / name / config_id).resolve()
-    for task in tasks:
+    grid = Grid(
+        args=args,
+        settings=settings,
+        tasks=args.tasks or profile["tasks"],
+        methods=args.methods or profile["methods"],
+        seeds=args.seeds if args.seeds is not None else profile["seeds"],
+        out=out,
+        work_dir=(work_root / name / settings.config_id()).resolve(),
+        command=command_line("benchmarks.placement_quality", argv),
+        machine=machine(),
+        commit=git_commit(),
+    )
+    for task in grid.tasks:
         if task not in TASK_CONFIGS:
             print(f"note: {task!r} has no preset config here; using reasoning-gym's defaults", flush=True)
-    command = command_line("benchmarks.placement_quality", argv)
-    info = machine()
-    commit = git_commit()
-    print(f"placement_quality: config {config_id} ({name}); results -> {out}; runs -> {work_dir}", flush=True)
+    print(f"placement_quality: config {grid.config_id} ({name}); results -> {out}; runs -> {grid.work_dir}", flush=True)
     print(f"settings: {json.dumps(dataclasses.asdict(settings))}", flush=True)
+    return grid
 
-    finetuned = [m for m in methods if m != "base"]
-    matches = {}
-    for task in tasks:
-        plans = load_plans(task, settings, args, work_dir) if finetuned else {}
-        if finetuned:
-            matches[task] = matching(task, settings, plans, args.checkpoint_dir, seeds)
-            print_matching(matches[task], finetuned)
+
+# ---- the grid ----------------------------------------------------------------------------------------------
+
+
+def plan_and_match(grid: Grid) -> None:
+    """Plan each task's calibrated methods (cached) and match every method's rank to the task's budget."""
+    if not grid.finetuned:
+        return
+    for task in grid.tasks:
+        plans = load_plans(task, grid.settings, grid.args, grid.work_dir)
+        grid.matches[task] = matching(task, grid.settings, plans, grid.args.checkpoint_dir, grid.seeds)
+        print_matching(grid.matches[task], grid.finetuned)
+
+
+def pending_jobs(grid: Grid) -> list[tuple[str, str, int | None]]:
+    """The (task, method, seed) jobs still to run, seed-major: a grid stopped early still has every task x method
+    for the first seeds. A job is done when its newest recorded row ran what the matching asks for now."""
+    recorded = recorded_rows(grid.out, include_failed=grid.args.no_retry_failed)
+    jobs: list[tuple[str, str, int | None]] = [(task, "base", None) for task in grid.tasks if "base" in grid.methods]
+    jobs += [(task, method, seed) for seed in grid.seeds for task in grid.tasks for method in grid.finetuned]
+    if grid.args.rerun and not grid.args.rerun_before:
+        raise SystemExit("--rerun needs --rerun_before TIME: the rows started before it are run again")
+    todo = []
+    for task, method, seed in jobs:
+        row = recorded.get((grid.config_id, task, method, seed))
+        wanted = None if method == "base" else entry_for(grid.matches[task], method, seed)
+        if not is_done(row, method, wanted) or is_stale(row, method, grid.args.rerun, grid.args.rerun_before):
+            todo.append((task, method, seed))
+    print(f"\n{len(jobs)} runs, {len(jobs) - len(todo)} already done in {grid.out}, {len(todo)} to go", flush=True)
+    return todo
+
+
+def job_spec(grid: Grid, task: str, method: str, seed: int | None, run_dir: Path) -> dict[str, Any]:
+    """What the worker is to do for one job: the task's shared spec, and for a finetune its matched rank, alpha
+    (and K), its seeds and the training settings."""
+    settings, args = grid.settings, grid.args
+    spec = {**base_spec(task, settings, args), "mode": "base" if method == "base" else "finetune"}
+    if method != "base":
+        m = entry_for(grid.matches[task], method, seed)
+        spec.update(
+            plugin=m["plugin"], rank=m["rank"], alpha=m["alpha"], seed=seed, shuffle_seed=settings.data_seed + 1000 * (seed + 1),
+            steps=settings.steps, micro_batch=settings.micro_batch, lr=settings.lr, lr_warmup_steps=settings.lr_warmup_steps,
+            max_seq_length=settings.max_seq_length, lora_dropout=settings.lora_dropout, keep_checkpoints=args.keep_checkpoints,
+        )  # fmt: skip
+        if method in WEIGHTLORA:
+            spec.update(k=m["k"], warmup_steps=m["warmup_steps"])
+        if method in RACE:
+            spec["reference"] = settings.reference
+    spec["run_dir"] = str(run_dir)
+    return spec
+
+
+def job_row(grid: Grid, task: str, method: str, seed: int | None) -> dict[str, Any]:
+    """A job's row before it runs: its key, its settings and, for a finetune, what the matching predicts."""
+    row: dict[str, Any] = {
+        "config_id": grid.config_id,
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "smoke": grid.settings.smoke,
+        "settings": dataclasses.asdict(grid.settings),
+        "task_config": TASK_CONFIGS.get(task),
+    }
+    if method != "base":
+        match = grid.matches[task]
+        m = entry_for(match, method, seed)
+        row.update(
+            plugin=m["plugin"], rank=m["rank"], alpha=m["alpha"], k=m.get("k"), budget_params=match["budget"],
+            reference=f"{match['reference']}@r{match['rank0']}", expected_params=m["expected_params"],
+        )  # fmt: skip
+    return row
+
+
+def run_dir_of(grid: Grid, task: str, method: str, seed: int | None) -> Path:
+    """A job's run directory: ``<work_dir>/<task>/<method>/seed<N>`` (``base`` instead of ``seed<N>`` for the
+    pretrained model), with ``+`` and ``@`` spelled out in the method's name."""
+    return grid.work_dir / task / method.replace("+", "_plus").replace("@", "_at_") / ("base" if seed is None else f"seed{seed}")
+
+
+def job_label(index: int, total: int, task: str, method: str, seed: int | None, spec: dict[str, Any]) -> str:
+    """The console line that announces a job: its place in the queue, and for a finetune its rank (and K)."""
+    label = f"[{index}/{total}] {task} {method}" + ("" if seed is None else f" seed {seed}")
+    if method != "base":
+        label += f" (rank {spec['rank']}{', K ' + str(spec['k']) if 'k' in spec else ''})"
+    return label
+
+
+def run_one(grid: Grid, index: int, total: int, task: str, method: str, seed: int | None) -> None:
+    """Run one job in a fresh run directory and append its row (also for a failure or a timeout)."""
+    run_dir = run_dir_of(grid, task, method, seed)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    spec = job_spec(grid, task, method, seed, run_dir)
+    row = job_row(grid, task, method, seed)
+    print(f"{job_label(index, total, task, method, seed, spec)} ...", flush=True)
+    load_before = os.getloadavg()
+    started = time.time()
+    result, facts = run_job(spec, run_dir, grid.args.timeout, grid.args.quiet)
+    row.update(
+        status="ok" if result is not None else ("timeout" if facts["timed_out"] else "failed"),
+        **(result or {}),
+        **facts,
+        loadavg_before=[round(x, 2) for x in load_before],
+        loadavg_after=[round(x, 2) for x in os.getloadavg()],
+        started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        machine=grid.machine,
+        git_commit=grid.commit,
+        command=grid.command,
+        run_dir=str(run_dir.relative_to(REPO_ROOT)) if run_dir.is_relative_to(REPO_ROOT) else str(run_dir),
+    )
+    if result is not None and method in PLANNED:
+        plan_sites = sorted(map(tuple, plans_cache(grid.work_dir, task)[method]["sites"]))
+        row["sites_match_plan"] = sorted(map(tuple, result["sites"])) == plan_sites
+    if result is not None and method != "base":
+        row["params_vs_budget"] = round(row["trainable_params"] / row["budget_params"] - 1, 4)
+    row.pop("sites", None)
+    append_jsonl(grid.out, row)
+    print_outcome(row, method, facts, ok=result is not None)
+
+
+def print_outcome(row: dict[str, Any], method: str, facts: dict[str, Any], ok: bool) -> None:
+    """The console lines after a job: its numbers, or how it failed and the end of its log."""
+    if not ok:
+        print(f"    {row['status']} (exit {facts['returncode']}) after {facts['wall_s']:.0f}s; log: {facts['log']}", flush=True)
+        for line in (facts.get("error_tail") or "").strip().splitlines()[-5:]:
+            print(f"    | {line}", flush=True)
+        return
+    parts = [f"acc {row['accuracy']:.3f} ({row['eval_items']} items)"]
+    if method != "base":
+        parts += [
+            f"val loss {row['val_loss']:.3f}" if row.get("val_loss") is not None else "val loss n/a",
+            f"params {row['trainable_params']:,} ({row['params_vs_budget']:+.1%} vs budget)",
+            f"step {row['median_step_s']:.2f}s" if row.get("median_step_s") else "step n/a",
+        ]
+        if row.get("calibration_s") is not None:
+            parts.append(f"calibration {row['calibration_s']:.1f}s")
+        if row.get("sites_match_plan") is False:
+            parts.append("SITES DIFFER FROM THE PLAN")
+    parts += [f"peak RSS {row['peak_rss_mb']:.0f} MB", f"{row['wall_s']:.0f}s"]
+    print("    " + ", ".join(parts), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Plan and match every task, then run each job not yet recorded, appending one row per job."""
+    args = parse_args(argv)
+    grid = make_grid(args, argv)
+    plan_and_match(grid)
     if args.dry_run:
         return
-
-    recorded = recorded_rows(out, include_failed=args.no_retry_failed)
-    # seed-major: a grid stopped early still has every task x method for the first seeds
-    jobs = [(task, "base", None) for task in tasks if "base" in methods]
-    jobs += [(task, method, seed) for seed in seeds for task in tasks for method in finetuned]
-    if args.rerun and not args.rerun_before:
-        raise SystemExit("--rerun needs --rerun_before TIME: the rows started before it are run again")
-
-    def stale(row: dict[str, Any] | None, method: str) -> bool:
-        return method in args.rerun and row is not None and row.get("started", "") < args.rerun_before
-
-    todo = [
-        (task, method, seed) for task, method, seed in jobs
-        if not is_done(recorded.get((config_id, task, method, seed)), method, None if method == "base" else entry_for(matches[task], method, seed))
-        or stale(recorded.get((config_id, task, method, seed)), method)
-    ]  # fmt: skip
-    print(f"\n{len(jobs)} runs, {len(jobs) - len(todo)} already done in {out}, {len(todo)} to go", flush=True)
-
+    todo = pending_jobs(grid)
     for index, (task, method, seed) in enumerate(todo, 1):
-        spec = {**base_spec(task, settings, args), "mode": "base" if method == "base" else "finetune"}
-        row: dict[str, Any] = {
-            "config_id": config_id,
-            "task": task,
-            "method": method,
-            "seed": seed,
-            "smoke": settings.smoke,
-            "settings": dataclasses.asdict(settings),
-            "task_config": TASK_CONFIGS.get(task),
-        }
-        if method != "base":
-            match = matches[task]
-            m = entry_for(match, method, seed)
-            spec.update(
-                plugin=m["plugin"], rank=m["rank"], alpha=m["alpha"], seed=seed, shuffle_seed=settings.data_seed + 1000 * (seed + 1),
-                steps=settings.steps, micro_batch=settings.micro_batch, lr=settings.lr, lr_warmup_steps=settings.lr_warmup_steps,
-                max_seq_length=settings.max_seq_length, lora_dropout=settings.lora_dropout, keep_checkpoints=args.keep_checkpoints,
-            )  # fmt: skip
-            if method in WEIGHTLORA:
-                spec.update(k=m["k"], warmup_steps=m["warmup_steps"])
-            row.update(
-                plugin=m["plugin"], rank=m["rank"], alpha=m["alpha"], k=m.get("k"), budget_params=match["budget"],
-                reference=f"{match['reference']}@r{match['rank0']}", expected_params=m["expected_params"],
-            )  # fmt: skip
-        run_dir = work_dir / task / method.replace("+", "_plus").replace("@", "_at_") / ("base" if seed is None else f"seed{seed}")
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        spec["run_dir"] = str(run_dir)
-        spec["result_path"] = str(run_dir / "result.json")
-        label = f"[{index}/{len(todo)}] {task} {method}" + ("" if seed is None else f" seed {seed}")
-        if method != "base":
-            label += f" (rank {spec['rank']}{', K ' + str(spec['k']) if 'k' in spec else ''})"
-        print(f"{label} ...", flush=True)
-        load_before = os.getloadavg()
-        started = time.time()
-        result, facts = run_subprocess(spec, args.timeout, args.quiet)
-        row.update(
-            status="ok" if result is not None else ("timeout" if facts["timed_out"] else "failed"),
-            **(result or {}),
-            **facts,
-            loadavg_before=[round(x, 2) for x in load_before],
-            loadavg_after=[round(x, 2) for x in os.getloadavg()],
-            started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            machine=info,
-            git_commit=commit,
-            command=command,
-            run_dir=str(run_dir.relative_to(REPO_ROOT)) if run_dir.is_relative_to(REPO_ROOT) else str(run_dir),
-        )
-        if result is not None and method in PLANNED:
-            plan_sites = sorted(map(tuple, plans_cache(work_dir, task)[method]["sites"]))
-            row["sites_match_plan"] = sorted(map(tuple, result["sites"])) == plan_sites
-        if result is not None and method != "base":
-            row["params_vs_budget"] = round(row["trainable_params"] / row["budget_params"] - 1, 4)
-        row.pop("sites", None)
-        append_jsonl(out, row)
-        if result is None:
-            print(f"    {row['status']} (exit {facts['returncode']}) after {facts['wall_s']:.0f}s; log: {facts['log']}", flush=True)
-            tail = (facts.get("error_tail") or "").strip().splitlines()[-5:]
-            for line in tail:
-                print(f"    | {line}", flush=True)
-        else:
-            parts = [f"acc {row['accuracy']:.3f} ({row['eval_items']} items)"]
-            if method != "base":
-                parts += [
-                    f"val loss {row['val_loss']:.3f}" if row.get("val_loss") is not None else "val loss n/a",
-                    f"params {row['trainable_params']:,} ({row['params_vs_budget']:+.1%} vs budget)",
-                    f"step {row['median_step_s']:.2f}s" if row.get("median_step_s") else "step n/a",
-                ]
-                if row.get("calibration_s") is not None:
-                    parts.append(f"calibration {row['calibration_s']:.1f}s")
-                if row.get("sites_match_plan") is False:
-                    parts.append("SITES DIFFER FROM THE PLAN")
-            parts += [f"peak RSS {row['peak_rss_mb']:.0f} MB", f"{row['wall_s']:.0f}s"]
-            print("    " + ", ".join(parts), flush=True)
-    print(f"\ndone; summarize with: python -m benchmarks.summarize{' --smoke' if args.smoke else ''} --results {out}", flush=True)
-
-
-def plans_cache(work_dir: Path, task: str) -> dict[str, Any]:
-    return json.loads((work_dir / task / "plans.json").read_text())
+        run_one(grid, index, len(todo), task, method, seed)
+    print(f"\ndone; summarize with: python -m benchmarks.summarize{' --smoke' if args.smoke else ''} --results {grid.out}", flush=True)
 
 
 if __name__ == "__main__":

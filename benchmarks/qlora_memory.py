@@ -34,66 +34,16 @@ Figures per run:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
 import shutil
 import statistics
-import sys
 from pathlib import Path
+from typing import Any, Callable
 
-from benchmarks.common import REPO_ROOT, RESULTS_ROOT, PeakRss, benchmark_parser, machine, run_worker, status_kib, write_results
-
-
-def child(argv: list[str], report: Path) -> None:
-    """Run a ``litgpt`` / ``litgpt-plop`` command line in this process, measuring LitGPT's training loop."""
-    import torch
-    import litgpt.finetune.lora as litgpt_lora
-
-    measured: dict = {}
-    fit = litgpt_lora.fit
-
-    def measured_fit(*args, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            measured["fit_baseline_cuda_mib"] = torch.cuda.memory_allocated() / 2**20
-            measured["peak_cuda_before_fit_mib"] = torch.cuda.max_memory_allocated() / 2**20
-            torch.cuda.reset_peak_memory_stats()
-        # the process's own peak so far: PeakRss resets the kernel's counter (ru_maxrss from wait4 is no substitute:
-        # after a vfork + exec it starts at the launching process's peak)
-        measured["vmhwm_before_fit_mib"] = status_kib("VmHWM") / 1024
-        rss = PeakRss()
-        try:
-            with rss:
-                return fit(*args, **kwargs)
-        finally:
-            measured["fit_seconds"] = rss.seconds
-            measured["fit_rss_method"] = rss.method
-            measured["fit_baseline_rss_mib"] = rss.baseline / 1024
-            measured["fit_peak_rss_mib"] = rss.peak / 1024
-            measured["fit_peak_anon_mib"] = rss.figures()["peak_anon_mib"]
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-                measured["fit_peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-
-    litgpt_lora.fit = measured_fit
-    program = argv[0]
-    sys.argv = argv
-    try:
-        if program == "litgpt":
-            from litgpt.__main__ import main
-        else:
-            from litgpt_plop.commands.cli import main
-        main()
-    finally:
-        measured["vmhwm_end_mib"] = status_kib("VmHWM") / 1024  # the peak since fit started, or since exec
-        if torch.cuda.is_available():
-            measured["peak_cuda_whole_run_mib"] = max(
-                measured.get("peak_cuda_before_fit_mib", 0.0), torch.cuda.max_memory_allocated() / 2**20
-            )
-            measured["gpu"] = torch.cuda.get_device_name()
-        report.write_text(json.dumps(measured))
+from benchmarks.command_worker import checked_command, csv_column
+from benchmarks.common import REPO_ROOT, RESULTS_ROOT, benchmark_parser, machine, write_results
 
 
 def command(kind: str, args, out_dir: Path, cuda: bool) -> list[str]:
@@ -130,34 +80,26 @@ def command(kind: str, args, out_dir: Path, cuda: bool) -> list[str]:
     raise ValueError(kind)
 
 
-def csv_metric(out_dir: Path, name: str) -> list[float]:
-    files = sorted(out_dir.glob("logs/csv/*/metrics.csv"))
-    if not files:
-        return []
-    with open(files[-1]) as f:
-        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
-
-
-def run(kind: str, args, cuda: bool, log) -> dict:
+def run(kind: str, args: argparse.Namespace, cuda: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """One finetune under ``benchmarks.command_worker`` in its own process: its figures, or ``RuntimeError`` with
+    the end of its log."""
     out_dir = args.work_dir / kind
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh CSV log (LitGPT's logger would add a version_N)
-    report = args.work_dir / f"{kind}.json"
     log_file = args.work_dir / f"{kind}.log"
     argv = command(kind, args, out_dir, cuda)
-    process = run_worker(
-        "benchmarks.qlora_memory",
-        ["--_child", json.dumps({"argv": argv, "report": str(report)})],
+    measured, process = checked_command(
+        argv,
+        kind,
+        report=args.work_dir / f"{kind}.json",
         threads=args.threads,
         malloc_mmap_threshold=args.malloc_mmap_threshold,
         log=log_file,
     )
     seconds = process.wall_s
-    if process.returncode != 0:
-        raise RuntimeError(f"{kind} failed (exit {process.returncode}); see {log_file}:\n{log_file.read_text()[-3000:]}")
-    measured = json.loads(report.read_text())
-    iter_times = csv_metric(out_dir, "iter_time")
-    losses = csv_metric(out_dir, "loss")
-    trainable = csv_metric(out_dir, "trainable_params")
+    measured = {k: v for k, v in measured.items() if k != "argv"}  # the result has it as "command"
+    iter_times = csv_column(out_dir, "iter_time")
+    losses = csv_column(out_dir, "loss")
+    trainable = csv_column(out_dir, "trainable_params")
     placement_file = out_dir / "placement.json"
     kinds = json.loads(placement_file.read_text()).get("flags") if placement_file.is_file() else None
     result = {
@@ -249,13 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                         " held rather than what malloc keeps for reuse"
                         " (default: %(default)s)")
     parser.add_argument("--tag", default="", help="suffix of the result files: qlora_memory_<tag>.{json,md}")
-    parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._child:
-        spec = json.loads(args._child)
-        child(spec["argv"], Path(spec["report"]))
-        return {}
-
     import torch
 
     cuda = torch.cuda.is_available()

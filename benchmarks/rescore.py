@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import DEFAULT_CHECKPOINT, REPO_ROOT, append_jsonl, command_line, machine, read_jsonl
-from benchmarks.placement_quality import RESULTS_DIR, recorded_rows
+from benchmarks.quality_grid import RESULTS_DIR, recorded_rows
 
 
 def held_out_items(row: dict[str, Any], num_items: int) -> list[dict[str, Any]]:

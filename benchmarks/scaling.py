@@ -16,7 +16,7 @@ which are clean file pages the kernel reclaims under pressure:
   the CKA-over-all-tokens pass; CPU seconds of this thread, ratios to the forward (median of per-batch ratios);
 * ``finetune-bf16`` / ``finetune-nf4``: ``litgpt-plop finetune --plugin plop`` for 2 optimizer steps of one
   example (max 128 tokens): the peak RSS of LitGPT's training loop (``PeakRss`` reset when ``fit`` starts,
-  ``benchmarks.qlora_memory``'s measuring child), the process's own peak (``VmHWM``: also loading, calibration
+  ``benchmarks.command_worker``), the process's own peak (``VmHWM``: also loading, calibration
   and the final merge) and peak owned memory, step time.
 
 Resumable: each (model, measurement) is one line of ``results/scaling/results.jsonl`` and is skipped when there
@@ -38,12 +38,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.calibration_passes import batches_of, run_forward, token_ids
+from benchmarks.command_worker import checked_command, csv_column
 from benchmarks.common import (
     DEFAULT_CHECKPOINT,
     REPO_ROOT,
     RESULTS_ROOT,
     append_jsonl,
     answer_worker,
+    checked_worker,
     env_label,
     git_commit,
     json_worker,
@@ -98,10 +101,8 @@ def measure_plan(checkpoint: Path, quantize: bool, prompts: int) -> dict[str, An
     if quantize:
         args += ["--quantize", "bnb.nf4"]
     spec = {"argv": ["litgpt-plop", *args]}
-    run = run_worker("benchmarks.scaling", ["--_cli", json.dumps(spec)], **ENV, log=WORK_DIR / "plan.log")
-    if not run.ok:
-        raise RuntimeError(f"plan failed (exit {run.returncode}); see {WORK_DIR / 'plan.log'}")
-    vmhwm = json.loads((WORK_DIR / "plan.log").read_text().strip().splitlines()[-1])["vmhwm_mib"]
+    report, run = checked_worker("benchmarks.scaling", spec, "plan", flag="--_cli", **ENV, log=WORK_DIR / "plan.log")
+    vmhwm = report["vmhwm_mib"]
     return {"command": "litgpt-plop " + " ".join(args), "wall_s": run.wall_s, "peak_rss_mib": vmhwm,
             "peak_anon_mib": run.peak_anon_mib, "peak_file_mib": run.peak_file_mib,
             "ru_maxrss_mib": run.peak_rss_mib, "cpu_per_wall": run.cpu_per_wall}  # fmt: skip
@@ -118,15 +119,8 @@ def measure_finetune(checkpoint: Path, quantize: bool, prompts: int) -> dict[str
             "--eval.final_validation", "false", "--logger_name", "csv", "--seed", "1337"]  # fmt: skip
     if quantize:
         argv += ["--quantize", "bnb.nf4"]
-    report = WORK_DIR / "finetune-report.json"
-    run = run_worker("benchmarks.qlora_memory", ["--_child", json.dumps({"argv": argv, "report": str(report)})],
-                     **ENV, log=WORK_DIR / "finetune.log")  # fmt: skip
-    if not run.ok:
-        raise RuntimeError(f"finetune failed (exit {run.returncode}); see {WORK_DIR / 'finetune.log'}")
-    from benchmarks.qlora_memory import csv_metric
-
-    measured = json.loads(report.read_text())
-    steps = csv_metric(out, "iter_time")
+    measured, run = checked_command(argv, "finetune", report=WORK_DIR / "finetune-report.json", **ENV, log=WORK_DIR / "finetune.log")
+    steps = csv_column(out, "iter_time")
     shutil.rmtree(out, ignore_errors=True)  # the merged model alone is as large as the checkpoint
     process_peak = max(measured["vmhwm_before_fit_mib"], measured["vmhwm_end_mib"])
     return {"command": " ".join(argv), "wall_s": run.wall_s, "peak_rss_mib": process_peak, "ru_maxrss_mib": run.peak_rss_mib,
@@ -139,7 +133,6 @@ def calibration_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: blocks-only forward, PLoP pass and tokens-CKA pass, interleaved batch by batch."""
     import torch
 
-    from benchmarks import calibration_overhead as co
     from litgpt_plop.scoring.calibration import calibrate
     from litgpt_plop.model.checkpoint import load_checkpoint_model
     from litgpt_plop.selection.placement import model_kinds
@@ -148,7 +141,7 @@ def calibration_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     checkpoint = Path(spec["checkpoint"])
-    batches = co.batches_of(co.token_ids(checkpoint, spec["prompts"]), spec["batch_size"])
+    batches = batches_of(token_ids(checkpoint, spec["prompts"]), spec["batch_size"])
     model = load_checkpoint_model(checkpoint, "bf16-true", device="cpu")
     layers = list(range(model.config.n_layer))
     make = {
@@ -156,14 +149,14 @@ def calibration_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "cka_tokens": lambda: [CkaScorer(model, layers, "tokens")],
     }
     seconds: dict[str, list[float]] = {"forward_blocks": [], "plop": [], "cka_tokens": []}
-    co.run_forward(model, batches[:1], blocks_only=True)  # warm-up
+    run_forward(model, batches[:1], blocks_only=True)  # warm-up
     for rep in range(spec["reps"]):
         for i, batch in enumerate(batches):
             order = list(seconds) if (i + rep) % 2 == 0 else list(reversed(seconds))
             for mode in order:
                 start = time.thread_time()
                 if mode == "forward_blocks":
-                    co.run_forward(model, [batch], blocks_only=True)
+                    run_forward(model, [batch], blocks_only=True)
                 else:
                     calibrate(model, [batch], make[mode](), progress=False, reduce=False)
                 seconds[mode].append(time.thread_time() - start)

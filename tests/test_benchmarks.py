@@ -7,7 +7,7 @@ import litgpt
 import pytest
 from litgpt.utils import save_config
 
-from benchmarks.placement_quality import (
+from benchmarks.quality_grid import (
     CALIBRATED,
     FIXED,
     PLANNED,
@@ -21,7 +21,8 @@ from benchmarks.placement_quality import (
 )
 from benchmarks.rescore import held_out_items
 from benchmarks.stats import kendall_tau, median_ratio, paired_counts, sign_test
-from benchmarks.summarize import AUTOMATIC, PAIRED_BASELINES, module_command, paired_table, rescored_rows, rescored_section
+from benchmarks.summarize import module_command, rescored_rows
+from benchmarks.summary_tables import AUTOMATIC, PAIRED_BASELINES, paired_table, rescored_section
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
 from litgpt_plop.selection.placement import model_kinds
 from litgpt_plop.decide import decide_placement

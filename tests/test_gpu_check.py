@@ -26,20 +26,7 @@ import torch
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from benchmarks.gpu_check import (
-    CPU_SHAPE,
-    DEVICE_COMMAND,
-    DEVICE_COMMAND_LIMIT,
-    GPU_TESTS,
-    KINDS,
-    SHAPES,
-    Settings,
-    finetune_argv,
-    junit_counts,
-    parse_command,
-    ratios,
-    run_finetune,
-)
+from benchmarks.gpu_check import DEVICE_COMMAND, DEVICE_COMMAND_LIMIT, GPU_TESTS, junit_counts, ratios, run_finetune
 from benchmarks.gpu_kit import (
     BNB_KEEP,
     CARRY_LIMIT_BYTES,
@@ -51,6 +38,7 @@ from benchmarks.gpu_kit import (
     check_record,
     slim_wheel,
 )
+from benchmarks.gpu_prepare import CPU_SHAPE, KINDS, SHAPES, Settings, finetune_argv, parse_command
 from benchmarks.lock import normalize, read_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -120,8 +108,9 @@ def requirement_closure(roots: tuple[str, ...]) -> set[str]:
 CLOSURE_SCRIPT = r"""
 import importlib.metadata as metadata, json, sys
 from pathlib import Path
-from benchmarks.gpu_check import KINDS, SHAPES, Settings, finetune_argv, parse_command
-import benchmarks.gpu_worker, litgpt.__main__, litgpt_plop.commands.cli, litgpt_plop.commands.finetune, litgpt_plop.callbacks
+import benchmarks.gpu_check
+from benchmarks.gpu_prepare import KINDS, SHAPES, Settings, finetune_argv, parse_command
+import benchmarks.command_worker, litgpt.__main__, litgpt_plop.commands.cli, litgpt_plop.commands.finetune, litgpt_plop.callbacks
 import litgpt.scripts.merge_lora, bitsandbytes, reasoning_gym, matplotlib.pyplot
 from lightning.fabric.plugins import BitsandbytesPrecision
 for label in SHAPES:
@@ -362,7 +351,7 @@ def test_litgpt_order_under_bitsandbytes_precision_updates_only_lora():
 
 
 def test_plugin_under_bitsandbytes_precision_updates_only_lora():
-    from litgpt_plop.commands.finetune import build_optimizer
+    from litgpt_plop.commands.training import build_optimizer
 
     fabric = fabric_with_bitsandbytes_precision()
     model = fabric.setup_module(tiny_lora_model())

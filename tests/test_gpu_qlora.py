@@ -1,7 +1,7 @@
 """GPU-only: QLoRA through Lightning's bitsandbytes precision, ``litgpt-plop finetune --quantize bnb.nf4`` next to
 ``litgpt finetune_lora --quantize bnb.nf4`` on CUDA. Skipped without CUDA.
 
-Each run is the real command line in its own process under ``benchmarks.gpu_worker`` (the instrument of
+Each run is the real command line in its own process under ``benchmarks.command_worker`` (the instrument of
 ``benchmarks.gpu_check``), which reports which parameters the optimizer updates. Under bitsandbytes precision
 both commands swap the token embedding for bitsandbytes' ``StableEmbedding`` after freezing the base model, so the
 new embedding requires grad; LitGPT builds its optimizer before the swap, so it never updates it, and the plugin
@@ -17,19 +17,18 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.gpu_check import TOKENIZER_ENV, Settings, csv_column, finetune_argv
+from benchmarks.command_worker import csv_column, run_command
+from benchmarks.gpu_check import TOKENIZER_ENV
 from benchmarks.gpu_kit import TOKENIZER_FILES
+from benchmarks.gpu_prepare import Settings, finetune_argv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes precision needs a CUDA GPU")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # Few steps on one repeated batch of four items: the loss must fall, and the runs stay a few seconds each.
 OPTIMIZER = json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.02}})  # PagedAdamW under bnb
 SETTINGS = Settings(steps=6, micro_batch_size=4, train_size=4, val_size=4, max_seq_length=96, calibration_samples=8)
@@ -72,15 +71,11 @@ def runs(cuda_checkpoint, tmp_path_factory) -> dict[str, dict]:
     def get(kind: str) -> dict:
         if kind not in cache:
             out_dir = base / kind
-            report = base / f"{kind}.json"
             # LitGPT's default learning rate (1e-3) barely moves a random model in six steps
             argv = [*finetune_argv(kind, cuda_checkpoint, out_dir, SETTINGS), "--optimizer", OPTIMIZER]
-            result = subprocess.run(
-                [sys.executable, "-m", "benchmarks.gpu_worker", "--report", str(report), "--", *argv],
-                cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-            assert result.returncode == 0, f"{kind} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-            cache[kind] = {**json.loads(report.read_text()), "losses": csv_column(out_dir, "loss"), "out_dir": out_dir}
+            report, result = run_command(argv, report=base / f"{kind}.json", timeout=300)
+            assert result.ok, f"{kind} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            cache[kind] = {**report, "losses": csv_column(out_dir, "loss"), "out_dir": out_dir}
         return cache[kind]
 
     return get  # type: ignore[return-value]

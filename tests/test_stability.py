@@ -10,7 +10,7 @@ from litgpt_plop.args import CalibrationArgs
 from litgpt_plop.scoring.calibration import calibrate, make_batches
 from litgpt_plop.selection.placement import Placement, Scores, model_kinds
 from litgpt_plop.reports.placement import summary_table, write_report
-from litgpt_plop.scoring.cka import CkaScorer, linear_cka
+from litgpt_plop.scoring.cka import CkaScorer
 from litgpt_plop.scoring.plop import PlopScorer
 from litgpt_plop.decide import plan_placement
 from litgpt_plop.selection.stability import choice_stability
