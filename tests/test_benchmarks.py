@@ -210,3 +210,29 @@ def test_merge_memory_adapter_is_one_stock_merge_lora_takes_and_counts_the_weigh
     # the merge runs in bf16 (the adapter's dtype): compare with the base weights in bf16
     changed = sorted(name for name in base if not torch.equal(merged[name], base[name].to(merged[name].dtype)))
     assert changed == [f"transformer.h.{i}.attn.qkv.weight" for i in range(config.n_layer)]
+
+
+def test_race_results_compare_a_race_with_its_candidates_own_runs(tmp_path):
+    from benchmarks.common import append_jsonl
+    from benchmarks.race_results import latest_rows, race_facts, rescored, section
+
+    def row(method, val_loss, accuracy, finetune_s, race=None):
+        return {"config_id": "c", "task": "t", "method": method, "seed": 0, "status": "ok", "val_loss": val_loss,
+                "accuracy": accuracy, "eval_items": 4, "item_scores": [1.0, 0.0, float(accuracy > 0.4), 0.0],
+                "finetune_s": finetune_s, "started": method, "settings": {"steps": 50, "lr_warmup_steps": 10}, "race": race}  # fmt: skip
+
+    rounds = [{"step": 2, "val_loss": {"qv": 2.0, "all": 1.5, "mlp": 1.0}, "kept": ["mlp", "all"]},
+              {"step": 4, "val_loss": {"all": 1.2, "mlp": 0.9}, "kept": ["mlp"]}]  # fmt: skip
+    record = {"candidates": [{"name": n} for n in ("qv", "all", "mlp")], "rounds": rounds, "winner": "mlp", "overhead_steps": 6}
+    results = tmp_path / "results.jsonl"
+    for r in (row("qv", 1.1, 0.5, 100.0), row("all", 0.8, 0.25, 100.0), row("mlp", 0.9, 0.5, 100.0),
+              row("race", 0.9, 0.5, 130.0, record)):  # fmt: skip
+        append_jsonl(results, r)
+    rows = latest_rows(results)
+    facts = race_facts(rows[("c", "t", "race", 0)], rows, rescored(tmp_path / "none.jsonl"))
+    assert facts["best_final_loss"] == "all" and facts["winner"] == "mlp"
+    # round 1 ranks mlp < all < qv, the own runs end all < mlp < qv: one pair of three swapped
+    assert facts["tau_first_round"] == pytest.approx(1 / 3)
+    assert facts["wall_ratio"] == pytest.approx(1.3) and facts["same_answers"] is True
+    text = section(rows, rescored(tmp_path / "none.jsonl"), "cmd")
+    assert "| 0 | 2: mlp, all; 4: mlp | mlp | all | qv | +0.33 | 6 (12%) | 1.30x | yes |" in text
