@@ -66,7 +66,7 @@ def race_facts(race: dict[str, Any], rows: dict[tuple, dict[str, Any]], rescores
     first = record["rounds"][0]["val_loss"]
     common = sorted(set(first) & set(final_loss))
     winner = record["winner"]
-    accuracy, items, race_items = scored(race, rescores)
+    accuracy, items, _ = scored(race, rescores)
     winner_row = own.get(winner)
     facts = {
         "seed": race["seed"], "winner": winner, "accuracy": accuracy, "items": items,
@@ -75,7 +75,8 @@ def race_facts(race: dict[str, Any], rows: dict[tuple, dict[str, Any]], rescores
         "tau_first_round": kendall_tau({n: first[n] for n in common}, {n: final_loss[n] for n in common}) if len(common) > 1 else None,
         "overhead_steps": record["overhead_steps"], "steps": race["settings"]["steps"],
         "wall_ratio": race["finetune_s"] / winner_row["finetune_s"] if winner_row else None,
-        "same_answers": scored(winner_row, rescores)[2] == race_items if winner_row and race_items else None,
+        # on the race's own held-out items (its first ``eval_items``), which every run of the grid answered
+        "same_answers": winner_row.get("item_scores") == race.get("item_scores") if winner_row else None,
         "rounds": record["rounds"],
     }  # fmt: skip
     return facts

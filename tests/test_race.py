@@ -120,22 +120,30 @@ def test_candidates_see_the_same_batches_and_a_clearly_worse_one_goes_first(monk
     assert trainable == {id(p) for p in result.winner.adapters.parameters()}
 
 
+CALIBRATION = CalibrationArgs(num_samples=8, batch_size=4, resamples=0)
+
+
 def race_run(checkpoint: Path, out_dir: Path, **options) -> Placement:
-    tiny_run(checkpoint, out_dir, plugin="race", train=TRAIN, lora_dropout=0.0,
-             data=ReasoningGym(train_size=32, val_size=8, prompt_style="alpaca"), **options)  # fmt: skip
+    options = {"lora_dropout": 0.0, **options}
+    tiny_run(checkpoint, out_dir, plugin="race", train=TRAIN, data=ReasoningGym(train_size=32, val_size=8, prompt_style="alpaca"),
+             **options)  # fmt: skip
     return Placement.load(out_dir / "final" / "placement.json")
 
 
 def test_the_winner_is_exactly_its_own_run_and_stock_litgpt_takes_it(tiny_checkpoint, tmp_path, one_thread):
-    race = race_run(tiny_checkpoint, tmp_path / "race", race=RaceArgs(candidates=["qv", "mlp", "all"], reference="qv"))
+    # dropout draws from the random stream: the race keeps every candidate's stream as its own run has it
+    candidates = ["plop", "qv", "mlp", "all"]
+    race = race_run(tiny_checkpoint, tmp_path / "race", race=RaceArgs(candidates=candidates), lora_dropout=0.1,
+                    calibration=CALIBRATION)  # fmt: skip
     record = race.scores.race
-    assert [c["name"] for c in record["candidates"]] == ["qv", "mlp", "all"]
-    assert [r["step"] for r in record["rounds"]] == list(race_schedule(3, 12, 0.25, 2).ends)
+    assert [c["name"] for c in record["candidates"]] == candidates
+    assert [r["step"] for r in record["rounds"]] == list(race_schedule(4, 12, 0.25, 2).ends)
     assert race.method == record["winner"] and (tmp_path / "race" / "final" / "race.png").is_file()
     assert "## The race" in (tmp_path / "race" / "final" / "report.md").read_text()
     # the same seed and batches, the winner alone, at the rank and alpha it raced with: the same adapter, bit for bit
-    tiny_run(tiny_checkpoint, tmp_path / "alone", plugin=race.method, train=TRAIN, lora_dropout=0.0,
-             lora_r=race.max_rank, lora_alpha=race.lora_alpha, data=ReasoningGym(train_size=32, val_size=8, prompt_style="alpaca"))  # fmt: skip
+    alone_options = {"calibration": CALIBRATION} if race.method == "plop" else {}
+    tiny_run(tiny_checkpoint, tmp_path / "alone", plugin=race.method, train=TRAIN, lora_dropout=0.1, lora_r=race.max_rank,
+             lora_alpha=race.lora_alpha, data=ReasoningGym(train_size=32, val_size=8, prompt_style="alpaca"), **alone_options)  # fmt: skip
     raced = torch.load(tmp_path / "race" / "final" / "lit_model.pth.lora", weights_only=True)["model"]
     alone = torch.load(tmp_path / "alone" / "final" / "lit_model.pth.lora", weights_only=True)["model"]
     assert raced.keys() == alone.keys()
@@ -154,7 +162,7 @@ def test_race_on_a_mixture_of_experts_with_calibrated_candidates(tmp_path, smoll
     config = tiny_config(name="tiny-mixtral", mlp_class_name="LLaMAMoE", n_expert=4, n_expert_per_token=2,
                          vocab_size=SMOLLM2_VOCAB, block_size=256)  # fmt: skip
     checkpoint = write_checkpoint(tmp_path / "moe", config, tokenizer_from=smollm2_checkpoint)
-    placement = race_run(checkpoint, tmp_path / "out", calibration=CalibrationArgs(num_samples=8, batch_size=4, resamples=0))
+    placement = race_run(checkpoint, tmp_path / "out", calibration=CALIBRATION)
     record = placement.scores.race
     names = [c["name"] for c in record["candidates"]]
     assert names[:5] == ["plop", "attention", "mlp", "all", "qv"]

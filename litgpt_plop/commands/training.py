@@ -44,7 +44,7 @@ from litgpt_plop.model.devices import check_same_adapters, check_same_placement,
 from litgpt_plop.model.export import check_room_for_final, save_adapter, write_placement_files
 from litgpt_plop.race import RaceArgs, race_schedule
 from litgpt_plop.race.candidates import prompts_method, race_candidates
-from litgpt_plop.race.runner import ContinuedLoader, run_race
+from litgpt_plop.race.runner import CheckedValidationLoader, ContinuedLoader, run_race
 from litgpt_plop.reports.placement import summary_table
 from litgpt_plop.scoring.prompts import calibration_token_ids
 from litgpt_plop.selection.methods import Method, get_method
@@ -100,6 +100,7 @@ class Training:
     train_dataloader: Any
     train: TrainArgs
     controller: WeightLoRAController | None = None
+    val_dataloader: Any = None  # None: the run's own
 
 
 def main(fabric: L.Fabric, run: Run) -> None:
@@ -137,7 +138,8 @@ def main(fabric: L.Fabric, run: Run) -> None:
     with saver.inside_litgpt_fit():
         token_counts = litgpt_lora.fit(
             fabric=fabric, model=model, optimizer=training.optimizer, scheduler=training.scheduler,
-            train_dataloader=training.train_dataloader, val_dataloader=val_dataloader, devices=fabric.world_size,
+            train_dataloader=training.train_dataloader, val_dataloader=training.val_dataloader or val_dataloader,
+            devices=fabric.world_size,
             checkpoint_dir=run.checkpoint_dir, out_dir=run.out_dir, train=training.train, eval=run.eval, data=run.data,
         )  # fmt: skip
     fabric.print(create_finetuning_performance_report(time.perf_counter() - train_time, token_counts, fabric.device.type))
@@ -226,7 +228,8 @@ def race(
         run.train, max_steps=int(lr_max_steps) - winner.steps, epochs=run.train.epochs - result.train_iterator.epoch
     )
     loader = ContinuedLoader(train_dataloader, result.train_iterator)
-    return Training(result.model, placement, winner.optimizer, winner.scheduler, loader, train)
+    checked = CheckedValidationLoader(val_dataloader)
+    return Training(result.model, placement, winner.optimizer, winner.scheduler, loader, train, val_dataloader=checked)
 
 
 def announce(fabric: L.Fabric, model: Any, run: Run, placement: Placement) -> None:

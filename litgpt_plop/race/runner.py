@@ -11,7 +11,8 @@ LitGPT's loop continues it from there (``ContinuedLoader`` hands that loop the r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import lightning as L
@@ -50,6 +51,34 @@ class RaceResult:
     winner: Racer
     train_iterator: CycleIterator
     record: dict[str, Any]
+
+
+class CheckedValidationLoader:
+    """The run's validation loader as LitGPT's loop gets it after a race: the loop's first pass over it, the check it
+    makes before its first step, leaves the random stream as it was. The race already made that check for every
+    candidate before its first step (``run_race``), so its draw (a DataLoader iterator's seed comes from the global
+    random stream) is not made twice in the winner's stream."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.dataset, self._checked = loader, loader.dataset, False
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._checked:
+            return iter(self.loader)
+        self._checked = True
+        # Fabric's loader is a generator: its DataLoader iterator, and the draw, come with the first batch
+        with torch.random.fork_rng(devices=cuda_devices()):
+            iterator = iter(self.loader)
+            first = next(iterator, None)
+        return itertools.chain(() if first is None else (first,), iterator)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def cuda_devices() -> list[int]:
+    """The CUDA devices whose random state ``fork_rng`` saves and restores (none without CUDA)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 class ContinuedLoader:
@@ -100,6 +129,10 @@ def run_race(
     for adapters in adapter_sets:
         install(unwrapped(model), adapters)
         racers.append(Racer(adapters, *make_optimizer(adapters.parameters())))
+        # LitGPT's loop checks two validation batches before its first step, drawing from the random stream
+        set_rng_state(adapters.rng_state)
+        litgpt_lora.validate(fabric, model, val_dataloader, replace(eval, max_iters=2), verbose=False)
+        adapters.rng_state = rng_state()
     model = setup_model(fabric, model)
     iterator = CycleIterator(train_dataloader)
     batches = [next(iterator) for _ in range(schedule.ends[-1] * accumulation)]
@@ -155,8 +188,9 @@ def train_steps(fabric: L.Fabric, model: Any, racer: Racer, batches: list[dict],
 
 
 def validation_loss(fabric: L.Fabric, model: Any, val_dataloader: Any, eval: EvalArgs) -> float:
-    """LitGPT's validation loss (its first ``eval.max_iters`` batches), averaged over ranks."""
-    with torch.no_grad():
+    """LitGPT's validation loss (its first ``eval.max_iters`` batches), averaged over ranks. A run of the placement
+    alone does not validate here, so the candidate's random stream is left as it was."""
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices()):
         loss = litgpt_lora.validate(fabric, model, val_dataloader, eval, verbose=False)
     return float(fabric.all_reduce(loss.to(fabric.device), reduce_op="mean"))
 
