@@ -51,7 +51,7 @@ PLUGIN_OPTIONS = {
     "cka": ["--train.max_steps", "4", "--calibration.num_samples", "8", "--calibration.batch_size", "2"],
     "weightlora": ["--train.max_steps", "5", "--weightlora.k", "4", "--weightlora.warmup_steps", "3"],
     # three candidates, rounds ending at steps 2 and 4: the adapters are swapped under DDP between candidates
-    "race": ["--train.max_steps", "8", "--race.candidates", "[qv, mlp, all]", "--race.reference", "qv"],
+    "race": ["--train.max_steps", "8", "--race.candidates", "[qv, mlp, all]", "--race.reference", "qv", "--race.budget", "0.75"],
     # two rounds (halve K, double the ranks) and the cut: adapters leave and are replaced mid-run
     "weightlora+": ["--train.max_steps", "7", "--weightlora.k", "8", "--weightlora.warmup_steps", "5"],
 }  # fmt: skip

@@ -22,7 +22,8 @@ from litgpt_plop.selection.placement import Placement
 from helpers import random_gpt, tiny_config, tiny_run
 
 TRAIN = TrainArgs(save_interval=100, log_interval=1, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1,
-                  epochs=3, max_steps=12, max_seq_length=96)  # fmt: skip
+                  epochs=3, max_steps=16, max_seq_length=96)  # fmt: skip
+BUDGET = 0.6  # 4 candidates in 16 steps: rounds end at steps 2 and 4
 
 
 def test_rounds_halve_the_candidates_and_spend_the_budget_on_losers():
@@ -34,11 +35,26 @@ def test_rounds_halve_the_candidates_and_spend_the_budget_on_losers():
     assert schedule.ends == (14, 42) and schedule.survivors == (2, 1)
 
 
-def test_rounds_never_reach_the_end_of_the_run_and_start_after_litgpts_zero_learning_rate_step():
-    schedule = race_schedule(7, 10, budget=0.9, eta=2)  # a first round of 0.9 * 10 / 11 steps: too short
-    assert schedule.ends[0] == 2  # LitGPT's first step has learning rate 0: compare after the second
-    schedule = race_schedule(5, 6, budget=0.9, eta=2)  # rounds at 2, 4, 8 cut to end before step 6
-    assert schedule.ends == (2, 4, 5) and schedule.survivors == (3, 2, 1)
+def test_no_round_ends_inside_the_warm_up_fewer_rounds_first_then_one_line():
+    # 6 candidates, 1000 steps, budget 0.25: halving (9 s <= 250) would end its first round at 27, after 10 steps
+    assert race_schedule(6, 1000, 0.25, 2, warmup_steps=10).ends == (27, 54, 108)
+    # after a 30-step warm-up, halving cannot pay (31 * 9 > 250); eta 3 (6 -> 2 -> 1, 7 s) can: 35
+    schedule = race_schedule(6, 1000, 0.25, 2, warmup_steps=30)
+    assert schedule.ends == (35, 105) and schedule.survivors == (2, 1)
+    # after 45 steps only one round fits (5 losers x 50 = 250)
+    assert race_schedule(6, 1000, 0.25, 2, warmup_steps=45).ends == (50,)
+    with pytest.raises(InputError, match=r"takes at least 55 \(0.28 of the 200-step run\): raise --race.budget to 0.28"):
+        race_schedule(6, 200, 0.25, 2, warmup_steps=10)
+    with pytest.raises(InputError, match="race fewer --race.candidates, shorten --train.lr_warmup_steps or train longer"):
+        race_schedule(6, 50, 0.25, 2, warmup_steps=10)
+
+
+def test_the_first_round_ends_after_litgpts_zero_learning_rate_step_and_the_last_before_the_run_ends():
+    # halving (losers 2 at s, 1 at 2s, 1 at 4s: 8 s <= 12) would end at step 1, where LitGPT's learning rate is 0
+    schedule = race_schedule(5, 40, budget=0.3, eta=2)
+    assert schedule.ends == (2, 6) and schedule.survivors == (2, 1)  # so eta 3: 3 losers at 2, 1 at 6
+    schedule = race_schedule(2, 10, budget=0.95, eta=2)  # one loser may spend 9 steps: the winner keeps the 10th
+    assert schedule.ends == (9,)
 
 
 def test_race_options_are_checked_in_one_line():
@@ -133,11 +149,11 @@ def race_run(checkpoint: Path, out_dir: Path, **options) -> Placement:
 def test_the_winner_is_exactly_its_own_run_and_stock_litgpt_takes_it(tiny_checkpoint, tmp_path, one_thread):
     # dropout draws from the random stream: the race keeps every candidate's stream as its own run has it
     candidates = ["plop", "qv", "mlp", "all"]
-    race = race_run(tiny_checkpoint, tmp_path / "race", race=RaceArgs(candidates=candidates), lora_dropout=0.1,
+    race = race_run(tiny_checkpoint, tmp_path / "race", race=RaceArgs(candidates=candidates, budget=BUDGET), lora_dropout=0.1,
                     calibration=CALIBRATION)  # fmt: skip
     record = race.scores.race
     assert [c["name"] for c in record["candidates"]] == candidates
-    assert [r["step"] for r in record["rounds"]] == list(race_schedule(4, 12, 0.25, 2).ends)
+    assert [r["step"] for r in record["rounds"]] == [2, 4] == list(race_schedule(4, 16, BUDGET, 2, warmup_steps=1).ends)
     assert race.method == record["winner"] and (tmp_path / "race" / "final" / "race.png").is_file()
     assert "## The race" in (tmp_path / "race" / "final" / "report.md").read_text()
     # the same seed and batches, the winner alone, at the rank and alpha it raced with: the same adapter, bit for bit
@@ -162,7 +178,7 @@ def test_race_on_a_mixture_of_experts_with_calibrated_candidates(tmp_path, smoll
     config = tiny_config(name="tiny-mixtral", mlp_class_name="LLaMAMoE", n_expert=4, n_expert_per_token=2,
                          vocab_size=SMOLLM2_VOCAB, block_size=256)  # fmt: skip
     checkpoint = write_checkpoint(tmp_path / "moe", config, tokenizer_from=smollm2_checkpoint)
-    placement = race_run(checkpoint, tmp_path / "out", calibration=CALIBRATION)
+    placement = race_run(checkpoint, tmp_path / "out", calibration=CALIBRATION, race=RaceArgs(budget=0.9))
     record = placement.scores.race
     names = [c["name"] for c in record["candidates"]]
     assert names[:5] == ["plop", "attention", "mlp", "all", "qv"]

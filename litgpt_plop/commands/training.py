@@ -112,6 +112,8 @@ def main(fabric: L.Fabric, run: Run) -> None:
     check_lr_schedule(run.train.lr_warmup_steps, lr_max_steps)
     if run.method.kind == "gated":  # the run's length is known now (--train.epochs over the data), the model not loaded
         check_litgpt_warmup(run.weightlora, lr_max_steps)
+    if run.method.kind == "race":  # rounds after the warm-up within the budget, for as many candidates as named
+        race_schedule(len(run.race.candidates), int(lr_max_steps), run.race.budget, run.race.eta, run.train.lr_warmup_steps)
     if fabric.global_rank == 0:  # the one writer: what it will write must fit before anything trains
         check_room(run, lr_max_steps)
     # the prompts before the weights: a file or data set with too few of them is refused before the model loads
@@ -188,19 +190,12 @@ def race(
         unwrapped(model), run.race, token_ids, run.candidates, run.rank, config.lora_alpha, config.lora_dropout,
         run.calibration, run.plop, run.cka, run.kappa, run.seed,
     )  # fmt: skip
-    schedule = race_schedule(len(placements), int(lr_max_steps), run.race.budget, run.race.eta)
+    schedule = race_schedule(len(placements), int(lr_max_steps), run.race.budget, run.race.eta, run.train.lr_warmup_steps)
     fabric.print(
         f"Race: {len(placements)} candidates ({', '.join(p.method for p in placements)}), rounds ending at steps"
         f" {list(schedule.ends)} keeping {list(schedule.survivors)}, {schedule.overhead_steps(len(placements))}"
         f" steps on candidates that lose"
     )
-    if schedule.ends[0] <= run.train.lr_warmup_steps:
-        fabric.print(
-            f"Warning: the race's first round ends at step {schedule.ends[0]}, inside the learning-rate warm-up"
-            f" ({run.train.lr_warmup_steps} steps): its candidates have barely trained when they are compared. A larger"
-            " --race.budget or a shorter --train.lr_warmup_steps gives it more to go on.",
-            file=sys.stderr,
-        )
     # what LitGPT's loop sets before it trains, so that the race's steps are its steps
     longest, _ = litgpt_lora.get_longest_seq_length(ConcatDataset([train_dataloader.dataset, val_dataloader.dataset]))
     unwrapped(model).max_seq_length = min(longest, run.train.max_seq_length or float("inf"))

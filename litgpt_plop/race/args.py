@@ -22,10 +22,11 @@ class RaceArgs:
     ``plop``, ``attention``, ``mlp``, ``all``, ``qv``, plus ``kappa`` and ``cka`` where their placement differs
     from PLoP's."""
     budget: float = 0.25
-    """The optimizer steps spent on candidates that lose, as a fraction of the run's steps. The first round lasts
-    as long as this allows (at least one step); each later round ``eta`` times longer."""
+    """The optimizer steps spent on candidates that lose, at most, as a fraction of the run's steps. The first round
+    lasts as long as this allows, and ends after the learning-rate warm-up; each later round ``eta`` times longer."""
     eta: int = 2
-    """Each round keeps 1/eta of the candidates (rounded up): 2 halves them."""
+    """Each round keeps 1/eta of the candidates (rounded up): 2 halves them. A budget too small for that after the
+    warm-up gets fewer rounds (a larger eta)."""
     reference: str = "plop"
     """The candidate whose trainable parameters at ``--lora_r`` set the budget every candidate is matched to
     (its rank adjusted, alpha scaled with it)."""

@@ -3,8 +3,12 @@
 With ``n`` candidates and ``eta``, round ``r`` keeps ``ceil(n_{r-1} / eta)`` until one is left. Round ``r`` ends at
 optimizer step ``s_r = s_1 * eta**(r-1)`` (Hyperband's geometric rounds: a candidate that survives longer has
 earned a longer look). The losers' steps are the race's overhead: ``sum_r dropped_r * s_r``; ``s_1`` is the
-largest first round whose overhead fits ``budget * max_steps``, and at least ``MIN_FIRST_ROUND`` steps: LitGPT's
-first optimizer step has learning rate 0, so after it every candidate is where it started.
+largest first round whose overhead fits ``budget * max_steps``.
+
+No round ends inside the learning-rate warm-up: compared there, on SmolLM2 the candidates' losses ranked them
+against the order their own runs ended in (RESULTS.md, "Race"). When the budget cannot pay for rounds after the
+warm-up with ``eta``, fewer rounds (a larger ``eta``, down to one round that keeps one candidate) are run; when
+not even one round fits, ``InputError`` says what would.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MIN_FIRST_ROUND = 2
+from litgpt_plop.errors import InputError
+
+MIN_FIRST_ROUND = 2  # LitGPT's first optimizer step has learning rate 0: after it every candidate is where it started
 
 
 @dataclass(frozen=True)
@@ -45,20 +51,27 @@ def survivors(candidates: int, eta: int) -> tuple[int, ...]:
     return tuple(kept)
 
 
-def race_schedule(candidates: int, max_steps: int, budget: float, eta: int) -> RaceSchedule:
-    """The rounds for ``candidates`` placements in a run of ``max_steps`` optimizer steps, spending about
-    ``budget * max_steps`` steps on the losers. Rounds that would end at or after the run's end are merged into
-    one that ends one step before it (the winner needs a step of its own to be the run's)."""
-    kept = survivors(candidates, eta)
-    dropped = [alive - k for alive, k in zip((candidates, *kept), kept)]
-    weight = sum(d * eta**r for r, d in enumerate(dropped))
-    first = max(MIN_FIRST_ROUND, math.floor(budget * max_steps / weight))
-    ends, rounds_kept = [], []
-    for r, k in enumerate(kept):
-        end = min(first * eta**r, max_steps - 1)
-        if ends and end <= ends[-1]:  # clipped: this round ends where the last did, so it is that round
-            rounds_kept[-1] = k
-            continue
-        ends.append(end)
-        rounds_kept.append(k)
-    return RaceSchedule(tuple(ends), tuple(rounds_kept))
+def race_schedule(candidates: int, max_steps: int, budget: float, eta: int, warmup_steps: int = 0) -> RaceSchedule:
+    """The rounds for ``candidates`` placements in a run of ``max_steps`` optimizer steps, spending at most
+    ``budget * max_steps`` steps on the losers, the first round ending after the ``warmup_steps`` of the learning-rate
+    warm-up (and after ``MIN_FIRST_ROUND`` steps)."""
+    earliest = max(MIN_FIRST_ROUND, warmup_steps + 1)
+    for rate in range(eta, max(eta, candidates) + 1):  # a larger eta: fewer rounds, cheaper
+        kept = survivors(candidates, rate)
+        dropped = [alive - k for alive, k in zip((candidates, *kept), kept)]
+        first = math.floor(budget * max_steps / sum(d * rate**r for r, d in enumerate(dropped)))
+        if earliest <= first and earliest < max_steps:
+            # the last round's losers train s_R <= budget * max_steps < max_steps steps: every round ends before the run
+            return RaceSchedule(tuple(first * rate**r for r in range(len(kept))), kept)
+    needed = (candidates - 1) * earliest
+    what = (
+        f"--race.budget {budget} pays for {math.floor(budget * max_steps)} steps on candidates that lose, but comparing"
+        f" {candidates} candidates after the {warmup_steps}-step learning-rate warm-up takes at least {needed}"
+        f" ({needed / max_steps:.2f} of the {max_steps}-step run)"
+    )
+    if needed >= max_steps:
+        raise InputError(f"{what}: race fewer --race.candidates, shorten --train.lr_warmup_steps or train longer")
+    raise InputError(
+        f"{what}: raise --race.budget to {math.ceil(100 * needed / max_steps) / 100}, race fewer --race.candidates,"
+        " shorten --train.lr_warmup_steps or train longer"
+    )
