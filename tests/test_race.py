@@ -1,9 +1,11 @@
 """``--plugin race``: the rounds' arithmetic, matched candidates, identical batches, the first round dropping a
 clearly worse candidate, a winner that is exactly its own run, and outputs stock LitGPT takes."""
 
+import gc
 import hashlib
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import lightning as L
@@ -107,10 +109,16 @@ def test_candidates_see_the_same_batches_and_a_clearly_worse_one_goes_first(monk
         Placement.from_kinds(config, ["mlp_fc_1", "mlp_fc_2", "mlp_proj"], rank=8, method="mlp"),
     ]  # fmt: skip
     seen: dict[str, list[str]] = {}
+    alive: dict[str, weakref.ref] = {}
+    freed: list[bool] = []
     train_steps = runner.train_steps
 
     def recording(fabric, model, racer, batches, accumulation):
         seen.setdefault(racer.name, []).extend(hashlib.sha1(b["input_ids"].numpy().tobytes()).hexdigest() for b in batches)
+        alive[racer.name] = weakref.ref(racer.optimizer)
+        if racer.steps > 0:  # a later round: the first round's loser, its adapters and optimizer state are gone
+            gc.collect()
+            freed.append(alive["one-adapter"]() is None)
         return train_steps(fabric, model, racer, batches, accumulation)
 
     monkeypatch.setattr(runner, "train_steps", recording)
@@ -134,6 +142,9 @@ def test_candidates_see_the_same_batches_and_a_clearly_worse_one_goes_first(monk
     # the winner is the model's placement now, and only its adapters train
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in result.winner.adapters.parameters()}
+    assert freed == [True, True]  # while the race went on
+    gc.collect()  # and at its end only the winner's optimizer is left
+    assert {name for name, ref in alive.items() if ref() is not None} == {result.record["winner"]}
 
 
 CALIBRATION = CalibrationArgs(num_samples=8, batch_size=4, resamples=0)

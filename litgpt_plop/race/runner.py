@@ -124,9 +124,8 @@ def run_race(
     (Fabric-set-up) optimizer and LR scheduler. Every rank takes the same decisions: the validation losses are
     averaged over ranks."""
     config = unwrapped(model).config
-    adapter_sets = build_adapter_sets(unwrapped(model), placements)
     racers = []
-    for adapters in adapter_sets:
+    for adapters in build_adapter_sets(unwrapped(model), placements):
         install(unwrapped(model), adapters)
         racers.append(Racer(adapters, *make_optimizer(adapters.parameters())))
         # LitGPT's loop checks two validation batches before its first step, drawing from the random stream
@@ -137,7 +136,9 @@ def run_race(
     iterator = CycleIterator(train_dataloader)
     batches = [next(iterator) for _ in range(schedule.ends[-1] * accumulation)]
     record: dict[str, Any] = {"candidates": [candidate_record(r, config) for r in racers], "rounds": []}
-    alive, current = list(racers), None
+    # the racers dropped in a round are referenced nowhere else: their adapters and optimizer states are freed
+    alive, current, count = racers, None, len(racers)
+    del racers
     for end, keep in zip(schedule.ends, schedule.survivors):
         losses = {}
         for racer in alive:
@@ -151,7 +152,7 @@ def run_race(
         fabric.print(round_table(end, losses, [r.name for r in alive]))
     winner = alive[0]
     switch(fabric, model, current, winner)
-    overhead = schedule.overhead_steps(len(racers))
+    overhead = schedule.overhead_steps(count)
     record.update(winner=winner.name, overhead_steps=overhead, race_steps=schedule.ends[-1])
     return RaceResult(model, winner, iterator, record)
 
