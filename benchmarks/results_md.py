@@ -5,6 +5,7 @@ benchmarks and everything written by hand stay as they are.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from benchmarks.common import write_text
@@ -29,3 +30,10 @@ def write_section(md_path: Path, begin: str, end: str, block: str, before: str |
     else:
         new = "# Benchmark results\n\n" + block
     write_text(md_path, new)
+
+
+def notes_between(text: str, begin: str, end: str) -> str | None:
+    """What a person wrote between a section's notes markers ``begin`` and ``end`` (kept when a benchmark writes
+    its section again); None when there is nothing there."""
+    match = re.search(re.escape(begin) + r"\n(.*?)\n?" + re.escape(end), text, re.S)
+    return match.group(1).strip("\n") if match and match.group(1).strip() else None

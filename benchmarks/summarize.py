@@ -35,7 +35,7 @@ from typing import Any
 
 from benchmarks.common import REPO_ROOT, command_line, read_jsonl
 from benchmarks.quality_grid import RESULTS_DIR
-from benchmarks.results_md import write_section
+from benchmarks.results_md import notes_between, write_section
 from benchmarks.summary_plot import plot
 from benchmarks.summary_tables import checks, cost_table, findings, paired_table, quality_table, rescored_section, values
 
@@ -261,10 +261,8 @@ def section(
 
 def existing_notes(text: str) -> str | None:
     """The notes a person wrote into the section (not the placeholder), kept when the section is written again."""
-    match = re.search(re.escape(NOTES_BEGIN) + r"\n(.*?)\n?" + re.escape(NOTES_END), text, re.S)
-    if match and match.group(1).strip() and match.group(1).strip() != NOTES_PLACEHOLDER:
-        return match.group(1).strip("\n")
-    return None
+    notes = notes_between(text, NOTES_BEGIN, NOTES_END)
+    return notes if notes is not None and notes.strip() != NOTES_PLACEHOLDER else None
 
 
 # ---- the command line --------------------------------------------------------------------------------------
