@@ -1,5 +1,6 @@
 import importlib.metadata
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -44,13 +45,16 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def fresh_launch_environment():
-    """Every test starts without the variables a distributed launch leaves in os.environ, and leaves none behind.
+    """Every test starts without the variables a distributed launch leaves in os.environ, and leaves none behind; the
+    SIGINT handler is restored after it too.
 
     Lightning writes them into this process (MASTER_PORT by ``ddp_spawn``, LOCAL_RANK by its launchers): a later DDP
     test would reuse a port that may be taken, and with LOCAL_RANK set Lightning takes the processes as launched by
     someone else and waits forever for ranks it never starts."""
     saved = {name: os.environ.pop(name) for name in LAUNCH_VARIABLES if name in os.environ}
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning may leave it ignored, and children inherit that
     yield
+    signal.signal(signal.SIGINT, sigint)
     for name in LAUNCH_VARIABLES:
         os.environ.pop(name, None)
     os.environ.update(saved)
