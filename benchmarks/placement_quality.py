@@ -217,6 +217,7 @@ def base_spec(task: str, settings: Settings, args: argparse.Namespace) -> dict[s
         "cka_ratio": settings.cka_ratio,
         "rank": settings.rank,
         "threads": args.threads,
+        "eval_batch": getattr(args, "eval_batch", None),
     }
 
 
@@ -446,7 +447,8 @@ def print_outcome(row: dict[str, Any], method: str, facts: dict[str, Any], ok: b
         for line in (facts.get("error_tail") or "").strip().splitlines()[-5:]:
             print(f"    | {line}", flush=True)
         return
-    parts = [f"acc {row['accuracy']:.3f} ({row['eval_items']} items)"]
+    score = f"acc {row['accuracy']:.3f}" if row.get("accuracy") is not None else f"answer NLL {row['nll']:.3f}"
+    parts = [f"{score} ({row['eval_items']} items)"]
     if method != "base":
         parts += [
             f"val loss {row['val_loss']:.3f}" if row.get("val_loss") is not None else "val loss n/a",

@@ -35,6 +35,10 @@ TASK_CONFIGS: dict[str, dict[str, Any] | None] = {
     "products": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
     "chain_sum": {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1},
     "gsm_symbolic": None,
+    # the GPU grid's (benchmarks.gpu_grid): letter_counting as reasoning-gym makes it (5-15 words; "1" is the answer
+    # to 37% of the items, so room both ways), and the free-text task of benchmarks.qa_task (answer likelihood)
+    "letter_counting": None,
+    "chatterbot_qa": None,
 }
 # What the grid runs, in the order it runs and reports them. What each one is comes from the project's method
 # registry (litgpt_plop.selection.methods); ``all@r0`` and ``base`` exist only here (see placement_quality's docstring).

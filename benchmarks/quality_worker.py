@@ -29,16 +29,20 @@ from litgpt_plop.selection.methods import get_method
 
 
 def make_data(spec: dict[str, Any]) -> Any:
-    """The task's data module; training batches shuffled with ``shuffle_seed`` (same items, other order)."""
+    """The task's data module (``benchmarks.qa_task``'s for its free-text task, else reasoning-gym's); training
+    batches shuffled with ``shuffle_seed`` (same items, other order)."""
     import torch
     from litgpt.data import get_sft_collate_fn
     from torch.utils.data import DataLoader
 
+    from benchmarks.qa_task import TASK as QA_TASK, ChatterbotQA
     from litgpt_plop.data import ReasoningGym
 
+    base = ChatterbotQA if spec["task"] == QA_TASK else ReasoningGym
+
     @dataclasses.dataclass
-    class SeededOrderReasoningGym(ReasoningGym):
-        """``ReasoningGym`` whose training batches are shuffled with their own seed (the items stay the same)."""
+    class SeededOrder(base):  # type: ignore[valid-type, misc]
+        """The task's data module whose training batches are shuffled with their own seed (the items stay the same)."""
 
         shuffle_seed: int | None = None
 
@@ -54,7 +58,7 @@ def make_data(spec: dict[str, Any]) -> Any:
                 collate_fn=get_sft_collate_fn(max_seq_length=self.max_seq_length, ignore_index=self.ignore_index),
             )
 
-    return SeededOrderReasoningGym(
+    return SeededOrder(
         task=spec["task"],
         task_config=spec["task_config"],
         train_size=spec["train_size"],
@@ -71,21 +75,43 @@ def calibration_args(spec: dict[str, Any]) -> Any:
     return CalibrationArgs(num_samples=spec["calibration_samples"], batch_size=8, max_seq_length=256, progress=False)
 
 
-def evaluate(checkpoint_dir: Path, data: Any, num_items: int, max_new_tokens: int, records_path: Path | None) -> dict[str, Any]:
+def evaluate_nll(model: Any, tokenizer: Any, prompt_style: Any, data: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """The free-text task's score: each held-out answer's mean negative log-likelihood (``benchmarks.qa_task``)."""
+    from benchmarks.qa_task import answer_nll
+
+    data.prompt_style = prompt_style
+    data.connect(tokenizer=tokenizer, batch_size=1, max_seq_length=spec.get("max_seq_length", 256))
+    data.setup()
+    t0 = time.perf_counter()
+    scores = answer_nll(model, data, spec["eval_items"], spec.get("eval_batch") or 32)
+    return {
+        "accuracy": None, "nll": statistics.fmean(scores), "item_scores": scores, "eval_items": len(scores),
+        "eval_s": round(time.perf_counter() - t0, 2), "prompt_style": type(prompt_style).__name__,
+    }  # fmt: skip
+
+
+def evaluate(checkpoint_dir: Path, data: Any, spec: dict[str, Any], records_path: Path | None) -> dict[str, Any]:
     """``litgpt_plop.commands.demo.accuracy``'s procedure (the checkpoint's prompt style, greedy, the task's scorer), keeping
-    the partial-credit mean and the answers too."""
+    the partial-credit mean and the answers too; for the free-text task, ``evaluate_nll``. ``spec``: ``eval_items``,
+    ``max_new_tokens``, and ``eval_batch`` (items answered together; 1 when absent)."""
+    import torch
     from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
     from litgpt.tokenizer import Tokenizer
 
+    from benchmarks.qa_task import TASK as QA_TASK
     from litgpt_plop.data import evaluate_accuracy
     from litgpt_plop.model.checkpoint import load_checkpoint_model
 
     model = load_checkpoint_model(checkpoint_dir)
+    if torch.cuda.is_available():
+        model = model.cuda()
     tokenizer = Tokenizer(checkpoint_dir)
     prompt_style = load_prompt_style(checkpoint_dir) if has_prompt_style(checkpoint_dir) else PromptStyle.from_config(model.config)
-    items = data.items("val")[:num_items]
+    if spec["task"] == QA_TASK:
+        return evaluate_nll(model, tokenizer, prompt_style, data, spec)
+    items = data.items("val")[: spec["eval_items"]]
     t0 = time.perf_counter()
-    result = evaluate_accuracy(model, tokenizer, items, data.scorer(), prompt_style, max_new_tokens)
+    result = evaluate_accuracy(model, tokenizer, items, data.scorer(), prompt_style, spec["max_new_tokens"], spec.get("eval_batch") or 1)
     seconds = time.perf_counter() - t0
     if records_path is not None:
         with open(records_path, "w") as f:
@@ -273,7 +299,7 @@ def finetune_job(spec: dict[str, Any], checkpoint_dir: Path, run_dir: Path) -> d
     result.update(read_metrics(run_dir))
     final = run_dir / "final"
     result.update(placement_facts(final))
-    result.update(evaluate(final, data, spec["eval_items"], spec["max_new_tokens"], run_dir / "eval.jsonl"))
+    result.update(evaluate(final, data, spec, run_dir / "eval.jsonl"))
     if not spec.get("keep_checkpoints"):
         # the merged model is ~0.5 GB per run; the adapter (lit_model.pth.lora) and placement stay
         (final / "lit_model.pth").unlink(missing_ok=True)
@@ -295,11 +321,13 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["mode"] == "plan":
         result = plan_job(spec, checkpoint_dir, run_dir)
     elif spec["mode"] == "base":
-        result = evaluate(checkpoint_dir, make_data(spec), spec["eval_items"], spec["max_new_tokens"], run_dir / "eval.jsonl")
+        result = evaluate(checkpoint_dir, make_data(spec), spec, run_dir / "eval.jsonl")
     else:
         result = finetune_job(spec, checkpoint_dir, run_dir)
     result["worker_s"] = round(time.perf_counter() - t0, 2)
     result["peak_rss_self_mb"] = round(self_peak_rss_mib(), 1)
+    if torch.cuda.is_available():  # what sizes the GPU grid's parallel runs (benchmarks.gpu_grid)
+        result["cuda_peak_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
     return result
 
 

