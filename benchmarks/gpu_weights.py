@@ -139,13 +139,13 @@ def device_calls(parts_dir: Path = PARTS_DIR, kit: str = "wheelkit", grid_args: 
     calls = []
     for name in first:
         calls.append({
-            "command": f"python3 -m benchmarks.gpu_weights store --part {parts_dir / name} --store {STORE_DIR}",
+            "command": f"python -m benchmarks.gpu_weights store --part {parts_dir / name} --store {STORE_DIR}",
             "carry": [str(parts_dir / name), str(parts_dir / MANIFEST)],
             "timeout_s": 120,
         })  # fmt: skip
     grid = (
-        f"python3 -m benchmarks.gpu_weights store --part {parts_dir / last} --store {STORE_DIR}"
-        f" && python3 -m benchmarks.gpu_grid --kit {kit} --store {STORE_DIR} --out $OUT {grid_args}".rstrip()
+        f"python -m benchmarks.gpu_weights store --part {parts_dir / last} --store {STORE_DIR}"
+        f" && python -m benchmarks.gpu_grid --kit {kit} --store {STORE_DIR} --out $OUT {grid_args}".rstrip()
     )
     calls.append({"command": grid, "carry": [kit, str(parts_dir / last), str(parts_dir / MANIFEST)], "timeout_s": GRID_TIMEOUT_S})
     return calls

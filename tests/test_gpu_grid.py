@@ -72,7 +72,7 @@ def test_device_calls_fit_the_device_tool_and_store_their_parts(tmp_path):
     for call in calls:  # the store half of each call, here
         store_command = call["command"].split(" && ")[0]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        result = subprocess.run(shlex.split(store_command.replace("python3", sys.executable, 1)), cwd=root, env=env, capture_output=True, text=True)
+        result = subprocess.run(shlex.split(store_command.replace("python", sys.executable, 1)), cwd=root, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
     assert assemble(root / ".gpu_store", tmp_path / "joined").read_bytes() == source.read_bytes()
 
