@@ -195,8 +195,11 @@ def run_jobs(check: Check, grid: Any, todo: list[tuple], pool: Pool, options: di
             for future in done:
                 running.pop(future)
                 future.result()
-            check.results["parallel"] = {"runs_at_once": pool.size(read_jsonl(check.out / ROWS)), "per_run_mib": round(pool.per_run_mib),
-                                         "cpu_cap": pool.cpu_cap, "device_mib": pool.device_mib, "median_run_s": round(expected, 1)}  # fmt: skip
+            at_once = pool.size(read_jsonl(check.out / ROWS))
+            check.results["parallel"] = {"runs_at_once": at_once, "per_run_mib": round(pool.per_run_mib), "cpu_cap": pool.cpu_cap,
+                                         "device_mib": pool.device_mib, "median_run_s": round(expected, 1),
+                                         # what the jobs not yet started would take at this pace: a second call's size
+                                         "projected_s_left": round((len(todo) + len(running)) * expected / at_once)}  # fmt: skip
             check.results["not_started"] = len(todo)
             check.save()
 

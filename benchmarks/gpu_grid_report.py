@@ -182,7 +182,9 @@ def markdown(data: dict[str, Any]) -> str:
              f"Command: `{data.get('command')}`. Commit: {data.get('git_commit')}.",
              f"Settings: {settings.get('steps')} steps, micro batch {settings.get('micro_batch')}, lr {settings.get('lr')}, rank r0"
              f" {settings.get('rank')} (every placement matched to {settings.get('reference')}'s parameters at r0), {settings.get('eval_items')}"
-             f" held-out items per task; runs at once: {(data.get('parallel') or {}).get('runs_at_once')}.", ""]  # fmt: skip
+             f" held-out items per task; runs at once: {(data.get('parallel') or {}).get('runs_at_once')}, median run"
+             f" {(data.get('parallel') or {}).get('median_run_s')} s; the runs not finished would take about"
+             f" {(data.get('parallel') or {}).get('projected_s_left')} s more.", ""]  # fmt: skip
     for task, summary in data["summary"].items():
         lines += task_lines(task, summary) + race_lines(task, data["race"].get(task, []))
     return "\n".join(lines)
