@@ -178,3 +178,21 @@ def logged_metric(out_dir: Path, name: str) -> list[float]:
     (metrics,) = out_dir.glob("logs/csv/*/metrics.csv")
     with open(metrics) as f:
         return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+def run_litgpt_plop(monkeypatch, capsys, *args: object) -> tuple[int, str, str]:
+    """``litgpt-plop ARGS`` through its real entry point, in this process: exit code (0 if it returned), stdout,
+    stderr. Tracebacks stay off, as a user gets them."""
+    import sys
+
+    from litgpt_plop.commands.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["litgpt-plop", *map(str, args)])
+    monkeypatch.delenv("LITGPT_PLOP_TRACEBACK", raising=False)
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import run_litgpt_plop
 from litgpt_plop.commands.cli import main
 from litgpt_plop.selection.placement import Placement
 
@@ -29,14 +30,8 @@ TINY_TRAIN = [
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """Run ``litgpt-plop ARGS``; its exit code (0 if it returned) and what it wrote to stderr."""
-    monkeypatch.setattr(sys, "argv", ["litgpt-plop", *map(str, args)])
-    monkeypatch.delenv("LITGPT_PLOP_TRACEBACK", raising=False)
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    return code, capsys.readouterr().err
+    code, _, err = run_litgpt_plop(monkeypatch, capsys, *args)
+    return code, err
 
 
 def snapshot(directory: Path) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """``litgpt-plop``: LitGPT's command line plus automatic LoRA placement.
 
-Every ``litgpt`` subcommand works unchanged (``litgpt-plop chat ...`` is ``litgpt chat ...``). ``plan`` is new,
-and ``finetune`` / ``finetune_lora`` gain ``--plugin`` and the calibration and scoring option groups.
+Every ``litgpt`` subcommand works unchanged (``litgpt-plop chat ...`` is ``litgpt chat ...``). ``plan`` and
+``export_peft`` are new, and ``finetune`` / ``finetune_lora`` gain ``--plugin`` and the calibration and scoring
+option groups.
 """
 
 import warnings
@@ -17,10 +18,13 @@ def parser_data() -> dict:
     """LitGPT's subcommands, with ours added or put in their place."""
     from litgpt.__main__ import PARSER_DATA
 
+    from litgpt_plop.commands.export_peft import export_peft as export_peft_fn
     from litgpt_plop.commands.finetune import setup as finetune_fn
     from litgpt_plop.commands.plan import plan as plan_fn
 
-    return {**PARSER_DATA, "finetune": finetune_fn, "finetune_lora": finetune_fn, "plan": plan_fn}
+    return {
+        **PARSER_DATA, "finetune": finetune_fn, "finetune_lora": finetune_fn, "plan": plan_fn, "export_peft": export_peft_fn,
+    }
 
 
 def main() -> None:
