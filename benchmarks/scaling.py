@@ -11,7 +11,8 @@ which are clean file pages the kernel reclaims under pressure:
 * ``plan-bf16`` / ``plan-nf4``: ``litgpt-plop plan --precision bf16-true [--quantize bnb.nf4] --method plop`` on
   reasoning-gym prompts: wall time, the process's own peak RSS (``VmHWM`` at its end: loading, calibration,
   scores; ``ru_maxrss`` from ``wait4`` is recorded too, but it starts at the launching process's peak) and its
-  peak owned memory;
+  peak owned memory; with plan's layer-sequential calibration (its default; lines before it had the whole model
+  loaded, and record no ``calibration``) or, as ``plan-bf16-whole`` / ``plan-nf4-whole``, ``--sequential false``;
 * ``calibration``: in one process on the bf16 model, batches interleaved: a blocks-only forward, the PLoP pass and
   the CKA-over-all-tokens pass; CPU seconds of this thread, ratios to the forward (median of per-batch ratios);
 * ``finetune-bf16`` / ``finetune-nf4``: ``litgpt-plop finetune --plugin plop`` for 2 optimizer steps of one
@@ -25,6 +26,7 @@ Resumable: each (model, measurement) is one line of ``results/scaling/results.js
     python -m benchmarks.scaling                                  # 135M, 1B-shaped, 3B-shaped
     python -m benchmarks.scaling --models Llama-3.2-1B --only plan-bf16 plan-nf4 --rerun   # side by side
     python -m benchmarks.scaling --threads 1 --malloc_mmap_threshold 65536    # the setting of the first runs
+    python -m benchmarks.scaling --models SmolLM2-135M-Instruct Llama-3.2-1B --only plan-bf16 plan-bf16-whole --rerun
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ from benchmarks.common import (
 )
 
 MODELS = {"SmolLM2-135M-Instruct": DEFAULT_CHECKPOINT, "Llama-3.2-1B": None, "Llama-3.2-3B": None}  # None: shaped
-MEASUREMENTS = ("plan-bf16", "plan-nf4", "calibration", "finetune-bf16", "finetune-nf4")
+# ``plan-*``: layer-sequential calibration (plan's default); ``plan-*-whole``: the whole model loaded first
+MEASUREMENTS = ("plan-bf16", "plan-nf4", "plan-bf16-whole", "plan-nf4-whole", "calibration", "finetune-bf16", "finetune-nf4")
 OUT_DIR = RESULTS_ROOT / "scaling"
 WORK_DIR = REPO_ROOT / "out" / "benchmarks" / "scaling"
 ENV: dict[str, int] = {}  # the workers' settings (``common.worker_env``): none unless --threads, --malloc_mmap_threshold
@@ -94,16 +97,18 @@ def data_args(prompts: int) -> list[str]:
     return ["--data", "litgpt_plop.data.ReasoningGym", "--data.train_size", str(prompts), "--data.val_size", "2"]
 
 
-def measure_plan(checkpoint: Path, quantize: bool, prompts: int) -> dict[str, Any]:
+def measure_plan(checkpoint: Path, quantize: bool, prompts: int, sequential: bool = True) -> dict[str, Any]:
     out = WORK_DIR / "plan"
     args = ["plan", str(checkpoint), "--precision", "bf16-true", "--method", "plop", *data_args(prompts),
-            "--calibration.num_samples", str(prompts), "--calibration.progress", "false", "--out_dir", str(out)]  # fmt: skip
+            "--calibration.num_samples", str(prompts), "--calibration.progress", "false", "--out_dir", str(out),
+            "--sequential", str(sequential).lower()]  # fmt: skip
     if quantize:
         args += ["--quantize", "bnb.nf4"]
     spec = {"argv": ["litgpt-plop", *args]}
     report, run = checked_worker("benchmarks.scaling", spec, "plan", flag="--_cli", **ENV, log=WORK_DIR / "plan.log")
     vmhwm = report["vmhwm_mib"]
-    return {"command": "litgpt-plop " + " ".join(args), "wall_s": run.wall_s, "peak_rss_mib": vmhwm,
+    return {"command": "litgpt-plop " + " ".join(args), "calibration": "sequential" if sequential else "whole",
+            "wall_s": run.wall_s, "peak_rss_mib": vmhwm,
             "peak_anon_mib": run.peak_anon_mib, "peak_file_mib": run.peak_file_mib,
             "ru_maxrss_mib": run.peak_rss_mib, "cpu_per_wall": run.cpu_per_wall}  # fmt: skip
 
@@ -238,7 +243,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def measure(model: str, measurement: str, checkpoint: Path, args: argparse.Namespace) -> dict[str, Any]:
     kind, _, variant = measurement.partition("-")
     if kind == "plan":
-        return measure_plan(checkpoint, variant == "nf4", args.prompts)
+        return measure_plan(checkpoint, variant.startswith("nf4"), args.prompts, sequential=not variant.endswith("-whole"))
     if kind == "finetune":
         return measure_finetune(checkpoint, variant == "nf4", args.prompts)
     return measure_calibration(checkpoint, args.calibration_prompts, args.reps)
@@ -254,6 +259,23 @@ def side_by_side(rows: list[dict[str, Any]], model: str, setting: str) -> str | 
              if a.get("peak_anon_mib") and b.get("peak_anon_mib") else "")  # fmt: skip
     return (f"{model} plan, bf16 / nf4 ({setting}): peak RSS {a['peak_rss_mib']:.0f} / {b['peak_rss_mib']:.0f} MiB"
             f" ({b['peak_rss_mib'] / a['peak_rss_mib']:.2f}){owned}")  # fmt: skip
+
+
+def sequential_vs_whole(rows: list[dict[str, Any]], model: str, setting: str) -> list[str]:
+    """Per precision, the plan's wall time and peaks with the layer-sequential and the whole-model calibration."""
+    latest = {r["measurement"]: r["result"] for r in rows if r["model"] == model and row_env(r) == setting}
+    lines = []
+    for variant in ("bf16", "nf4"):
+        s, w = latest.get(f"plan-{variant}"), latest.get(f"plan-{variant}-whole")
+        if s is None or w is None or s.get("calibration") != "sequential":
+            continue
+        lines.append(
+            f"{model} plan {variant}, sequential / whole ({setting}): wall {s['wall_s']:.1f} / {w['wall_s']:.1f} s;"
+            f" peak RSS {s['peak_rss_mib']:.0f} / {w['peak_rss_mib']:.0f} MiB; peak owned (RssAnon)"
+            f" {s['peak_anon_mib']:.0f} / {w['peak_anon_mib']:.0f} MiB; peak mapped (RssFile)"
+            f" {s['peak_file_mib']:.0f} / {w['peak_file_mib']:.0f} MiB"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -301,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                                    "figures": figures, "load_before": list(load), "load_after": list(os.getloadavg()),
                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit, "machine": host})  # fmt: skip
         line = side_by_side(read_jsonl(results), model, setting)
-        if line:
+        for line in ([line] if line else []) + sequential_vs_whole(read_jsonl(results), model, setting):
             print(line, flush=True)
         if args.delete_shaped and MODELS.get(model, None) is None:
             from benchmarks.shaped import delete

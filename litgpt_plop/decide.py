@@ -22,10 +22,11 @@ from litgpt import Config
 from litgpt_plop.args import CalibrationArgs, CkaArgs, KappaArgs, PlopArgs
 from litgpt_plop.errors import InputError
 from litgpt_plop.model.modules import gpt_of
-from litgpt_plop.scoring.calibration import CalibrationStats, run_calibration
+from litgpt_plop.scoring.calibration import run_calibration
 from litgpt_plop.scoring.cka import CkaScorer, CkaScores
 from litgpt_plop.scoring.kappa import HOW, KappaScores, score_weights
 from litgpt_plop.scoring.plop import PlopScorer, PlopScores
+from litgpt_plop.scoring.sequential import CheckpointBlocks, run_sequential_calibration
 from litgpt_plop.selection.methods import DECIDED_BEFORE_TRAINING, Method, get_method
 from litgpt_plop.selection.placement import (
     HEAD_KIND,
@@ -147,7 +148,7 @@ def _is_candidate(key: str, kinds: Sequence[str], layers: Sequence[int]) -> bool
 
 
 def plan_placement(
-    model: nn.Module,
+    model: nn.Module | CheckpointBlocks,
     token_ids: Sequence[torch.Tensor],
     method: str = "plop",
     rank: int = 8,
@@ -164,7 +165,8 @@ def plan_placement(
 
     Args:
         model: a module holding a frozen LitGPT ``GPT`` (``litgpt.model.GPT`` or ``litgpt.lora.GPT``; dense or
-            bitsandbytes 4-bit). Its train/eval modes are restored afterwards.
+            bitsandbytes 4-bit). Its train/eval modes are restored afterwards. Or a checkpoint to calibrate one
+            block at a time (``CheckpointBlocks``: ``litgpt_plop.scoring.sequential``), with the same scores.
         token_ids: tokenized prompts (see ``litgpt_plop.scoring.calibration.calibration_token_ids``). At most
             ``calibration.num_samples`` are used; prompts longer than ``calibration.max_seq_length`` are
             truncated with a warning.
@@ -187,7 +189,7 @@ def plan_placement(
 
 
 def plan_placements(
-    model: nn.Module,
+    model: nn.Module | CheckpointBlocks,
     token_ids: Sequence[torch.Tensor],
     methods: Sequence[str],
     rank: int = 8,
@@ -206,7 +208,7 @@ def plan_placements(
     plop = PlopArgs() if plop is None else plop
     cka = CkaArgs() if cka is None else cka
     calibration = CalibrationArgs() if calibration is None else calibration
-    gpt = gpt_of(model)
+    gpt = model.gpt if isinstance(model, CheckpointBlocks) else gpt_of(model)
     kinds, layers = resolve_candidates(gpt.config, candidate_kinds, candidate_layers)
     uses_plop, uses_cka = any(s.uses_plop for s in specs), any(s.uses_cka for s in specs)
     if uses_plop and plop.granularity == "site" and plop.budget is None:
@@ -215,7 +217,11 @@ def plan_placements(
     plop_scorer = PlopScorer(gpt, kinds, layers, plop.denominator, plop.mc_samples, calibration.seed) if uses_plop else None
     cka_scorer = CkaScorer(gpt, layers, cka.pooling, cka.degenerate_tol) if uses_cka else None
     scorers = [s for s in (plop_scorer, cka_scorer) if s is not None]
-    stats: CalibrationStats = run_calibration(model, token_ids, scorers, calibration, shard=shard)
+    weights = None  # the data-free comparison's condition numbers, once for every method
+    if isinstance(model, CheckpointBlocks):  # read block by block, as the pass loads them
+        stats, weights = run_sequential_calibration(model, token_ids, scorers, calibration, shard, kappa=(kinds, layers))
+    else:
+        stats = run_calibration(model, token_ids, scorers, calibration, shard=shard)
     record = {
         **stats.to_dict(),
         "num_samples": calibration.num_samples,
@@ -223,9 +229,10 @@ def plan_placements(
         "max_seq_length": calibration.max_seq_length,
         "prompt_style": calibration.prompt_style,
         "seed": calibration.seed,
+        "layer_sequential": isinstance(model, CheckpointBlocks),
     }
     placements = {}
-    weights = score_weights(model, kinds, layers)  # the data-free comparison's, once for every method
+    weights = score_weights(model, kinds, layers) if weights is None else weights
     for spec in specs:
 
         def choose(prompts: Sequence[int] | None, spec: Method = spec) -> Placement:
@@ -258,7 +265,7 @@ def plan_placements(
 
 
 def decide_placement(
-    model: nn.Module,
+    model: nn.Module | CheckpointBlocks,
     method: str,
     token_ids: Sequence[torch.Tensor] | None,
     candidate_kinds: Sequence[str],
@@ -274,11 +281,14 @@ def decide_placement(
     """The placement of a calibrated method (calibrating on ``token_ids``), of a method that scores the weights
     (``kappa``, with its ``KappaArgs``) or of a preset (no data needed for either).
 
-    ``seed`` draws the ``random`` preset's kinds (default: ``calibration.seed``).
+    ``seed`` draws the ``random`` preset's kinds (default: ``calibration.seed``). A ``CheckpointBlocks`` (calibrated
+    one block at a time) serves a calibrated method or a preset, not ``kappa``.
     """
     spec = get_method(method, *DECIDED_BEFORE_TRAINING)
     calibration = CalibrationArgs() if calibration is None else calibration
     if spec.kind == "weights":
+        if isinstance(model, CheckpointBlocks):
+            raise TypeError("kappa scores a loaded model: load the checkpoint (load_checkpoint_model)")
         return kappa_placement(model, candidate_kinds, lora_r, lora_alpha, lora_dropout, kappa=kappa)
     if spec.calibrates:
         if not token_ids:
@@ -287,7 +297,7 @@ def decide_placement(
             model, token_ids, method=method, rank=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             candidate_kinds=candidate_kinds, plop=plop, cka=cka, calibration=calibration,
         )  # fmt: skip
-    config = gpt_of(model).config
+    config = model.config if isinstance(model, CheckpointBlocks) else gpt_of(model).config
     seed = calibration.seed if seed is None else seed
     placement = preset(
         method, config, rank=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, candidates=candidate_kinds, seed=seed

@@ -30,6 +30,7 @@ from litgpt_plop.selection.placement import Placement, PlacementError, kinds_fro
 from litgpt_plop.model.quantize import QuantizeChoice
 from litgpt_plop.reports.placement import summary_table
 from litgpt_plop.decide import decide_placement
+from litgpt_plop.scoring.sequential import CheckpointBlocks
 
 
 def plan(
@@ -51,6 +52,7 @@ def plan(
     lora_head: bool = False,
     precision: str | None = None,
     quantize: QuantizeChoice | None = None,
+    sequential: bool = True,
 ) -> Placement:
     """Calibrate a pretrained model on task prompts and decide where LoRA goes, without training.
 
@@ -76,6 +78,9 @@ def plan(
         lora_head: Whether the output head may be chosen.
         precision: ``32-true``, ``bf16-true`` or ``16-true``: the dtype the model is scored in.
         quantize: Score the model with its block linears in bitsandbytes 4-bit, as a QLoRA finetune would.
+        sequential: Calibrate one block at a time, each loaded from the memory-mapped checkpoint and released after
+            every batch went through it: memory holds one block and the prompts' hidden states, not the model. The
+            same scores as loading the whole model (false), which ``kappa`` and the presets always do.
     """
     # Everything that can be checked before loading weights is checked first.
     spec = get_method(method, *DECIDED_BEFORE_TRAINING)
@@ -98,7 +103,10 @@ def plan(
     if spec.calibrates:
         token_ids = calibration_token_ids(calibration, Tokenizer(checkpoint_dir), data)
         check_calibration_prompts(spec, cka, len(token_ids), "--method")  # a file or data set may hold fewer
-    model = load_checkpoint_model(checkpoint_dir, precision, quantize)
+    if spec.calibrates and sequential:
+        model = CheckpointBlocks(checkpoint_dir, precision, quantize)
+    else:
+        model = load_checkpoint_model(checkpoint_dir, precision, quantize)
     t0 = time.perf_counter()
     placement = decide_placement(
         model, method, token_ids, candidate_kinds, lora_r, lora_alpha, calibration=calibration, plop=plop, cka=cka,

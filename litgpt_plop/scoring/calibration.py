@@ -293,7 +293,16 @@ def run_calibration(
     prompts with ``shard=False``.
     """
     args = CalibrationArgs() if args is None else args
-    gpt = gpt_of(model)
+    batches, truncated = calibration_batches(gpt_of(model), token_ids, args, shard)
+    return calibrate(model, batches, scorers, progress=args.progress, truncated=truncated)
+
+
+def calibration_batches(
+    gpt: nn.Module, token_ids: Sequence[torch.Tensor], args: CalibrationArgs, shard: bool
+) -> tuple[list[Batch], int]:
+    """The batches ``run_calibration`` runs and how many prompts were truncated (summed over ranks): at most
+    ``args.num_samples`` prompts (seeded), truncated to ``min(args.max_seq_length, gpt.max_seq_length)``, this
+    rank's share of them when ``shard``. The layer-sequential pass (``litgpt_plop.scoring.sequential``) runs the same."""
     if len(token_ids) == 0:
         raise InputError("Calibration data is empty: no prompts to calibrate on")
     token_ids = select_samples(token_ids, args.num_samples, args.seed)
@@ -303,4 +312,4 @@ def run_calibration(
         batches = shard_batches(batches)  # every rank truncated the same prompts: its count is the total
     else:
         truncated = int(all_reduce_sum(torch.tensor([truncated], dtype=torch.float64))[0])
-    return calibrate(model, batches, scorers, progress=args.progress, truncated=truncated)
+    return batches, truncated
