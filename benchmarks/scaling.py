@@ -27,6 +27,7 @@ Resumable: each (model, measurement) is one line of ``results/scaling/results.js
     python -m benchmarks.scaling --models Llama-3.2-1B --only plan-bf16 plan-nf4 --rerun   # side by side
     python -m benchmarks.scaling --threads 1 --malloc_mmap_threshold 65536    # the setting of the first runs
     python -m benchmarks.scaling --models SmolLM2-135M-Instruct Llama-3.2-1B --only plan-bf16 plan-bf16-whole --rerun
+    python -m benchmarks.scaling --models Llama-3.1-8B Llama-3.1-70B@4 --only plan-bf16 forward-bf16 finetune-nf4 --delete_shaped
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ from benchmarks.common import (
 
 MODELS = {"SmolLM2-135M-Instruct": DEFAULT_CHECKPOINT, "Llama-3.2-1B": None, "Llama-3.2-3B": None}  # None: shaped
 # ``plan-*``: layer-sequential calibration (plan's default); ``plan-*-whole``: the whole model loaded first
-MEASUREMENTS = ("plan-bf16", "plan-nf4", "plan-bf16-whole", "plan-nf4-whole", "calibration", "finetune-bf16", "finetune-nf4")
+# ``forward-bf16``: what a plan is held to, a whole-model blocks-only forward over the same prompts, loading counted
+MEASUREMENTS = ("plan-bf16", "plan-nf4", "plan-bf16-whole", "plan-nf4-whole", "forward-bf16", "calibration", "finetune-bf16",
+                "finetune-nf4")  # fmt: skip
 OUT_DIR = RESULTS_ROOT / "scaling"
 WORK_DIR = REPO_ROOT / "out" / "benchmarks" / "scaling"
 ENV: dict[str, int] = {}  # the workers' settings (``common.worker_env``): none unless --threads, --malloc_mmap_threshold
@@ -134,6 +137,32 @@ def measure_finetune(checkpoint: Path, quantize: bool, prompts: int) -> dict[str
             "step_s": steps, "cpu_per_wall": run.cpu_per_wall}  # fmt: skip
 
 
+def forward_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process, as a plan would: load the whole model in bf16 from the memory-mapped checkpoint and run
+    the plan's prompts, in the plan's batches, through its blocks (no head), no grad."""
+    from litgpt_plop.args import CalibrationArgs
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
+
+    checkpoint = Path(spec["checkpoint"])
+    batches = batches_of(token_ids(checkpoint, spec["prompts"]), CalibrationArgs().batch_size)
+    model = load_checkpoint_model(checkpoint, "bf16-true", device="cpu")
+    start = time.perf_counter()
+    run_forward(model, batches, blocks_only=True)
+    return {"forward_s": time.perf_counter() - start, "batches": len(batches)}
+
+
+def scaling_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    return forward_worker(spec) if spec.get("mode") == "forward" else calibration_worker(spec)
+
+
+def measure_forward(checkpoint: Path, prompts: int) -> dict[str, Any]:
+    spec = {"mode": "forward", "checkpoint": str(checkpoint), "prompts": prompts}
+    report, run = checked_worker("benchmarks.scaling", spec, "whole-model forward", **ENV, log=WORK_DIR / "forward.log")
+    return {"command": f"python -m benchmarks.scaling (whole-model blocks-only forward, {prompts} prompts)", "wall_s": run.wall_s,
+            "forward_s": report["forward_s"], "peak_rss_mib": run.peak_vmrss_mib, "peak_anon_mib": run.peak_anon_mib,
+            "peak_file_mib": run.peak_file_mib, "cpu_per_wall": run.cpu_per_wall}  # fmt: skip
+
+
 def calibration_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: blocks-only forward, PLoP pass and tokens-CKA pass, interleaved batch by batch."""
     import torch
@@ -182,11 +211,12 @@ def measure_calibration(checkpoint: Path, prompts: int, reps: int) -> dict[str, 
 def model_figures(model: str) -> dict[str, Any]:
     """Parameter counts from the config: blocks' linears (what 4-bit quantizes), embedding, head, the rest."""
     import torch
-    from litgpt import Config
     from litgpt.model import GPT
 
+    from benchmarks.shaped import config_of
+
     with torch.device("meta"):
-        gpt = GPT(Config.from_name(model))
+        gpt = GPT(config_of(model))
     linears = sum(m.weight.numel() for m in gpt.transformer.h.modules() if isinstance(m, torch.nn.Linear))
     total = sum(p.numel() for p in gpt.parameters())
     c = gpt.config
@@ -246,6 +276,8 @@ def measure(model: str, measurement: str, checkpoint: Path, args: argparse.Names
         return measure_plan(checkpoint, variant.startswith("nf4"), args.prompts, sequential=not variant.endswith("-whole"))
     if kind == "finetune":
         return measure_finetune(checkpoint, variant == "nf4", args.prompts)
+    if kind == "forward":
+        return measure_forward(checkpoint, args.prompts)
     return measure_calibration(checkpoint, args.calibration_prompts, args.reps)
 
 
@@ -275,6 +307,11 @@ def sequential_vs_whole(rows: list[dict[str, Any]], model: str, setting: str) ->
             f" {s['peak_anon_mib']:.0f} / {w['peak_anon_mib']:.0f} MiB; peak mapped (RssFile)"
             f" {s['peak_file_mib']:.0f} / {w['peak_file_mib']:.0f} MiB"
         )
+    plan, forward = latest.get("plan-bf16"), latest.get("forward-bf16")
+    if plan is not None and forward is not None:
+        lines.append(f"{model} plan bf16 / whole-model blocks-only forward, loading included ({setting}): wall {plan['wall_s']:.1f} /"
+                     f" {forward['wall_s']:.1f} s ({plan['wall_s'] / forward['wall_s']:.2f}x); peak RSS {plan['peak_rss_mib']:.0f} /"
+                     f" {forward['peak_rss_mib']:.0f} MiB")  # fmt: skip
     return lines
 
 
@@ -298,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--_cli", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
-        answer_worker(args._worker, calibration_worker)
+        answer_worker(args._worker, scaling_worker)
         return
     if args._cli:
         answer_worker(args._cli, cli_child)

@@ -11,7 +11,13 @@ nothing; only its costs do.
 The checkpoints are large (1B: 3.0 GB, 3B: 6.4 GB in bf16) and never committed: they go under
 ``checkpoints/shaped/`` (git-ignored). Delete them after measuring (``--delete``).
 
+A name ``<config>@<n>`` keeps the config's widths and vocabulary with ``n`` blocks: ``Llama-3.1-70B@4`` is four
+blocks of Llama-3.1-70B (11 GB in bf16), enough to measure what one block of a 70B model costs without 140 GB.
+Tensors are written as they are drawn (LitGPT's ``incremental_save``), so building holds about one tensor: an
+8B shape (16 GB) builds on a 24 GB machine.
+
     python -m benchmarks.shaped Llama-3.2-1B              # -> checkpoints/shaped/Llama-3.2-1B
+    python -m benchmarks.shaped Llama-3.1-70B@4           # -> checkpoints/shaped/Llama-3.1-70B@4
     python -m benchmarks.shaped Llama-3.2-3B --delete
 """
 
@@ -32,14 +38,23 @@ def shaped_dir(name: str, root: Path = SHAPED_ROOT) -> Path:
     return Path(root) / name
 
 
+def config_of(name: str):
+    """The LitGPT config a shape name stands for: ``<config>`` or ``<config>@<n_layer>``."""
+    from litgpt import Config
+
+    base, _, n_layer = name.partition("@")
+    if n_layer and not n_layer.isdigit():
+        raise SystemExit(f"{name!r}: the part after '@' is a number of blocks, e.g. Llama-3.1-70B@4")
+    return Config.from_name(base, **({"n_layer": int(n_layer)} if n_layer else {}))
+
+
 def checkpoint_bytes(name: str, dtype_bytes: int = 2) -> int:
     """The size of a shaped checkpoint's weights, from the config alone (no model built)."""
     import torch
-    from litgpt import Config
     from litgpt.model import GPT
 
     with torch.device("meta"):
-        model = GPT(Config.from_name(name))
+        model = GPT(config_of(name))
     return sum(p.numel() for p in model.parameters()) * dtype_bytes
 
 
@@ -49,32 +64,31 @@ def build(name: str, root: Path = SHAPED_ROOT, dtype: str = "bfloat16", seed: in
     Written into a temporary directory that is renamed when complete, so an interrupted build never looks done.
     """
     import torch
-    from litgpt import Config
     from litgpt.model import GPT
-    from litgpt.utils import save_config
+    from litgpt.utils import incremental_save, save_config
 
     out = shaped_dir(name, root)
     if (out / "lit_model.pth").is_file() and (out / "model_config.yaml").is_file():
         return out
-    config = Config.from_name(name)
+    config = config_of(name)
     with torch.device("meta"):
         model = GPT(config)
     generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, param in model.state_dict().items():
-        tensor = torch.empty(param.shape, dtype=getattr(torch, dtype))
-        if key.endswith(".bias"):
-            tensor.zero_()
-        elif "norm" in key or key.startswith("transformer.ln_f"):
-            tensor.fill_(1.0)
-        else:
-            tensor.normal_(0.0, 0.02, generator=generator)
-        state[key] = tensor
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    torch.save(state, partial / "lit_model.pth")
-    del state
+    with incremental_save(partial / "lit_model.pth") as saver:
+        state = {}
+        for key, param in model.state_dict().items():
+            tensor = torch.empty(param.shape, dtype=getattr(torch, dtype))
+            if key.endswith(".bias"):
+                tensor.zero_()
+            elif "norm" in key or key.startswith("transformer.ln_f"):
+                tensor.fill_(1.0)
+            else:
+                tensor.normal_(0.0, 0.02, generator=generator)
+            state[key] = saver.store_early(tensor)  # written now; the tensor itself is dropped
+        saver.save(state)
     save_config(config, partial)
     for file in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / file).is_file():
@@ -96,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("names", nargs="+", help="LitGPT config names, e.g. Llama-3.2-1B")
+    parser.add_argument("names", nargs="+", help="LitGPT config names, e.g. Llama-3.2-1B, or <config>@<blocks>, e.g. Llama-3.1-70B@4")
     parser.add_argument("--root", type=Path, default=SHAPED_ROOT, help="where the checkpoints go (default: %(default)s)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--delete", action="store_true", help="delete the named checkpoints instead of building them")
