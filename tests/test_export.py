@@ -101,7 +101,13 @@ def test_stock_merge_lora_reproduces_the_model(trained, tmp_path: Path) -> None:
     merged = load_gpt(out_dir)  # the merged lit_model.pth, as a plain GPT, strictly loaded
     assert (logits(merged) - logits(model)).abs().max() < 1e-5
 
-    # Stock generation runs on the merged directory and continues greedily as the adapted model does.
+    # save_adapter's own (streamed) merge writes what stock merge_lora wrote, bit for bit
+    streamed = save_adapter(model, placement, tmp_path / "streamed" / "final", checkpoint_dir=checkpoint_dir, merge=True)
+    ours, stock = torch.load(streamed / "lit_model.pth"), torch.load(out_dir / "lit_model.pth")
+    assert list(ours) == list(stock) and all(ours[k].dtype == stock[k].dtype and torch.equal(ours[k], stock[k]) for k in stock)
+    out_dir = streamed
+
+    # Stock generation runs on the streamed merge and continues greedily as the adapted model does.
     from litgpt.generate.base import main as generate
 
     output = io.StringIO()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,6 +57,28 @@ def test_condition_number_of_known_singular_values(kappa):
     assert condition_number(weight) == pytest.approx(svdvals_kappa(weight), rel=1e-6)
     assert condition_number(weight) == pytest.approx(kappa, rel=1e-6)
     assert condition_number(weight.float()) == pytest.approx(svdvals_kappa(weight.float()), rel=1e-6)
+
+
+@pytest.mark.parametrize("kappa", [1.0e2, 1.0e5])
+def test_lanczos_finds_the_extreme_singular_values_of_a_known_spectrum(kappa, one_thread):
+    """600 singular values spread log-uniformly between 1 and kappa, bf16-sized matrices in float32: the Lanczos
+    runs on the Gram matrix (both extremes) and on its inverse must land on them, not stop at a Ritz value that a
+    loose tolerance or too few steps would give (a few steps from a random start are off by far more than 1e-6)."""
+    from litgpt_plop.scoring.kappa import extreme_eigenvalues, gram_matrix, largest_eigenvalue
+
+    values = torch.logspace(0, math.log10(kappa), 600, dtype=torch.float64).flip(0).tolist()
+    weight = with_singular_values(values, 600, 900, seed=5).float()
+    exact = svdvals_kappa(weight)
+    assert exact == pytest.approx(kappa, rel=1e-5)
+    assert condition_number(weight) == pytest.approx(exact, rel=1e-6)
+    assert condition_number(weight.T) == pytest.approx(exact, rel=1e-6)
+    gram = gram_matrix(weight)
+    smallest, largest = extreme_eigenvalues(gram)
+    exact_values = torch.linalg.svdvals(weight.double())  # the float32 weight's own, a little off ``values``
+    assert largest == pytest.approx(float(exact_values[0]) ** 2, rel=1e-9)
+    assert smallest == pytest.approx(float(exact_values[-1]) ** 2, rel=2e-6)
+    assert largest_eigenvalue(gram.mv, 600, gram.device) == pytest.approx(largest, rel=1e-12)  # seeded: reproducible
+    torch.testing.assert_close(gram, gram.T, rtol=0, atol=0)  # the mirrored strips make it exactly symmetric
 
 
 def test_singular_and_zero_weights():
@@ -178,7 +201,10 @@ def test_a_calibrated_plan_records_the_data_free_choice_with_its_own_size(one_th
     assert record["num_kinds"] == 2 and placement.calibration["kappa_seconds"] >= 0 and "seconds" not in record
     assert sorted({key.split(".")[1] for key in record["choice"]}) == ["mlp_proj", "value"]
     assert len(placement.scores.kappa_per_site) == 21 and len(placement.scores.nfn_per_site) == 21
-    assert "## Calibrated vs data-free" in "\n".join(data_free_section(placement))
+    section = "\n".join(data_free_section(placement))
+    assert "## Calibrated vs data-free" in section
+    calibration = placement.calibration  # kappa's time is its own, not inside the calibration pass's
+    assert f"took {calibration['kappa_seconds']:.1f} s beside the calibration pass's {calibration['seconds']:.1f} s" in section
 
 
 def with_choice(own_kinds: list[str], kappa_kinds: list[str]) -> Placement:
@@ -198,6 +224,12 @@ def test_the_report_says_whether_and_how_the_choice_differs():
     assert "Kinds both choose: value." in differ and "Only plop: mlp_fc_2." in differ and "Only kappa: mlp_proj." in differ
     assert "2 in both, 2 only in this placement, 2 only in kappa's" in differ
     assert data_free_section(Placement.from_kinds(tiny_config(), ["value"], rank=2, method="qv")) == []
+    # a choice that could not be made still says what the condition numbers cost, apart from the calibration
+    failed = with_choice(["value"], [])
+    failed = replace(failed, scores=replace(failed.scores, kappa={**failed.scores.kappa, "choice": None, "error": "too small"}),
+                     calibration={"seconds": 2.0, "kappa_seconds": 0.5})  # fmt: skip
+    text = "\n".join(data_free_section(failed))
+    assert "could not choose with the same options: too small" in text and "took 0.5 s beside the calibration pass's 2.0 s" in text
 
 
 # ---- the commands on a tiny checkpoint -------------------------------------------------------------------
@@ -247,6 +279,23 @@ def test_smollm2_condition_numbers(smollm2_checkpoint, one_thread):
     ranked = sorted(scores.per_kind, key=scores.per_kind.get)
     assert ranked[0] == "value" and ranked[-1] == "query"
     assert scores.per_kind["value"] < 12 and scores.per_kind["query"] > 1000
+
+
+def test_smollm2_every_site_matches_svdvals(smollm2_checkpoint, one_thread):
+    """All 210 candidate matrices of SmolLM2-135M-Instruct (condition numbers 3.9 to 7.7e5): the iterative extreme
+    eigenvalues give each within 1e-3 of float64 svdvals' ratio (measured: within 5e-8)."""
+    from litgpt_plop.model.checkpoint import load_checkpoint_model
+    from litgpt_plop.scoring.kappa import site_weights
+
+    model = load_checkpoint_model(smollm2_checkpoint)
+    worst, largest = 0.0, 0.0
+    with torch.no_grad():
+        for layer, kind, _, weight in site_weights(model, KINDS, range(model.config.n_layer)):
+            value, exact = condition_number(weight), svdvals_kappa(weight)
+            assert value == pytest.approx(exact, rel=1e-3), (layer, kind)
+            worst, largest = max(worst, abs(value / exact - 1)), max(largest, exact)
+    assert largest > 5e5  # the worst query slice, where the Gram matrix's rounding matters most, was among them
+    assert worst < 1e-6
 
 
 def test_callback_method_kappa_reads_no_calibration_data(tmp_path):

@@ -23,19 +23,18 @@ import torch.nn as nn
 import yaml
 from litgpt import Config
 from litgpt.prompts import PromptStyle, save_prompt_style
-from litgpt.scripts.merge_lora import merge_lora
 from litgpt.utils import copy_config_files
 
 from litgpt_plop.model.adapt import apply_placement, current_placement
 from litgpt_plop.atomic import replace_directory, write_bytes_atomic
 from litgpt_plop.errors import InputError
 from litgpt_plop.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_checkpoint_dir, load_checkpoint_model
+from litgpt_plop.model.merge import LORA_FILE, merge_streamed
 from litgpt_plop.model.modules import gpt_of
 from litgpt_plop.selection.placement import Placement, PlacementError
 from litgpt_plop.reports.placement import write_report
 from litgpt_plop.model.stock import copy_into, to_stock_state_dict, unpad_stock_state_dict
 
-LORA_FILE = "lit_model.pth.lora"
 PLACEMENT_FILE = "placement.json"
 HPARAMS_FILE = "hyperparameters.yaml"
 MERGED_FILE = WEIGHTS_FILE  # what ``litgpt merge_lora`` writes
@@ -60,8 +59,9 @@ def save_adapter(
     ``checkpoint_dir`` (the base model's LitGPT checkpoint): its config and tokenizer files, ``prompt_style.yaml``
     (``prompt_style``, else the checkpoint's own if it has one), ``hyperparameters.yaml`` (``hparams`` plus
     ``checkpoint_dir``, ``precision`` and the placement's ``lora_*`` flags, which stock loaders rebuild from) and,
-    with ``merge``, the merged ``lit_model.pth`` made by LitGPT's ``merge_lora`` on the staged copy. Without
-    ``checkpoint_dir`` only ``model_config.yaml`` is written from the model; ``merge_lora`` then needs one.
+    with ``merge``, the merged ``lit_model.pth``, bit-identical to what LitGPT's ``merge_lora`` would write from the
+    staged copy but streamed one tensor at a time (``litgpt_plop.model.merge``). Without ``checkpoint_dir`` only
+    ``model_config.yaml`` is written from the model; ``merge_lora`` then needs one.
 
     Crash-safe: ``out_dir`` is replaced whole at the end (files of an earlier save that this one does not write are
     gone); a failure or a kill before that leaves it exactly as it was.
@@ -91,7 +91,7 @@ def save_adapter(
             shutil.copy(checkpoint_dir / "prompt_style.yaml", staging)
         (staging / HPARAMS_FILE).write_text(yaml.safe_dump(hparams, sort_keys=False))
         if merge:
-            merge_lora(checkpoint_dir=staging, pretrained_checkpoint_dir=checkpoint_dir, precision=hparams["precision"])
+            merge_streamed(staging, checkpoint_dir)  # what litgpt merge_lora writes, one tensor at a time
 
     return replace_directory(Path(out_dir), fill)
 

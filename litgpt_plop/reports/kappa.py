@@ -82,7 +82,7 @@ def data_free_section(placement: Placement) -> list[str]:
     out = ["## Calibrated vs data-free", ""]
     kappa_sites = _choice_sites(placement)
     if kappa_sites is None:
-        return out + [f"`kappa` could not choose with the same options: {record.get('error')}", ""]
+        return out + [f"`kappa` could not choose with the same options: {record.get('error')}", "", _time_line(placement), ""]
     order = list(placement.scores.candidate_kinds)
     own_sites = {(s.layer, s.kind) for s in placement.sites}
     own_kinds = {k for _, k in own_sites}
@@ -111,10 +111,14 @@ def data_free_section(placement: Placement) -> list[str]:
         ]
     out.append("")
     out += _rank_table(placement, own_kinds, kappa_kinds)
+    return out + [_time_line(placement), ""]
+
+
+def _time_line(placement: Placement) -> str:
+    """How long the condition numbers took, apart from the calibration pass (whose own time excludes them)."""
     seconds = (placement.calibration or {}).get("kappa_seconds")
     took = f" took {seconds:.1f} s beside the calibration pass's {placement.calibration.get('seconds', 0):.1f} s" if seconds is not None else ""
-    out.append(f"The condition numbers{took} ({record.get('computed_as')}).")
-    return out + [""]
+    return f"The condition numbers{took} ({(placement.scores.kappa or {}).get('computed_as')})."
 
 
 def _rank_table(placement: Placement, own_kinds: set[str], kappa_kinds: set[str]) -> list[str]:

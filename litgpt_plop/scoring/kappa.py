@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,18 @@ GRAM_KAPPA_LIMIT = 1e6
 # Rows (or columns) of a weight turned into float64 at a time when forming its Gram matrix: bounds the memory
 # for a tall matrix such as a vocabulary-sized head.
 _GRAM_BLOCK = 8192
-HOW = "eigenvalues of the float64 Gram matrix of the smaller side; float64 svdvals where kappa > 1e6"
+# Width of the strips of the Gram matrix computed at a time: only the strips on and above the diagonal are
+# multiplied (the rest is their transpose), 10 of 16 products for a 4096-wide Gram matrix instead of 16.
+_GRAM_STRIP = 1024
+# Lanczos stops when its extreme Ritz value is within this relative distance of an eigenvalue (a bound from the
+# residual), or after _LANCZOS_STEPS steps, when the full eigendecomposition is used instead.
+_LANCZOS_TOL = 1e-10
+_LANCZOS_STEPS = 300
+_LANCZOS_SEED = 0
+HOW = (
+    "the extreme eigenvalues of the float64 Gram matrix of the smaller side (Lanczos, the smallest through its"
+    " Cholesky factor); float64 svdvals where kappa > 1e6"
+)
 
 
 @dataclass
@@ -59,28 +70,90 @@ class KappaScores:
 
 def gram_matrix(weight: torch.Tensor) -> torch.Tensor:
     """The float64 Gram matrix of the smaller side of ``weight`` (``W W^T`` for a wide matrix, ``W^T W`` for a
-    tall one), summed over blocks of the long side so that no float64 copy of a large weight is made."""
-    tall = weight.shape[0] > weight.shape[1]
-    size = weight.shape[1] if tall else weight.shape[0]
+    tall one), summed over blocks of the long side so that no float64 copy of a large weight is made. Only the
+    strips on and above the diagonal are multiplied (``_GRAM_STRIP``); those below are their transposes."""
+    long_side = weight if weight.shape[0] > weight.shape[1] else weight.T  # the Gram matrix is long_side^T long_side
+    size = long_side.shape[1]
     gram = torch.zeros(size, size, dtype=torch.float64, device=weight.device)
-    for block in weight.split(_GRAM_BLOCK, dim=0 if tall else 1):
+    for block in long_side.split(_GRAM_BLOCK, dim=0):
         block = block.double()
-        gram += block.T @ block if tall else block @ block.T
+        for start in range(0, size, _GRAM_STRIP):
+            gram[start : start + _GRAM_STRIP, start:] += block[:, start : start + _GRAM_STRIP].T @ block[:, start:]
+    for start in range(_GRAM_STRIP, size, _GRAM_STRIP):
+        gram[start : start + _GRAM_STRIP, :start] = gram[:start, start : start + _GRAM_STRIP].T
     return gram
+
+
+def largest_eigenvalue(apply: Callable[[torch.Tensor], torch.Tensor], size: int, device: torch.device) -> float | None:
+    """The largest eigenvalue of the symmetric positive semidefinite ``size x size`` operator ``apply`` (a
+    float64 vector to its product), by Lanczos with full reorthogonalization from a seeded start vector, so that
+    the same matrix always gives the same number. It stops when the residual bound puts an eigenvalue within
+    ``_LANCZOS_TOL`` (relative) of the largest Ritz value, which never exceeds the largest eigenvalue; None if
+    that has not happened after ``_LANCZOS_STEPS`` steps."""
+    generator = torch.Generator(device=device).manual_seed(_LANCZOS_SEED)
+    steps = min(size, _LANCZOS_STEPS)
+    basis = torch.empty(steps, size, dtype=torch.float64, device=device)
+    start = torch.randn(size, dtype=torch.float64, device=device, generator=generator)
+    basis[0] = start / start.norm()
+    tridiagonal = torch.zeros(steps, steps, dtype=torch.float64)
+    for k in range(steps):
+        w = apply(basis[k])
+        tridiagonal[k, k] = float(w @ basis[k])
+        for _ in range(2):  # twice is enough to keep the basis orthonormal to working precision
+            w -= basis[: k + 1].T @ (basis[: k + 1] @ w)
+        beta = float(w.norm())
+        ritz_values, ritz_vectors = torch.linalg.eigh(tridiagonal[: k + 1, : k + 1])
+        theta = float(ritz_values[-1])
+        # ||G y - theta y|| for the Ritz vector y: an eigenvalue of G lies within it of theta
+        if beta * abs(float(ritz_vectors[-1, -1])) <= _LANCZOS_TOL * theta or k + 1 == size:
+            return theta
+        if k + 1 < steps:
+            basis[k + 1] = w / beta
+            tridiagonal[k, k + 1] = tridiagonal[k + 1, k] = beta
+    return None
+
+
+def extreme_eigenvalues(gram: torch.Tensor) -> tuple[float, float]:
+    """``(smallest, largest)`` eigenvalue of a symmetric positive semidefinite float64 matrix: Lanczos on it for
+    the largest and on its inverse (through its Cholesky factor: two triangular solves a step) for the smallest,
+    the full ``eigvalsh`` where either does not converge. The smallest is 0 where the Cholesky factorization
+    fails: the matrix is singular to working precision, far past ``GRAM_KAPPA_LIMIT``."""
+    size, device = gram.shape[0], gram.device
+    largest = largest_eigenvalue(gram.mv, size, device)
+    if largest is None:
+        eigenvalues = torch.linalg.eigvalsh(gram)
+        return float(eigenvalues[0]), float(eigenvalues[-1])
+    if not largest > 0:
+        return 0.0, largest
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return 0.0, largest
+    inverse_largest = largest_eigenvalue(lambda v: _cholesky_solve(factor, v), size, device)
+    if inverse_largest is None:
+        return float(torch.linalg.eigvalsh(gram)[0]), largest
+    return 1.0 / inverse_largest, largest
+
+
+def _cholesky_solve(factor: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``G^-1 v`` for ``G = L L^T``: two triangular solves (``torch.cholesky_solve`` copies the factor on every
+    call, 13 times slower at d = 4096)."""
+    half = torch.linalg.solve_triangular(factor, vector.unsqueeze(1), upper=False)
+    return torch.linalg.solve_triangular(factor.T, half, upper=True).squeeze(1)
 
 
 def condition_number(weight: torch.Tensor) -> float:
     """``sigma_max / sigma_min`` over the ``min(d_out, d_in)`` singular values of a ``(d_out, d_in)`` weight.
 
-    The squared singular values are the eigenvalues of the Gram matrix of the smaller side: on SmolLM2-135M's 210
-    matrices 2.4 to 6.6 times faster than float64 ``torch.linalg.svdvals`` (and than float32) on one CPU thread in
-    two runs, and within 1e-6 of it (benchmarks/RESULTS.md, "Cross-task"). In float64, because the Gram matrix squares the condition number: its rounding relative to
-    sigma_min^2 is about ``kappa^2 * eps``, which float32's eps (6e-8) would make noise for SmolLM2's worst query
-    slice (kappa 7.7e5) and float64's keeps near 1e-4. Above ``GRAM_KAPPA_LIMIT`` float64 svdvals is used instead.
-    ``inf`` for a singular matrix; a ``ValueError`` for an all-zero one, whose condition number is undefined.
+    The squared singular values are the eigenvalues of the Gram matrix of the smaller side, and a condition
+    number needs only the two extreme ones (``extreme_eigenvalues``): Lanczos from a seeded start, the smallest
+    through the Cholesky factor, instead of all of them (``eigvalsh``), whose cost at d = 4096 was that of
+    forming the Gram matrix again (docs/methods.md section 4 has the timings). In float64, because the Gram
+    matrix squares the condition number: its rounding relative to sigma_min^2 is about ``kappa^2 * eps``, which
+    float32's eps (6e-8) would make noise for SmolLM2's worst query slice (kappa 7.7e5) and float64's keeps near
+    1e-4. Above ``GRAM_KAPPA_LIMIT`` float64 svdvals is used instead. ``inf`` for a singular matrix; a
+    ``ValueError`` for an all-zero one, whose condition number is undefined.
     """
-    eigenvalues = torch.linalg.eigvalsh(gram_matrix(weight))
-    largest, smallest = float(eigenvalues[-1]), float(eigenvalues[0])
+    smallest, largest = extreme_eigenvalues(gram_matrix(weight))
     if not largest > 0:
         raise ValueError("The weight is all zeros: its condition number is undefined")
     if smallest > largest / GRAM_KAPPA_LIMIT**2:
