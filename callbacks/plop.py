@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from litgpt import Config
 from torch.utils.data import DataLoader
 
 from litgpt_plop.model.adapt import apply_placement
@@ -44,7 +45,8 @@ class PLoPCallback(Callback):
     bitsandbytes 4-bit): found automatically, or named by ``model_attr``. Before the optimizers are built the
     callback calibrates (for ``plop``, ``plop-inverse``, ``cka``, ``plop+cka``), applies the placement in place,
     leaves only the adapters trainable, writes ``placement.json``, ``report.md`` and ``scores.png`` to the
-    Trainer's log directory and logs the scores. On a single device that happens right before
+    Trainer's log directory and logs the scores and the chosen sites through the Trainer's loggers, as metrics at
+    step 0 (``placement_metrics``). On a single device that happens right before
     ``configure_optimizers`` (so a model built in ``configure_model`` works, and calibration runs on the device, in
     4-bit under ``BitsandbytesPrecision``); under DDP in ``setup``, before the model is wrapped.
 
@@ -252,18 +254,12 @@ class PLoPCallback(Callback):
     def _report(self, trainer: pl.Trainer, gpt: torch.nn.Module) -> None:
         placement = self.placement
         config = gpt.config
-        trainable = placement.trainable_params(config)
-        metrics = {"plop/trainable_params": float(trainable), "plop/num_sites": float(len(placement.sites))}
-        for kind, score in placement.scores.nfn_per_kind.items():
-            metrics[f"plop/score/{kind}"] = float(score)
-        for kind, score in placement.scores.kappa_per_kind.items():
-            metrics[f"plop/kappa/{kind}"] = float(score)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=0)
-            logger.log_hyperparams({"plop_placement": {"method": placement.method, **placement.flags()}})
         # ``trainer.log_dir`` broadcasts from rank 0, so every rank must ask for it
         out_dir = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # every rank holds the same placement: rank 0 tells it
+            for logger in trainer.loggers:
+                logger.log_metrics(placement_metrics(placement, config), step=0)
+                logger.log_hyperparams({"plop_placement": {"method": placement.method, **placement.flags()}})
             write_placement_files(placement, config, out_dir)
             rank_zero_info(summary_table(placement, config))
             rank_zero_info(f"PLoPCallback: wrote placement.json, report.md and scores.png to {str(out_dir)!r}")
@@ -278,6 +274,27 @@ class PLoPCallback(Callback):
                 " model parallel) split the weights the placement must be applied to. Use strategy='ddp' or a single"
                 " device"
             )
+
+
+def placement_metrics(placement: Placement, config: Config) -> dict[str, float]:
+    """What the callback logs, one number per name, so that CSV or TensorBoard shows the decision beside the loss:
+
+    * ``plop/nfn/<kind>``: PLoP's NFN of each candidate kind (what PLoP ranks; calibrated PLoP methods);
+    * ``plop/cka/<layer>``: each candidate layer's CKA (CKA methods);
+    * ``plop/kappa/<kind>``: each kind's condition number (geometric mean over the layers), when computed;
+    * ``plop/sites``: how many sites got an adapter; ``plop/trainable_params``: the adapters' parameters;
+    * ``plop/adapted/<layer>.<kind>``: 1.0 for each site that got an adapter. Only those are logged: a 0.0 for
+      every other candidate would add a column that never holds anything else (SmolLM2-135M has 210 candidate
+      sites), and the chosen sites' ranks are in the hyperparameters (``lora_r``) and ``placement.json``.
+    """
+    scores = placement.scores
+    metrics = {f"plop/nfn/{kind}": float(score) for kind, score in scores.nfn_per_kind.items()}
+    metrics.update({f"plop/cka/{layer}": float(score) for layer, score in scores.cka_per_layer.items()})
+    metrics.update({f"plop/kappa/{kind}": float(score) for kind, score in scores.kappa_per_kind.items()})
+    metrics["plop/sites"] = float(len(placement.sites))
+    metrics["plop/trainable_params"] = float(placement.trainable_params(config))
+    metrics.update({f"plop/adapted/{site.key}": 1.0 for site in placement.sites})
+    return metrics
 
 
 def token_ids_from_batches(batches: Iterable, num_samples: int, max_batches: int | None = None) -> list[torch.Tensor]:

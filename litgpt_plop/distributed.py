@@ -1,14 +1,19 @@
-"""The collectives the scorers and the placement checks need, as no-ops in one process.
+"""The collectives of a data-parallel run, as no-ops in one process.
 
-Every rank of a data-parallel run calibrates its share of the prompts; the scorers then sum their statistics (or
-gather per-prompt rows) over ranks, so each ends with the scores one process running every prompt would get.
-Sums and counts are reduced, never means, so ranks with different amounts of data combine correctly.
+The scorers' statistics are torchmetrics ``Metric`` states (``litgpt_plop.scoring.metrics``): torchmetrics sums,
+maxes or concatenates them over ranks, with ``gather_on_comm_device`` doing the transfers. What stays here is what
+is not a metric: ``all_gather_rows`` (the placement checks compare each rank's digests,
+``litgpt_plop.model.devices``) and ``all_reduce_sum`` (WeightLoRA averages its gates' gradients in place between
+backward and step, ``litgpt_plop.weightlora.controller``: torchmetrics has no all-reduce, only gathers).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 
 def distributed() -> bool:
@@ -16,11 +21,20 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _comm_device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo (and the rest) take CPU tensors.
+def comm_device() -> torch.device:
+    """Where the backend's collectives take their tensors: NCCL moves only CUDA tensors, gloo (and the rest) CPU
+    ones."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def gather_on_comm_device(tensor: torch.Tensor, group: Any | None = None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (the same number of dimensions everywhere, each of any size), in rank order, on
+    ``tensor``'s device: torchmetrics' ``gather_all_tensors``, which pads uneven shapes, run on the backend's device
+    (torchmetrics gathers on the tensor's own device, and a CPU state under NCCL or a CUDA one under gloo fails)."""
+    gathered = gather_all_tensors(tensor.to(comm_device()), group)
+    return [part.to(tensor.device) for part in gathered]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -28,18 +42,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     never means, so ranks with different amounts of data combine correctly."""
     if not distributed():
         return tensor
-    reduced = tensor.to(_comm_device())
+    reduced = tensor.to(comm_device())
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.to(tensor.device)
-
-
-def all_reduce_max(value: float) -> float:
-    """The largest ``value`` over all ranks."""
-    if not distributed():
-        return value
-    reduced = torch.tensor([value], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-    return float(reduced.item())
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -47,13 +52,4 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     rank order, on every rank."""
     if not distributed():
         return tensor
-    device = _comm_device()
-    size = torch.tensor([tensor.shape[0]], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    largest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((largest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-    padded[: tensor.shape[0]] = tensor.to(device)
-    gathered = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)]).to(tensor.device)
+    return torch.cat(gather_on_comm_device(tensor))

@@ -21,10 +21,10 @@ The pass
     * on CPU, hands the memory malloc keeps from each batch's forward back to the system
       (``litgpt_plop.memory.release_free_memory``; a 4-bit forward dequantizes every weight it uses);
     * under ``torch.distributed`` each rank takes its share of the batches (batch ``i`` goes to rank
-      ``i % world_size``) and the scorers sum their statistics over ranks at the end, so every rank ends with
-      the same scores, equal to one process running all the batches. The model must be a full copy on every
-      rank (DDP-style): the pass does no collective inside the forward, so ranks may run different numbers of
-      batches. Not meant for FSDP-sharded models.
+      ``i % world_size``) and the scorers sum their statistics over ranks at the end (torchmetrics ``Metric``s,
+      ``litgpt_plop.scoring.metrics``), so every rank ends with the same scores, equal to one process running all
+      the batches. The model must be a full copy on every rank (DDP-style): the pass does no collective inside
+      the forward, so ranks may run different numbers of batches. Not meant for FSDP-sharded models.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from litgpt_plop.distributed import all_reduce_max, all_reduce_sum, distributed
+from litgpt_plop.distributed import distributed
 from litgpt_plop.errors import InputError
 from litgpt_plop.args import CalibrationArgs
 from litgpt_plop.model.modules import gpt_of
+from litgpt_plop.scoring.metrics import Totals
 from litgpt_plop.scoring.prompts import select_samples
 from litgpt_plop.model.quantize import no_cpu_repack
 from litgpt_plop.memory import release_free_memory
@@ -184,6 +185,27 @@ class CalibrationStats:
         return dict(self.__dict__)
 
 
+def pass_totals() -> Totals:
+    """What a pass counts, as a ``Metric`` summed (the seconds maxed) over ranks: ``pass_stats`` reads it."""
+    return Totals(counts=("samples", "tokens", "batches"), durations=("seconds",))
+
+
+def pass_stats(totals: Totals, truncated: int) -> CalibrationStats:
+    """The ``CalibrationStats`` of a pass from each rank's ``pass_totals``; call it on every rank. Raises
+    ``InputError`` when no rank saw a real token."""
+    counts = totals.gathered()
+    if counts["tokens"] == 0:
+        raise InputError("Calibration data is empty: no real tokens on any rank")
+    return CalibrationStats(
+        samples=counts["samples"],
+        tokens=counts["tokens"],
+        batches=counts["batches"],
+        seconds=round(counts["seconds"], 3),
+        truncated=truncated,
+        world_size=dist.get_world_size() if distributed() else 1,
+    )
+
+
 class _StopForward(Exception):
     """Raised by a hook before ``ln_f`` when no scorer needs the head: skips the vocabulary-sized logits."""
 
@@ -231,7 +253,7 @@ def calibrate(
     device = gpt.transformer.wte.weight.device
     training = {module: module.training for module in gpt.modules()}
     handles = []
-    samples = tokens = 0
+    totals = pass_totals()
     start = time.perf_counter()
     try:
         with no_cpu_repack(gpt):
@@ -253,8 +275,7 @@ def calibrate(
                         pass
                     for scorer in scorers:
                         scorer.end_batch()
-                    samples += int((batch.lengths > 0).sum())
-                    tokens += int(batch.mask.sum())
+                    totals.update(samples=int((batch.lengths > 0).sum()), tokens=int(batch.mask.sum()), batches=1)
                     if device.type == "cpu":  # what malloc keeps from the forward (a 4-bit one dequantizes every weight)
                         release_free_memory()
     finally:
@@ -265,17 +286,8 @@ def calibrate(
     if reduce:
         for scorer in scorers:
             scorer.reduce()
-    counts = all_reduce_sum(torch.tensor([samples, tokens, len(batches)], dtype=torch.float64))
-    if counts[1] == 0:
-        raise InputError("Calibration data is empty: no real tokens on any rank")
-    return CalibrationStats(
-        samples=int(counts[0]),
-        tokens=int(counts[1]),
-        batches=int(counts[2]),
-        seconds=round(all_reduce_max(time.perf_counter() - start), 3),
-        truncated=truncated,
-        world_size=dist.get_world_size() if distributed() else 1,
-    )
+    totals.update(seconds=time.perf_counter() - start)
+    return pass_stats(totals, truncated)
 
 
 def run_calibration(
@@ -311,5 +323,7 @@ def calibration_batches(
     if shard:
         batches = shard_batches(batches)  # every rank truncated the same prompts: its count is the total
     else:
-        truncated = int(all_reduce_sum(torch.tensor([truncated], dtype=torch.float64))[0])
+        total = Totals(counts=("truncated",))
+        total.update(truncated=truncated)
+        truncated = total.gathered()["truncated"]
     return batches, truncated

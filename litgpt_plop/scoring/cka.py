@@ -22,8 +22,8 @@ import torch.nn as nn
 from litgpt import GPT
 
 from litgpt_plop.scoring.calibration import Batch, ForwardHook
-from litgpt_plop.distributed import all_gather_rows, all_reduce_sum
 from litgpt_plop.scoring.hsic import BatchHsic, TokenSide
+from litgpt_plop.scoring.metrics import HsicSums, PooledRows
 
 # ---- the math, on plain tensors ---------------------------------------------------------------------------
 
@@ -81,7 +81,8 @@ class CkaScorer:
 
     ``last``: the last real token's input and output vector of each prompt, n x d per layer (fine for n ~ 128;
     gathered from every rank by ``reduce``). ``tokens``: per layer, sums over batches of the three unbiased
-    HSIC values and of the norms the degeneracy check needs: O(1) state, summed over ranks by ``reduce``.
+    HSIC values and of the norms the degeneracy check needs: O(1) state, summed over ranks by ``reduce``. Either
+    is kept in torchmetrics ``Metric``s (``litgpt_plop.scoring.metrics``): ``rows`` per layer, ``statistics``.
     """
 
     def __init__(self, gpt: GPT, layers: Sequence[int], pooling: str = "last", degenerate_tol: float = 1e-4) -> None:
@@ -94,10 +95,11 @@ class CkaScorer:
         self.needs_head = False
         self._batch: Batch | None = None
         # last: pooled (inputs, outputs) per layer
-        self.pooled: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {l: ([], []) for l in self.layers}
+        self.rows = {layer: PooledRows(gpt.config.n_embd) for layer in self.layers}
         # tokens: per layer [hsic_xy, hsic_xx, hsic_yy, batches, ||Xc||^2, ||X||^2, ||Yc||^2, ||Y||^2, tokens]
-        self.sums = torch.zeros(len(self.layers), 9, dtype=torch.float64)
-        self.skipped_batches = 0
+        self.statistics = HsicSums(len(self.layers), 9)
+        self._gathered: tuple[dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]], torch.Tensor, int] | None = None
+        self._skipped = 0  # the current batch's: 1 when it has fewer than 4 real tokens
         self._grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # for resampling ('last' pooling)
         self._hsic: BatchHsic | None = None  # tokens: the current batch's HSIC work
         self._batch_sums: torch.Tensor | None = None
@@ -119,10 +121,26 @@ class CkaScorer:
             xs, ys = x[samples, last].float(), output[samples, last].float()
             if not torch.isfinite(xs).all() or not torch.isfinite(ys).all():
                 raise self._non_finite(layer)
-            self.pooled[layer][0].append(xs.detach())  # advanced indexing already copied
-            self.pooled[layer][1].append(ys.detach())
+            self.rows[layer].update(xs.detach(), ys.detach())  # advanced indexing already copied
 
         return hook
+
+    @property
+    def pooled(self) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """``last``: per layer, the pooled (inputs, outputs) rows: every rank's after ``reduce``, this rank's before."""
+        if self._gathered is not None:
+            return self._gathered[0]
+        return {layer: (rows.inputs, rows.outputs) for layer, rows in self.rows.items()}
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """``tokens``: the sums per layer, over every rank after ``reduce``, over this rank's batches before."""
+        return self._gathered[1] if self._gathered is not None else self.statistics.sums
+
+    @property
+    def skipped_batches(self) -> int:
+        """``tokens``: the batches of fewer than 4 real tokens (every rank's after ``reduce``)."""
+        return self._gathered[2] if self._gathered is not None else int(self.statistics.skipped)
 
     def _non_finite(self, layer: int) -> ValueError:
         return ValueError(
@@ -142,7 +160,7 @@ class CkaScorer:
         n = x.centred.shape[0]
         if n < 4:  # the unbiased estimator needs 4 samples
             if row == 0:
-                self.skipped_batches += 1
+                self._skipped = 1
             return
         one = torch.ones((), dtype=torch.float64, device=x.centred.device)
         terms = [self._hsic.cross_hsic(x, y), x.self_hsic, y.self_hsic, one, x.centred_sq, x.raw_sq, y.centred_sq, y.raw_sq, n * one]
@@ -153,21 +171,29 @@ class CkaScorer:
         self._hsic = BatchHsic(batch.mask) if self.pooling == "tokens" else None
         # this batch's terms per layer, zero for a layer it skips (adding 0.0 leaves a sum as it was)
         self._batch_sums = torch.zeros(len(self.layers), 9, dtype=torch.float64, device=batch.mask.device)
+        self._skipped = 0
 
     def end_batch(self) -> None:
         if self.pooling == "tokens":
-            self.sums += self._batch_sums.cpu()
+            self.statistics.update(self._batch_sums.cpu(), self._skipped)
         self._batch = self._hsic = self._batch_sums = None
 
     def reduce(self) -> None:
+        """Every rank ends with every rank's statistics (pooled rows in rank order); the local ones, now part of
+        those, are reset."""
+        if self._gathered is not None:  # the local statistics were reset: a second gather would hold nothing
+            raise RuntimeError(f"{type(self).__name__}.reduce was already called: it gathers a pass's statistics once")
         if self.pooling == "last":
-            for layer, (xs, ys) in self.pooled.items():
-                width = self.gpt.config.n_embd
-                x = torch.cat(xs) if xs else torch.zeros(0, width)
-                y = torch.cat(ys) if ys else torch.zeros(0, width)
-                self.pooled[layer] = ([all_gather_rows(x)], [all_gather_rows(y)])
+            pooled = {}
+            for layer, rows in self.rows.items():
+                x, y = rows.gathered()
+                pooled[layer] = ([x], [y])
+                rows.reset()
+            self._gathered = (pooled, self.statistics.sums, 0)
         else:
-            self.sums = all_reduce_sum(self.sums)
+            sums, skipped = self.statistics.gathered()
+            self.statistics.reset()
+            self._gathered = ({layer: ([], []) for layer in self.layers}, sums, skipped)
 
     def result(self) -> CkaScores:
         """The scores (after the pass). Warns about degenerate layers."""

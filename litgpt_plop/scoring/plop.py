@@ -26,8 +26,8 @@ import torch.nn as nn
 from litgpt import GPT
 
 from litgpt_plop.scoring.calibration import Batch, ForwardHook
-from litgpt_plop.distributed import all_gather_rows, all_reduce_sum
 from litgpt_plop.scoring.experts import ExpertRouting, token_weighted, unused_experts
+from litgpt_plop.scoring.metrics import PromptSums
 from litgpt_plop.model.modules import (
     KIND_TO_PATH,
     base_linear,
@@ -124,9 +124,9 @@ class PlopScorer:
     """Running PLoP statistics for the ``kinds`` of the ``layers`` of ``gpt`` (the head once, if asked).
 
     State per site and per prompt: the sum of the normalised output norms over the prompt's real tokens and
-    their count. A site's NFN is the mean over every token the pass saw (summed sums / summed counts), so how
-    the prompts are grouped into batches does not change it. ``reduce`` gathers every rank's prompts; the
-    per-prompt rows stay for resampling (``litgpt_plop.selection.stability``).
+    their count, in ``statistics`` (a torchmetrics ``Metric``). A site's NFN is the mean over every token the pass
+    saw (summed sums / summed counts), so how the prompts are grouped into batches does not change it. ``reduce``
+    gathers every rank's prompts; the per-prompt rows stay for resampling (``litgpt_plop.selection.stability``).
 
     In a mixture of experts an MLP site is one matrix per expert: each (site, expert) is a *unit* with its own sums
     over the tokens the router sent to that expert (``litgpt_plop.scoring.experts``); elsewhere a unit is a site.
@@ -159,9 +159,9 @@ class PlopScorer:
         self.unit_index = {unit: i for i, unit in enumerate(self.units)}
         moe_layers = sorted({layer for layer, kind in self.sites if is_expert_site(gpt, kind)})
         self.routing = ExpertRouting(gpt, moe_layers) if moe_layers else None
-        # per prompt: (sum of normalised output norms, tokens) for every unit; (prompts, units, 2) after reduce
-        self.sample_sums: list[torch.Tensor] | torch.Tensor = []
-        self.batches = 0
+        # per prompt: (sum of normalised output norms, tokens) for every unit; every rank's once reduced
+        self.statistics = PromptSums(len(self.units))
+        self._gathered: tuple[torch.Tensor, int] | None = None
         self._batch: Batch | None = None
         self._ratios: torch.Tensor | None = None  # (units, B, T): ||W z|| / ||z|| over the current batch's grid
         self._site_input_norms: torch.Tensor | None = None  # (units, B, T): ||z||; 0 where an expert got no token
@@ -169,7 +169,16 @@ class PlopScorer:
         self._input_version = 0
         self._input_norms: torch.Tensor | None = None
         self._denominators: dict[tuple[int, str, int | None], float] = {}
-        self._reduced = False
+
+    @property
+    def sample_sums(self) -> torch.Tensor:
+        """``(prompts, units, 2)``: every rank's prompts after ``reduce``, this rank's so far before."""
+        return self._gathered[0] if self._gathered is not None else self.statistics.rows_of("rows")
+
+    @property
+    def batches(self) -> int:
+        """The batches seen: on every rank after ``reduce``, on this one so far before."""
+        return self._gathered[1] if self._gathered is not None else int(self.statistics.batches)
 
     def _module_groups(self) -> list[tuple[int, int | None, nn.Module, list[tuple[str, int | None, int | None]]]]:
         """``(layer, expert, base linear, [(kind, row start, row stop)])`` per distinct module; q/k/v share the qkv;
@@ -250,19 +259,18 @@ class PlopScorer:
         # index_add_ adds the tokens one after another, per site: the order of the former per-site loop
         current[:, :, 0].index_add_(0, prompts, ratios)
         current[:, :, 1].index_add_(0, prompts, kept.T.double().cpu())
-        self.sample_sums.append(current)
-        self.batches += 1
+        self.statistics.update(current)
         self._batch = self._ratios = self._site_input_norms = self._input = self._input_norms = None
         if self.routing is not None:
             self.routing.clear()
 
     def reduce(self) -> None:
-        """Every rank ends with every rank's prompts (two numbers per site and prompt) and batch count."""
-        n = len(self.units)
-        mine = torch.cat(self.sample_sums) if len(self.sample_sums) else torch.zeros(0, n, 2, dtype=torch.float64)
-        self.sample_sums = all_gather_rows(mine.flatten(1)).view(-1, n, 2)
-        self.batches = int(all_reduce_sum(torch.tensor([float(self.batches)], dtype=torch.float64)).item())
-        self._reduced = True
+        """Every rank ends with every rank's prompts (two numbers per site and prompt, in rank order) and batch
+        count; the local statistics, now part of those, are reset."""
+        if self._gathered is not None:  # the local statistics were reset: a second gather would hold nothing
+            raise RuntimeError(f"{type(self).__name__}.reduce was already called: it gathers a pass's statistics once")
+        self._gathered = self.statistics.gathered()
+        self.statistics.reset()
 
     def denominators(self) -> dict[tuple[int, str, int | None], float]:
         """The denominator per unit ``(layer, kind, expert)`` (expert None outside a mixture of experts), computed
@@ -291,7 +299,7 @@ class PlopScorer:
         """The scores over the given prompts (indices into ``sample_sums``, repeats counting again: for resampling);
         ``None``: every prompt."""
         denominators = self.denominators()
-        sample_sums = self.sample_sums if isinstance(self.sample_sums, torch.Tensor) else torch.cat(self.sample_sums)
+        sample_sums = self.sample_sums
         chosen = sample_sums if prompts is None else sample_sums[torch.as_tensor(list(prompts), dtype=torch.long)]
         sums = chosen.sum(dim=0)
         per_site, per_expert, expert_tokens = {}, {}, {}

@@ -43,7 +43,7 @@ from litgpt.model import GPT
 from tqdm import tqdm
 
 from litgpt_plop.args import CalibrationArgs
-from litgpt_plop.distributed import all_reduce_max, all_reduce_sum, distributed
+from litgpt_plop.distributed import distributed
 from litgpt_plop.errors import InputError
 from litgpt_plop.memory import release_free_memory
 from litgpt_plop.model.checkpoint import (
@@ -55,7 +55,14 @@ from litgpt_plop.model.checkpoint import (
     convert_floats,
 )
 from litgpt_plop.model.quantize import QUANTIZE_CHOICES, no_cpu_repack, quantize_choice, quantize_linears_4bit
-from litgpt_plop.scoring.calibration import Batch, CalibrationStats, _without_pad_columns, calibration_batches
+from litgpt_plop.scoring.calibration import (
+    Batch,
+    CalibrationStats,
+    _without_pad_columns,
+    calibration_batches,
+    pass_stats,
+    pass_totals,
+)
 from litgpt_plop.scoring.cka import CkaScorer
 from litgpt_plop.scoring.kappa import KappaScores, geometric_mean, score_weights
 from litgpt_plop.scoring.plop import PlopScorer
@@ -170,13 +177,14 @@ class _Loaded:
 
 
 def _fold_visits(scorer: PlopScorer, folded: list[torch.Tensor] | None, batches: int) -> list[torch.Tensor]:
-    """Take the ``batches`` per-prompt rows the last piece's visits appended to ``scorer.sample_sums`` out of it
-    and add them to ``folded`` (None: the first piece); ``scorer.batches`` counts each batch once."""
-    rows = scorer.sample_sums[len(scorer.sample_sums) - batches :]
-    del scorer.sample_sums[len(scorer.sample_sums) - batches :]
+    """Take the ``batches`` per-prompt rows the last piece's visits added to ``scorer.statistics`` out of it and
+    add them to ``folded`` (None: the first piece); the statistics count each batch once."""
+    statistics = scorer.statistics
+    rows = statistics.rows[len(statistics.rows) - batches :]
+    del statistics.rows[len(statistics.rows) - batches :]
     if folded is None:
         return rows
-    scorer.batches -= batches
+    statistics.batches -= batches
     return [total + row for total, row in zip(folded, rows)]
 
 
@@ -272,7 +280,7 @@ class _Pass:
     def finish(self) -> None:
         for scorer in self.scorers:
             if isinstance(scorer, PlopScorer) and self.folded[id(scorer)] is not None:
-                scorer.sample_sums = self.folded[id(scorer)]
+                scorer.statistics.rows.extend(self.folded[id(scorer)])
 
 
 def _last_block(source: CheckpointBlocks, scorers: Sequence[PlopScorer | CkaScorer], layers: Sequence[int]) -> int:
@@ -335,19 +343,11 @@ def calibrate_sequential(
     if reduce:
         for scorer in scorers:
             scorer.reduce()
-    samples = sum(int((batch.lengths > 0).sum()) for batch in batches)
-    tokens = sum(int(batch.mask.sum()) for batch in batches)
-    counts = all_reduce_sum(torch.tensor([samples, tokens, len(batches)], dtype=torch.float64))
-    if counts[1] == 0:
-        raise InputError("Calibration data is empty: no real tokens on any rank")
-    stats = CalibrationStats(
-        samples=int(counts[0]),
-        tokens=int(counts[1]),
-        batches=int(counts[2]),
-        seconds=round(all_reduce_max(time.perf_counter() - start - run.kappa_seconds), 3),
-        truncated=truncated,
-        world_size=dist.get_world_size() if distributed() else 1,
-    )
+    totals = pass_totals()
+    for batch in batches:
+        totals.update(samples=int((batch.lengths > 0).sum()), tokens=int(batch.mask.sum()), batches=1)
+    totals.update(seconds=time.perf_counter() - start - run.kappa_seconds)
+    stats = pass_stats(totals, truncated)
     return stats, (_merge_kappa(run.kappa, kinds) if kinds is not None else None)
 
 
