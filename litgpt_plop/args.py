@@ -39,8 +39,15 @@ class CalibrationArgs:
     "How sure" section; the scores are recomputed from per-prompt statistics, no extra forward pass). 0: skip."""
     progress: bool = True
     """Show a progress bar (on rank 0 only)."""
+    data_free: Literal["auto", "always", "never"] = "auto"
+    """The report's comparison with what ``kappa`` chooses from the weights alone (their condition numbers,
+    docs/methods.md section 4). ``auto``: computed unless it would cost more arithmetic than the calibration pass
+    itself and more than a minute or so on one CPU core; on an 8B model with 16 short prompts it would take several
+    times the pass. ``always`` / ``never``: as they say."""
 
     def __post_init__(self) -> None:
+        if self.data_free not in ("auto", "always", "never"):
+            raise InputError(f"`--calibration.data_free` must be 'auto', 'always' or 'never', got {self.data_free!r}")
         if self.num_samples <= 0:
             raise InputError(f"`--calibration.num_samples` must be positive, got {self.num_samples}")
         if self.batch_size <= 0:

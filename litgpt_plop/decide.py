@@ -24,7 +24,7 @@ from litgpt_plop.errors import InputError
 from litgpt_plop.model.modules import gpt_of
 from litgpt_plop.scoring.calibration import run_calibration
 from litgpt_plop.scoring.cka import CkaScorer, CkaScores
-from litgpt_plop.scoring.kappa import HOW, KappaScores, score_weights
+from litgpt_plop.scoring.kappa import HOW, KappaScores, data_free_skipped, score_weights
 from litgpt_plop.scoring.plop import PlopScorer, PlopScores
 from litgpt_plop.scoring.sequential import CheckpointBlocks, run_sequential_calibration
 from litgpt_plop.selection.methods import DECIDED_BEFORE_TRAINING, Method, get_method
@@ -218,8 +218,11 @@ def plan_placements(
     cka_scorer = CkaScorer(gpt, layers, cka.pooling, cka.degenerate_tol) if uses_cka else None
     scorers = [s for s in (plop_scorer, cka_scorer) if s is not None]
     weights = None  # the data-free comparison's condition numbers, once for every method
+    tokens = sum(min(len(ids), calibration.max_seq_length) for ids in token_ids)
+    skipped = data_free_skipped(calibration.data_free, gpt.config, kinds, layers, tokens)
     if isinstance(model, CheckpointBlocks):  # read block by block, as the pass loads them
-        stats, weights = run_sequential_calibration(model, token_ids, scorers, calibration, shard, kappa=(kinds, layers))
+        kappa = None if skipped else (kinds, layers)
+        stats, weights = run_sequential_calibration(model, token_ids, scorers, calibration, shard, kappa=kappa)
     else:
         stats = run_calibration(model, token_ids, scorers, calibration, shard=shard)
     record = {
@@ -230,9 +233,11 @@ def plan_placements(
         "prompt_style": calibration.prompt_style,
         "seed": calibration.seed,
         "layer_sequential": isinstance(model, CheckpointBlocks),
+        "data_free": calibration.data_free,
     }
     placements = {}
-    weights = score_weights(model, kinds, layers) if weights is None else weights
+    if weights is None and not skipped:
+        weights = score_weights(model, kinds, layers)
     for spec in specs:
 
         def choose(prompts: Sequence[int] | None, spec: Method = spec) -> Placement:
@@ -260,7 +265,10 @@ def plan_placements(
         # What the weights alone would choose, for the report's "calibrated vs data-free" section; with PLoP's own
         # selection options, so that both choices have the same size.
         same_size = KappaArgs(num_kinds=plop.num_kinds, budget=plop.budget, granularity=plop.granularity) if spec.uses_plop else KappaArgs()
-        placements[spec.name] = with_data_free_choice(placement, gpt, rank, same_size, weights)
+        if skipped:
+            placements[spec.name] = replace(placement, scores=replace(placement.scores, kappa={"skipped": skipped}))
+        else:
+            placements[spec.name] = with_data_free_choice(placement, gpt, rank, same_size, weights)
     return placements
 
 

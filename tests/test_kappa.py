@@ -207,6 +207,34 @@ def test_a_calibrated_plan_records_the_data_free_choice_with_its_own_size(one_th
     assert f"took {calibration['kappa_seconds']:.1f} s beside the calibration pass's {calibration['seconds']:.1f} s" in section
 
 
+def test_the_data_free_comparison_is_left_out_where_it_would_cost_more_than_the_pass(one_thread):
+    """Its cost is the Gram matrices' multiply-adds, d^2 D per candidate matrix: SmolLM2's 210 add up to exactly
+    58,604,912,640, under the floor, so every plan of it keeps the comparison; an 8B model's are 4 times the pass
+    over 1,000 prompt tokens, so ``auto`` leaves them out and says why; ``always`` and ``never`` decide alone."""
+    from litgpt import Config
+
+    from litgpt_plop.scoring.kappa import data_free_skipped, gram_macs
+    from litgpt_plop.selection.placement import model_kinds
+
+    smol = Config.from_name("SmolLM2-135M-Instruct")
+    assert gram_macs(smol, model_kinds(smol), range(30)) == 30 * (2 * 576**3 + 2 * 192**2 * 576 + 3 * 576**2 * 1536)
+    assert data_free_skipped("auto", smol, model_kinds(smol), range(30), tokens=1) is None
+    big = Config.from_name("Llama-3.1-8B")
+    reason = data_free_skipped("auto", big, model_kinds(big), range(32), tokens=1000)
+    assert reason.startswith("its condition numbers would cost 4.0 times the calibration pass's arithmetic")
+    assert data_free_skipped("auto", big, model_kinds(big), range(32), tokens=4000) is None  # a longer pass pays for it
+    assert data_free_skipped("always", big, model_kinds(big), range(32), tokens=1) is None
+    config, gpt = conditioned_gpt()
+    prompts = [torch.randint(0, config.vocab_size, (10,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    never = CalibrationArgs(batch_size=4, progress=False, data_free="never")
+    placement = plan_placement(gpt, prompts, "plop", rank=4, plop=PlopArgs(num_kinds=2), calibration=never)
+    assert placement.scores.kappa == {"skipped": "not asked for (--calibration.data_free never)"}
+    assert not placement.scores.kappa_per_site and "kappa_seconds" not in placement.calibration
+    assert "Not computed: not asked for" in "\n".join(data_free_section(placement))
+    with pytest.raises(InputError, match="data_free"):
+        CalibrationArgs(data_free="sometimes")
+
+
 def with_choice(own_kinds: list[str], kappa_kinds: list[str]) -> Placement:
     config = tiny_config(n_layer=2)
     scores = Scores(

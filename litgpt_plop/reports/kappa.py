@@ -80,6 +80,8 @@ def data_free_section(placement: Placement) -> list[str]:
     if spec is None or not spec.calibrates or not record:
         return []
     out = ["## Calibrated vs data-free", ""]
+    if record.get("skipped"):
+        return out + [f"Not computed: {record['skipped']}.", ""]
     kappa_sites = _choice_sites(placement)
     if kappa_sites is None:
         return out + [f"`kappa` could not choose with the same options: {record.get('error')}", "", _time_line(placement), ""]

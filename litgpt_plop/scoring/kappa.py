@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from litgpt import GPT
 
 from litgpt_plop.memory import release_free_memory
 from litgpt_plop.model.modules import KIND_TO_PATH, base_linear, gpt_of, qkv_row_slices, site_experts, site_module
-from litgpt_plop.selection.placement import HEAD_KIND, HEAD_LAYER
+from litgpt_plop.selection.placement import HEAD_KIND, HEAD_LAYER, is_moe, model_kinds, site_shape
 from litgpt_plop.model.quantize import no_cpu_repack
 from litgpt_plop.scoring.plop import weight_matrix
 
@@ -219,3 +219,47 @@ def score_weights(model: nn.Module, kinds: Sequence[str], layers: Sequence[int])
     for kind in kinds:
         per_kind[kind] = geometric_mean([v for key, v in per_site.items() if key.split(".", 1)[1] == kind])
     return KappaScores(per_site=per_site, per_kind=per_kind, seconds=time.perf_counter() - t0, per_expert=per_expert)
+
+
+# Below this much arithmetic (multiply-adds of the Gram matrices: well under a minute on one CPU core) the data-free
+# comparison is always computed: every model up to SmolLM2-135M's size (5.9e10) keeps it whatever the prompts.
+DATA_FREE_FLOOR_MACS = 5e11
+
+
+def gram_macs(config: Any, kinds: Sequence[str], layers: Sequence[int]) -> float:
+    """Multiply-adds of the Gram matrices of every candidate site (``d^2 D`` each, ``d`` the smaller side; every
+    expert's own in a mixture of experts): what the condition numbers cost, their eigenvalues being cheaper."""
+    total = 0.0
+    for kind in kinds:
+        d_out, d_in = site_shape(config, kind)
+        experts = config.n_expert if is_moe(config) and kind.startswith("mlp_") else 1
+        total += experts * min(d_out, d_in) ** 2 * max(d_out, d_in)
+    return total * len(layers)
+
+
+def forward_macs(config: Any, tokens: int) -> float:
+    """Multiply-adds of the calibration pass's linears over ``tokens`` tokens (every block; routed experts at
+    ``n_expert_per_token`` each)."""
+    per_token = 0.0
+    for kind in model_kinds(config):
+        d_out, d_in = site_shape(config, kind)
+        used = config.n_expert_per_token if is_moe(config) and kind.startswith("mlp_") else 1
+        per_token += used * d_out * d_in
+    return per_token * config.n_layer * tokens
+
+
+def data_free_skipped(mode: str, config: Any, kinds: Sequence[str], layers: Sequence[int], tokens: int) -> str | None:
+    """Why the data-free comparison is not computed (``--calibration.data_free``), or None when it is: ``auto``
+    skips it when its Gram matrices cost more than the pass's linears and more than ``DATA_FREE_FLOOR_MACS``."""
+    if mode == "always":
+        return None
+    if mode == "never":
+        return "not asked for (--calibration.data_free never)"
+    cost, forward = gram_macs(config, kinds, layers), forward_macs(config, tokens)
+    if cost <= max(forward, DATA_FREE_FLOOR_MACS):
+        return None
+    return (
+        f"its condition numbers would cost {cost / forward:.1f} times the calibration pass's arithmetic ({cost:.2g} against"
+        f" {forward:.2g} multiply-adds over {tokens} prompt tokens); `--calibration.data_free always` computes them,"
+        " `--plugin kappa` plans with them"
+    )
