@@ -188,6 +188,20 @@ def plan_placement(
     )[method]  # fmt: skip
 
 
+def calibration_record(stats: dict[str, Any], calibration: CalibrationArgs, sequential: bool) -> dict[str, Any]:
+    """``placement.json``'s calibration record: what the pass measured and the options it ran with."""
+    return {
+        **stats,
+        "num_samples": calibration.num_samples,
+        "batch_size": calibration.batch_size,
+        "max_seq_length": calibration.max_seq_length,
+        "prompt_style": calibration.prompt_style,
+        "seed": calibration.seed,
+        "layer_sequential": sequential,
+        "data_free": calibration.data_free,
+    }
+
+
 def plan_placements(
     model: nn.Module | CheckpointBlocks,
     token_ids: Sequence[torch.Tensor],
@@ -225,16 +239,7 @@ def plan_placements(
         stats, weights = run_sequential_calibration(model, token_ids, scorers, calibration, shard, kappa=kappa)
     else:
         stats = run_calibration(model, token_ids, scorers, calibration, shard=shard)
-    record = {
-        **stats.to_dict(),
-        "num_samples": calibration.num_samples,
-        "batch_size": calibration.batch_size,
-        "max_seq_length": calibration.max_seq_length,
-        "prompt_style": calibration.prompt_style,
-        "seed": calibration.seed,
-        "layer_sequential": isinstance(model, CheckpointBlocks),
-        "data_free": calibration.data_free,
-    }
+    record = calibration_record(stats.to_dict(), calibration, sequential=isinstance(model, CheckpointBlocks))
     placements = {}
     if weights is None and not skipped:
         weights = score_weights(model, kinds, layers)
