@@ -243,24 +243,39 @@ def test_fused_linears_stack_the_parts(family, qkv, runs, tmp_path):
 
 
 @pytest.mark.slow
+def assert_peft_gives_smollm2s_logits(model, placement: Placement, checkpoint: Path, tmp_path: Path) -> dict:
+    """Random nonzero adapters on ``model`` (SmolLM2 with ``placement`` applied), saved as a run's ``final/`` and
+    exported: PEFT on the converted base gives the adapted model's logits, which differ from the base's. Returns the
+    export's settings."""
+    tokens = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    randomize_adapters(model, placement, scale=0.02)
+    ours = logits(model, tokens)
+    final = save_adapter(model, placement, tmp_path / "run" / "final", checkpoint_dir=checkpoint)
+    del model
+    exported = export_peft(final, tmp_path / "peft")
+    settings, _ = read_export(exported)
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert_lit_checkpoint(checkpoint, tmp_path / "hf")
+    with no_init_weights():  # every weight is loaded next
+        hf = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(checkpoint))
+    hf.load_state_dict(torch.load(tmp_path / "hf" / "model.pth", mmap=True, weights_only=True))
+    assert relative(logits(hf, tokens), ours) > 1e-2, f"the adapters on {len(placement.sites)} sites change nothing"
+    adapted = peft.PeftModel.from_pretrained(hf, str(exported))
+    assert relative(logits(adapted, tokens), ours) < 1e-4
+    return settings
+
+
 def test_smollm2_with_a_plop_like_placement(smollm2_checkpoint, tmp_path):
     """The real SmolLM2-135M-Instruct, PLoP's kinds (value, mlp_fc_2, mlp_proj) with per-layer ranks plus query in
     four layers: the export loaded by PEFT on the converted model gives the adapted model's logits."""
     model = load_checkpoint_model(smollm2_checkpoint, device="cpu")
     config = model.config
-    tokens = torch.randint(0, config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
-    base_logits = logits(model, tokens)
     sites = [(layer, "value", (2, 4, 8)[layer % 3]) for layer in range(config.n_layer)]
     sites += [(layer, "mlp_fc_2", 16) for layer in range(config.n_layer)]
     sites += [(layer, "mlp_proj", 4) for layer in range(8, config.n_layer)] + [(layer, "query", 8) for layer in range(4)]
     placement = Placement.from_sites(config, sites, lora_alpha=16)
     apply_placement(model, placement)
-    randomize_adapters(model, placement, scale=0.02)
-    ours = logits(model, tokens)
-    final = save_adapter(model, placement, tmp_path / "run" / "final", checkpoint_dir=smollm2_checkpoint)
-    del model
-    exported = export_peft(final, tmp_path / "peft")
-    settings, _ = read_export(exported)
+    settings = assert_peft_gives_smollm2s_logits(model, placement, smollm2_checkpoint, tmp_path)
     # rank 4 is the most common (10 values, 22 down_proj); a block path where every block has it, else full names
     targets, ranks = set(settings["target_modules"]), settings["rank_pattern"]
     assert {"self_attn.v_proj", "mlp.up_proj", "model.layers.8.mlp.down_proj", "model.layers.3.self_attn.q_proj"} <= targets
@@ -268,15 +283,34 @@ def test_smollm2_with_a_plop_like_placement(smollm2_checkpoint, tmp_path):
     assert settings["r"] == 4 and ranks["mlp.up_proj"] == 16 and ranks["model.layers.0.self_attn.v_proj"] == 2
     assert "model.layers.1.self_attn.v_proj" not in ranks and ranks["model.layers.2.self_attn.v_proj"] == 8
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        convert_lit_checkpoint(smollm2_checkpoint, tmp_path / "hf")
-    with no_init_weights():  # every weight is loaded next
-        hf = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(smollm2_checkpoint))
-    hf.load_state_dict(torch.load(tmp_path / "hf" / "model.pth", mmap=True, weights_only=True))
-    assert relative(logits(hf, tokens), base_logits) < 1e-4
-    assert relative(ours, base_logits) > 1e-2
-    adapted = peft.PeftModel.from_pretrained(hf, str(exported))
-    assert relative(logits(adapted, tokens), ours) < 1e-4
+
+def test_smollm2_with_a_site_level_budget_grown_as_weightlora_plus_grows(smollm2_checkpoint, tmp_path, one_thread):
+    """What the methods themselves produce on the real model: PLoP's site-level budget chosen by calibration (sites
+    scattered over layers and kinds), then WeightLoRA+'s exact rank growth on some of them (``grow_ranks``, the
+    step its cut takes): the export still gives the run's logits."""
+    from litgpt.tokenizer import Tokenizer
+
+    from litgpt_plop.args import CalibrationArgs, PlopArgs
+    from litgpt_plop.data import ReasoningGym
+    from litgpt_plop.decide import plan_placement
+    from litgpt_plop.model.adapt import current_placement
+    from litgpt_plop.scoring.prompts import tokenize_prompts
+    from litgpt_plop.weightlora import grow_ranks
+
+    model = load_checkpoint_model(smollm2_checkpoint, device="cpu")
+    tokenizer = Tokenizer(smollm2_checkpoint)
+    prompts = tokenize_prompts(ReasoningGym(train_size=8, val_size=2).prompts("train", tokenizer), tokenizer)
+    calibration = CalibrationArgs(num_samples=8, resamples=0, progress=False, data_free="never")
+    planned = plan_placement(model, prompts, "plop", rank=4, plop=PlopArgs(budget=0.15, granularity="site"), calibration=calibration)
+    layers_of = {kind: {s.layer for s in planned.sites if s.kind == kind} for kind in {s.kind for s in planned.sites}}
+    assert len(layers_of) > 1 and min(map(len, layers_of.values())) < model.config.n_layer  # kinds on some layers only
+    apply_placement(model, planned)
+    grown = {(s.layer, s.kind): 16 for s in list(planned.sites)[:3]}
+    grow_ranks(model, grown, torch.Generator().manual_seed(0))
+    placement = current_placement(model)
+    assert sorted({s.rank for s in placement.sites}) == [4, 16]
+    settings = assert_peft_gives_smollm2s_logits(model, placement, smollm2_checkpoint, tmp_path)
+    assert settings["r"] == 4 and sorted(set(settings["rank_pattern"].values())) == [16]
 
 
 # ---- the command -------------------------------------------------------------------------------------------
