@@ -163,3 +163,30 @@ def test_more_kinds_than_candidates_is_reported_as_such(monkeypatch, capsys, tmp
     report = (out_dir / "report.md").read_text()
     assert "asked for 100 kinds, but there are only 7 candidates" in report and "chose the 100 kinds" not in report
     assert len(Placement.load(out_dir / "placement.json").kinds) == 7
+
+
+def test_the_finite_check_counts_only_what_is_bad(tmp_path):
+    """The check clears a chunk by its float32 sum: finite values whose sum overflows must still pass, and an
+    infinity hidden among them (or two of opposite signs, whose sum is NaN) must still be found and counted."""
+    from litgpt_plop.commands.inputs import check_finite_weights
+    from litgpt_plop.errors import InputError
+    from litgpt_plop.model.checkpoint import MappedCheckpoint
+
+    def check(values: torch.Tensor) -> None:
+        path = tmp_path / "lit_model.pth"
+        torch.save({"transformer.h.0.attn.proj.weight": values, "tokens": torch.arange(4)}, path)
+        check_finite_weights(MappedCheckpoint(path), chunk=64)
+
+    huge = torch.full((16, 16), 3e38, dtype=torch.float32)  # every chunk's sum overflows to inf
+    check(huge)
+    check(huge.bfloat16())
+    for bad, count in ((float("inf"), 1), (float("nan"), 1)):
+        broken = huge.clone()
+        broken[3, 5] = bad
+        broken[9, 1] = -bad if bad == bad else bad  # +inf and -inf in different chunks; two NaNs
+        with pytest.raises(InputError, match=rf"attn.proj.weight \(layer 0, attn.proj\) has {count + 1} of 256 values"):
+            check(broken)
+    mixed = torch.zeros(256)
+    mixed[10], mixed[20] = float("inf"), float("-inf")  # one chunk, sum NaN
+    with pytest.raises(InputError, match="has 2 of 256 values"):
+        check(mixed)

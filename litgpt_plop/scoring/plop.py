@@ -42,13 +42,13 @@ from litgpt_plop.memory import release_free_memory
 # ---- the math, on plain tensors ---------------------------------------------------------------------------
 
 
-def weight_matrix(linear: nn.Module) -> torch.Tensor:
-    """The dense float32 ``(d_out, d_in)`` weight of an ``nn.Linear`` or a bitsandbytes ``Linear4bit``
-    (dequantized; call it for one module at a time, never for the whole model at once)."""
+def stored_weight(linear: nn.Module) -> torch.Tensor:
+    """The ``(d_out, d_in)`` weight of an ``nn.Linear`` as it is stored (no copy: a memory-mapped weight stays
+    mapped), or of a bitsandbytes ``Linear4bit`` dequantized in its compute dtype (one module at a time)."""
     weight = linear.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None:
-        return weight.detach().float()
+        return weight.detach()
     if getattr(quant_state, "packing_format_for_cpu", False):
         raise ValueError(
             "This Linear4bit weight is in bitsandbytes' CPU inference layout (repacked by an eval-mode forward);"
@@ -56,7 +56,13 @@ def weight_matrix(linear: nn.Module) -> torch.Tensor:
         )
     import bitsandbytes as bnb
 
-    return bnb.functional.dequantize_4bit(weight.data, quant_state).float()
+    return bnb.functional.dequantize_4bit(weight.data, quant_state)
+
+
+def weight_matrix(linear: nn.Module) -> torch.Tensor:
+    """The dense float32 ``(d_out, d_in)`` weight of an ``nn.Linear`` or a bitsandbytes ``Linear4bit``
+    (dequantized; call it for one module at a time, never for the whole model at once)."""
+    return stored_weight(linear).float()
 
 
 def normalized_output_norms(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
@@ -72,18 +78,32 @@ def _norms(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
 
 
+ROW_CHUNK = 1 << 22  # values per slice of rows the denominators read at once (16 MiB in float32)
+
+
+def _row_slices(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``weight`` in slices of whole rows of about ``ROW_CHUNK`` values: the denominators read a large matrix (a
+    70B model's MLP matrix is 235M values) a slice at a time, so no float copy of the whole of it is ever made."""
+    return weight.split(max(1, ROW_CHUNK // max(1, weight.shape[1])))
+
+
 def closed_form_denominator(weight: torch.Tensor) -> float:
     """``||W||_F / sqrt(d_in)``: the expected ``||W r||`` for a random unit vector r (up to Jensen's gap)."""
-    # accumulated in float64 without a float64 copy of the matrix (the same number as weight.double().norm())
-    return float(torch.linalg.vector_norm(weight, dtype=torch.float64) / math.sqrt(weight.shape[1]))
+    # accumulated in float64, a slice of rows at a time, without a float copy of the matrix (torch converts as it
+    # reduces); the same number as weight.double().norm() to about 1e-13
+    squares = sum(float(torch.linalg.vector_norm(rows, dtype=torch.float64)) ** 2 for rows in _row_slices(weight))
+    return math.sqrt(squares) / math.sqrt(weight.shape[1])
 
 
 def monte_carlo_denominator(weight: torch.Tensor, num_samples: int, seed: int) -> float:
     """``mean_r ||W r||`` over ``num_samples`` random unit Gaussian vectors r, drawn from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     r = torch.randn(num_samples, weight.shape[1], generator=generator, dtype=torch.float64)
-    r = r / r.norm(dim=1, keepdim=True)
-    return float((r.to(weight.device) @ weight.double().T).norm(dim=1).mean())
+    r = (r / r.norm(dim=1, keepdim=True)).to(weight.device)
+    squares = torch.zeros(num_samples, dtype=torch.float64, device=weight.device)
+    for rows in _row_slices(weight):  # ||W r||^2 summed over slices of W's rows
+        squares += (r @ rows.double().T).square().sum(dim=1)
+    return float(squares.sqrt().mean())
 
 
 # ---- results ----------------------------------------------------------------------------------------------
@@ -277,7 +297,7 @@ class PlopScorer:
         once (one dequantized module at a time) and cached."""
         if not self._denominators:
             for layer, expert, linear, parts in self._module_groups():
-                weight = weight_matrix(linear)
+                weight = stored_weight(linear)  # dense: the stored tensor itself; read a slice of rows at a time
                 for kind, start, stop in parts:
                     rows = weight[start:stop]
                     if self.denominator == "closed_form":
