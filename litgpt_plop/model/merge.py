@@ -12,7 +12,8 @@ and then each tensor of the state dict, in its order, is cast, merged by that la
 fresh copy of the weight, written into the file and dropped before the next. The arithmetic is LitGPT's own code on
 the same dtypes, so the tensors are bit-identical to stock's (tests/test_streamed_merge.py checks ``torch.equal``);
 what it owns at a time is one merged weight and its ``B A`` update. Unadapted tensors in the adapter's dtype are
-written straight from the file mapping.
+written straight from the file mapping, and once a tensor is written the base pages it was read from are handed
+back (``MappedCheckpoint.release``), so the mapping does not fill the process's resident memory either.
 
 The file is a standard ``torch.save`` zip archive written by PyTorch's own writer (``torch._C.PyTorchFileWriter``):
 the pickle of the state dict first, which needs only each tensor's shape and dtype, then one record per tensor,
@@ -35,7 +36,7 @@ from litgpt.lora import GPT, Config, LoRALinear, LoRAQKVLinear, lora_filter
 from litgpt.scripts.merge_lora import load_lora_metadata
 
 from litgpt_plop.memory import release_free_memory
-from litgpt_plop.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from litgpt_plop.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, MappedCheckpoint
 
 LORA_FILE = "lit_model.pth.lora"  # the stock adapter file
 
@@ -50,7 +51,8 @@ def merge_streamed(adapter_dir: Path, base_checkpoint_dir: Path) -> Path:
     with torch.device("meta"):
         model = GPT(config)
     model.cos = model.sin = None  # as stock: not needed to merge
-    weights = torch.load(base_checkpoint_dir / WEIGHTS_FILE, mmap=True, weights_only=True)
+    checkpoint = MappedCheckpoint(base_checkpoint_dir / WEIGHTS_FILE)
+    weights = dict(checkpoint.state_dict)
     adapter = torch.load(adapter_dir / LORA_FILE, mmap=True, weights_only=True)
     adapter = adapter.get("model", adapter)
     dtype = next(iter(adapter.values())).dtype  # stock's rule: the adapter's dtype is the merged model's
@@ -60,13 +62,23 @@ def merge_streamed(adapter_dir: Path, base_checkpoint_dir: Path) -> Path:
     merging = {f"{name}.linear.weight": m for name, m in model.named_modules() if isinstance(m, LoRALinear) and _merges(m)}
     state = {key: value for key, value in model.state_dict().items() if not lora_filter(key, value)}
 
+    written: list[torch.Tensor] = []  # the base tensor whose merged or cast copy is being written
+
     def tensors() -> Iterator[torch.Tensor]:
         for key, value in state.items():
+            written.append(value)
             yield _merged(merging[key], dtype) if key in merging else _cast(value, dtype)
+
+    def hand_back() -> None:
+        """Once a tensor is written, the base pages it was made from leave the process (they were read through
+        the mapping: without this, the merge of an 8B model ends with all 15 GiB of them resident)."""
+        while written:
+            checkpoint.release(written.pop())
+        release_free_memory()
 
     specs = {key.replace("linear.", ""): (tuple(v.shape), _cast_dtype(v, dtype)) for key, v in state.items()}
     path = adapter_dir / WEIGHTS_FILE
-    save_streamed(path, specs, tensors())
+    save_streamed(path, specs, tensors(), on_written=hand_back)
     return path
 
 
