@@ -131,3 +131,46 @@ def test_a_mixture_of_experts_with_its_router_merges_as_stock(tmp_path: Path) ->
     assert not torch.equal(ours["transformer.h.0.mlp.gate.weight"], base["transformer.h.0.mlp.gate.weight"].bfloat16())
     assert not torch.equal(ours["transformer.h.1.mlp.experts.2.proj.weight"], base["transformer.h.1.mlp.experts.2.proj.weight"].bfloat16())
     litgpt.model.GPT(config).load_state_dict(ours, strict=True)
+
+
+def test_each_base_tensors_pages_are_handed_back_once_it_is_written(tmp_path: Path, monkeypatch) -> None:
+    """Every tensor read through the base checkpoint's mapping is released after it is written (else an 8B merge
+    ends with all 15 GiB of the checkpoint resident), once each, and never before the record is in the file."""
+    from litgpt_plop.model import merge as merge_module
+
+    config = tiny_config(n_layer=2, n_embd=64)
+    checkpoint_dir = with_tokenizer_files(write_checkpoint(tmp_path / "base", config))
+    flags = dict(lora_r=4, lora_alpha=8, lora_query=True, lora_value=True, lora_mlp=True, lora_head=False)
+    lora_config = litgpt.lora.Config.from_file(checkpoint_dir / "model_config.yaml", **flags)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in litgpt.lora.GPT(lora_config).state_dict().items() if "lora_" in k}
+    g = torch.Generator().manual_seed(3)
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    for name in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint_dir / name, adapter_dir / name)
+    torch.save({"model": {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}}, adapter_dir / "lit_model.pth.lora")
+    (adapter_dir / "hyperparameters.yaml").write_text(yaml.safe_dump({**flags, "checkpoint_dir": str(checkpoint_dir)}))
+
+    records, released = [], []
+    real_release, real_save = merge_module.MappedCheckpoint.release, merge_module.save_streamed
+
+    def release(self, tensor: torch.Tensor) -> None:
+        start = tensor.untyped_storage().data_ptr()
+        assert any(low <= start < high for low, high in self.ranges), "released a tensor outside the file mapping"
+        released.append((start, len(records)))
+        real_release(self, tensor)
+
+    def save_streamed(path, specs, tensors, on_written=lambda: None):
+        def written() -> None:
+            records.append(1)  # one more record is in the file
+            on_written()
+
+        real_save(path, specs, tensors, on_written=written)
+
+    monkeypatch.setattr(merge_module.MappedCheckpoint, "release", release)
+    monkeypatch.setattr(merge_module, "save_streamed", save_streamed)
+    merge_streamed(adapter_dir, checkpoint_dir)
+    written = torch.load(adapter_dir / "lit_model.pth", weights_only=True)
+    assert len(released) == len(written) == len({start for start, _ in released})  # every tensor, once
+    assert all(done >= i + 1 for i, (_, done) in enumerate(released))  # the i-th released once the i-th is written

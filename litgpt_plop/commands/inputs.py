@@ -58,8 +58,8 @@ def check_finite_weights(checkpoint: MappedCheckpoint, chunk: int = 1 << 22) -> 
 
     A chunk's float32 sum is finite only if every value in it is (an infinity or a NaN makes the sum infinite or
     NaN), so one reduction without temporaries clears it; only a chunk whose sum is not finite (a bad value, or
-    finite values whose sum overflows) is counted value by value. On an 8B checkpoint this is the difference
-    between about 35 s and 170 s of a plan."""
+    finite values whose sum overflows) is counted value by value: 4.4 s instead of 24.6 s on a 1B checkpoint,
+    where counting every value took about 170 s of an 8B plan."""
     for name, tensor in checkpoint.state_dict.items():
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             continue
