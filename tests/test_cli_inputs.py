@@ -180,11 +180,11 @@ def test_the_finite_check_counts_only_what_is_bad(tmp_path):
     huge = torch.full((16, 16), 3e38, dtype=torch.float32)  # every chunk's sum overflows to inf
     check(huge)
     check(huge.bfloat16())
-    for bad, count in ((float("inf"), 1), (float("nan"), 1)):
+    for bad in (float("inf"), float("nan")):
         broken = huge.clone()
         broken[3, 5] = bad
-        broken[9, 1] = -bad if bad == bad else bad  # +inf and -inf in different chunks; two NaNs
-        with pytest.raises(InputError, match=rf"attn.proj.weight \(layer 0, attn.proj\) has {count + 1} of 256 values"):
+        broken[9, 1] = -bad  # +inf and -inf in different chunks; two NaNs
+        with pytest.raises(InputError, match=r"attn.proj.weight \(layer 0, attn.proj\) has 2 of 256 values"):
             check(broken)
     mixed = torch.zeros(256)
     mixed[10], mixed[20] = float("inf"), float("-inf")  # one chunk, sum NaN

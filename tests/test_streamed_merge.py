@@ -48,6 +48,22 @@ def with_tokenizer_files(directory: Path) -> Path:
     return directory
 
 
+def write_adapter(checkpoint_dir: Path, adapter_dir: Path, flags: dict, dtype: torch.dtype, seed: int) -> None:
+    """A stock-layout adapter of random values (B too: a zero B would merge to nothing) for every LoRA tensor the
+    ``flags`` give the checkpoint's model, with the files ``merge_lora`` reads beside it."""
+    lora_config = litgpt.lora.Config.from_file(checkpoint_dir / "model_config.yaml", **flags)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in litgpt.lora.GPT(lora_config).state_dict().items() if "lora_" in k}
+    g = torch.Generator().manual_seed(seed)
+    adapter_dir.mkdir()
+    for name in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint_dir / name, adapter_dir / name)
+    adapter = {k: (torch.randn(s, generator=g) * 0.1).to(dtype) for k, s in shapes.items()}
+    torch.save({"model": adapter}, adapter_dir / "lit_model.pth.lora")
+    hparams = {**flags, "checkpoint_dir": str(checkpoint_dir), "precision": "bf16-true"}
+    (adapter_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams))
+
+
 def test_save_streamed_writes_the_bytes_torch_save_writes(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     state = {
@@ -111,19 +127,10 @@ def test_a_mixture_of_experts_with_its_router_merges_as_stock(tmp_path: Path) ->
     config = tiny_config(n_layer=2, mlp_class_name="LLaMAMoE", n_expert=4, n_expert_per_token=2)
     checkpoint_dir = with_tokenizer_files(write_checkpoint(tmp_path / "base", config))
     flags = dict(lora_r=4, lora_alpha=8, lora_query=True, lora_value=True, lora_mlp=True, lora_head=False)
-    lora_config = litgpt.lora.Config.from_file(checkpoint_dir / "model_config.yaml", **flags)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in litgpt.lora.GPT(lora_config).state_dict().items() if "lora_" in k}
-    assert "transformer.h.1.mlp.gate.lora_A" in shapes and "transformer.h.1.mlp.experts.3.fc_2.lora_B" in shapes
-    g = torch.Generator().manual_seed(2)
-    adapter = {k: (torch.randn(s, generator=g) * 0.1).to(torch.bfloat16) for k, s in shapes.items()}
     adapter_dir = tmp_path / "adapter"
-    adapter_dir.mkdir()
-    for name in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(checkpoint_dir / name, adapter_dir / name)
-    torch.save({"model": adapter}, adapter_dir / "lit_model.pth.lora")
-    hparams = {**flags, "checkpoint_dir": str(checkpoint_dir), "precision": "bf16-true"}
-    (adapter_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams))
+    write_adapter(checkpoint_dir, adapter_dir, flags, torch.bfloat16, seed=2)
+    adapter = torch.load(adapter_dir / "lit_model.pth.lora", weights_only=True)["model"]
+    assert "transformer.h.1.mlp.gate.lora_A" in adapter and "transformer.h.1.mlp.experts.3.fc_2.lora_B" in adapter
     merge_streamed(adapter_dir, checkpoint_dir)
     ours = torch.load(adapter_dir / "lit_model.pth", weights_only=True)
     assert_identical(ours, stock_merge(adapter_dir, tmp_path))
@@ -141,16 +148,8 @@ def test_each_base_tensors_pages_are_handed_back_once_it_is_written(tmp_path: Pa
     config = tiny_config(n_layer=2, n_embd=64)
     checkpoint_dir = with_tokenizer_files(write_checkpoint(tmp_path / "base", config))
     flags = dict(lora_r=4, lora_alpha=8, lora_query=True, lora_value=True, lora_mlp=True, lora_head=False)
-    lora_config = litgpt.lora.Config.from_file(checkpoint_dir / "model_config.yaml", **flags)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in litgpt.lora.GPT(lora_config).state_dict().items() if "lora_" in k}
-    g = torch.Generator().manual_seed(3)
     adapter_dir = tmp_path / "adapter"
-    adapter_dir.mkdir()
-    for name in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(checkpoint_dir / name, adapter_dir / name)
-    torch.save({"model": {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}}, adapter_dir / "lit_model.pth.lora")
-    (adapter_dir / "hyperparameters.yaml").write_text(yaml.safe_dump({**flags, "checkpoint_dir": str(checkpoint_dir)}))
+    write_adapter(checkpoint_dir, adapter_dir, flags, torch.float32, seed=3)
 
     records, released = [], []
     real_release, real_save = merge_module.MappedCheckpoint.release, merge_module.save_streamed
