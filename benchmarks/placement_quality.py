@@ -274,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_items", type=int, default=None, help="held-out items for accuracy and val loss (default 40; smoke 8)")
     p.add_argument("--train_size", type=int, default=None, help="training items (default 800; smoke 64)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="generation budget per answer (default 16)")
+    p.add_argument("--val_interval", type=int, default=None, help="also validate every N optimizer steps: the run's validation curve, for benchmarks.race_replay (default 0: only at the end)")
     p.add_argument("--calibration_samples", type=int, default=None, help="calibration prompts (default 64; smoke 16)")
     p.add_argument("--out", type=Path, default=None, help="JSONL results file (default benchmarks/results/placement_quality/results.jsonl; smoke: smoke.jsonl)")
     p.add_argument("--work_dir", type=Path, default=None, help="run directories (default benchmarks/results/placement_quality/runs/<full|smoke>)")
@@ -363,6 +364,7 @@ def job_spec(grid: Grid, task: str, method: str, seed: int | None, run_dir: Path
             plugin=m["plugin"], rank=m["rank"], alpha=m["alpha"], seed=seed, shuffle_seed=settings.data_seed + 1000 * (seed + 1),
             steps=settings.steps, micro_batch=settings.micro_batch, lr=settings.lr, lr_warmup_steps=settings.lr_warmup_steps,
             max_seq_length=settings.max_seq_length, lora_dropout=settings.lora_dropout, keep_checkpoints=args.keep_checkpoints,
+            val_interval=settings.val_interval,
         )  # fmt: skip
         if method in WEIGHTLORA:
             spec.update(k=m["k"], warmup_steps=m["warmup_steps"])

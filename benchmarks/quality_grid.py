@@ -85,10 +85,18 @@ class Settings:
     data_seed: int = 42
     lora_dropout: float = 0.05
     smoke: bool = False
+    val_interval: int = 0
+    """Validate every this many optimizer steps too, not only at the end (0): the run's validation curve, what a race
+    would have compared at its rounds (``benchmarks.race_replay``). The validations leave the run's training as it
+    is (``benchmarks.quality_worker.rng_neutral``)."""
 
     def config_id(self) -> str:
-        """A short hash of every field: rows recorded with other settings are never taken for this grid's."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """A short hash of every field: rows recorded with other settings are never taken for this grid's. A field
+        added later is left out at its default, so that the rows recorded before it keep their hash."""
+        fields = dataclasses.asdict(self)
+        if not fields["val_interval"]:
+            del fields["val_interval"]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
     def alpha(self, rank: int) -> int:

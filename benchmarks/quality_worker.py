@@ -141,6 +141,10 @@ def read_metrics(out_dir: Path) -> dict[str, Any]:
         return [float(row[name]) for row in rows if row.get(name) not in (None, "")]
 
     iter_times, losses, val_losses, trainable = column("iter_time"), column("loss"), column("val_loss"), column("trainable_params")
+    # LitGPT logs a validation at the iteration it ran after (one optimizer step per iteration in the grid)
+    # (the validation after the loop is logged at step 0)
+    val_curve = [[int(row["step"]), float(row["val_loss"])] for row in rows
+                 if row.get("val_loss") not in (None, "") and int(row["step"]) > 0]  # fmt: skip
     return {
         "metrics_csv": str(files[-1].relative_to(REPO_ROOT)) if files[-1].is_relative_to(REPO_ROOT) else str(files[-1]),
         "median_step_s": statistics.median(iter_times) if iter_times else None,
@@ -148,6 +152,7 @@ def read_metrics(out_dir: Path) -> dict[str, Any]:
         "logged_steps": len(iter_times),
         "final_train_loss": losses[-1] if losses else None,
         "val_loss": val_losses[-1] if val_losses else None,
+        "val_curve": val_curve,
         "trainable_params_logged": int(trainable[0]) if trainable else None,
     }
 
@@ -227,14 +232,55 @@ def finalized_loggers() -> Iterator[None]:
         finetune.choose_logger = choose_logger
 
 
+@contextlib.contextmanager
+def observing_validations(litgpt_lora: Any) -> Iterator[None]:
+    """Make the validations of LitGPT's loop after its first one leave the training as it would have been.
+
+    With ``eval.interval`` LitGPT's loop validates and then samples an example. Iterating the validation loader
+    draws a seed from torch's global generator, the stream that dropout and the training batches' order also draw
+    from: those validations run on a copy of the stream (``torch.random.fork_rng``), as the race's round validations
+    do (``litgpt_plop.race.runner.validation_loss``). The example is only printed, and even with the stream restored
+    it left the later steps' losses slightly different (a 6-step run validated every 2 steps: step 3's loss 2.75303
+    against 2.75274 validated once), so it is not sampled. The loop's first validation, two batches before the first
+    step, is every run's and draws as it always does. With this, a run validated every few steps trains exactly as
+    the same run validated once at the end, and as a race's candidate does.
+    """
+    import torch
+
+    from litgpt_plop.race.runner import cuda_devices
+
+    validate, generate_example = litgpt_lora.validate, litgpt_lora.generate_example
+    calls = 0
+
+    def validate_after_the_first(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return validate(*args, **kwargs)
+        with torch.random.fork_rng(devices=cuda_devices()):
+            return validate(*args, **kwargs)
+
+    litgpt_lora.validate, litgpt_lora.generate_example = validate_after_the_first, lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        litgpt_lora.validate, litgpt_lora.generate_example = validate, generate_example
+
+
 def train(spec: dict[str, Any], checkpoint_dir: Path, run_dir: Path, data: Any) -> None:
     """``litgpt-plop finetune`` as the grid runs it: fp32, one optimizer step per micro batch, ``spec["steps"]``
-    steps, a CSV log row every step, one validation at the end, no intermediate checkpoints."""
+    steps, a CSV log row every step, a validation at the end (and every ``spec["val_interval"]`` steps, when given,
+    without changing the training), no intermediate checkpoints."""
+    import litgpt.finetune.lora as litgpt_lora
     from litgpt.args import EvalArgs, TrainArgs
 
     from litgpt_plop.commands import finetune
 
-    with finalized_loggers():
+    # a race validates its candidates at its rounds itself; LitGPT's validations after it would move its winner's
+    # random stream: a race runs as it always does
+    val_interval = spec.get("val_interval") if spec["plugin"] != "race" else None
+    observing = observing_validations(litgpt_lora) if val_interval else contextlib.nullcontext()
+    with finalized_loggers(), observing:
         finetune.setup(
             checkpoint_dir=checkpoint_dir,
             out_dir=run_dir,
@@ -255,7 +301,7 @@ def train(spec: dict[str, Any], checkpoint_dir: Path, run_dir: Path, data: Any) 
                 max_seq_length=spec["max_seq_length"],
             ),
             eval=EvalArgs(
-                interval=10**9,
+                interval=val_interval or 10**9,
                 max_new_tokens=spec["max_new_tokens"],
                 max_iters=10**6,
                 initial_validation=False,

@@ -236,3 +236,102 @@ def test_race_results_compare_a_race_with_its_candidates_own_runs(tmp_path):
     assert facts["wall_ratio"] == pytest.approx(1.3) and facts["same_answers"] is True
     text = section(rows, rescored(tmp_path / "none.jsonl"), "cmd")
     assert "| 0 | 2: mlp, all; 4: mlp | mlp | all | qv | +0.33 | 6 (12%) | 1.30x | yes |" in text
+
+
+def test_settings_added_later_keep_the_hash_of_the_rows_recorded_before_them():
+    # the 50-step grid's rows in benchmarks/results/placement_quality/results.jsonl carry this hash
+    assert Settings(steps=50, train_size=400).config_id() == "ffa37bac30"
+    assert Settings(steps=50, train_size=400, val_interval=5).config_id() != "ffa37bac30"
+
+
+def test_the_grids_extra_validations_leave_the_random_stream_alone():
+    """With --val_interval, LitGPT's loop validates every few steps; iterating the validation loader draws from
+    torch's global generator, which dropout and the batch order also draw from. After the loop's first check (which
+    every run makes), the grid's validations must not draw, or the run would train differently."""
+    import lightning as L
+    import litgpt.finetune.lora as litgpt_lora
+    import torch
+    from litgpt.args import EvalArgs
+    from torch.utils.data import DataLoader
+
+    from benchmarks.quality_worker import observing_validations
+
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    model = litgpt.GPT(tiny_config())
+    items = [{"input_ids": torch.randint(0, 64, (8,)), "labels": torch.randint(0, 64, (8,))} for _ in range(4)]
+    loader = DataLoader(items, batch_size=2)
+
+    def draws() -> bool:
+        before = torch.get_rng_state()
+        loss = litgpt_lora.validate(fabric, model, loader, EvalArgs(max_iters=2), verbose=False)
+        assert torch.isfinite(loss)
+        return not torch.equal(before, torch.get_rng_state())
+
+    validate, generate_example = litgpt_lora.validate, litgpt_lora.generate_example
+    assert draws()  # LitGPT's own validation moves the stream
+    with observing_validations(litgpt_lora):
+        assert draws()  # the loop's first check, as in every run
+        assert not draws() and not draws()
+    assert (litgpt_lora.validate, litgpt_lora.generate_example) == (validate, generate_example)
+    assert draws()
+
+
+def test_a_runs_validation_curve_is_read_from_its_csv_log(tmp_path):
+    from lightning.fabric.loggers import CSVLogger
+
+    from benchmarks.quality_worker import read_metrics
+
+    logger = CSVLogger(root_dir=tmp_path / "logs", name="csv")
+    for step in range(1, 11):
+        logger.log_metrics({"loss": 3.0 - step / 10, "iter_time": 0.5}, step=step)
+        if step % 5 == 0:
+            logger.log_metrics({"val_loss": 2.0 - step / 100, "val_ppl": 7.0}, step=step)
+    logger.log_metrics({"val_loss": 1.8, "val_ppl": 6.0}, step=0)  # the validation after the loop, as finetune logs it
+    logger.finalize("success")
+    metrics = read_metrics(tmp_path)
+    assert metrics["val_curve"] == [[5, 1.95], [10, 1.9]]
+    assert metrics["val_loss"] == 1.8 and metrics["logged_steps"] == 10
+
+
+def test_a_replayed_race_halves_on_the_recorded_losses():
+    from benchmarks.race_replay import replay
+
+    curves = {  # four candidates: two kept at step 10, one at step 20
+        "a": {10: 1.0, 20: 0.9},
+        "b": {10: 1.1, 20: 0.8},
+        "c": {10: 1.2, 20: 0.5},  # best at 20, but dropped at 10
+        "d": {10: 1.0, 20: 0.7},  # ties a at 10: a stays ahead, being listed first
+    }
+    race = replay(curves, first=10, eta=2)
+    assert [r["kept"] for r in race["rounds"]] == [["a", "d"], ["d"]]
+    assert race["winner"] == "d" and race["overhead_steps"] == 2 * 10 + 1 * 20
+    one_round = replay(curves, first=20, eta=4)
+    assert one_round == {"winner": "c", "rounds": [{"step": 20, "kept": ["c"]}], "overhead_steps": 60}
+    assert replay(curves, first=5, eta=2) is None  # step 5 was not recorded
+
+
+def test_the_replay_section_ranks_candidates_by_early_and_final_loss(tmp_path):
+    from benchmarks.race_replay import candidates_of, section
+
+    sites = {"plop": [[0, "query"]], "kappa": [[0, "query"]], "cka": [[1, "query"]]}
+    early = {"plop": 1.0, "attention": 1.1, "mlp": 1.2, "all": 1.3, "qv": 1.4, "cka": 1.5, "kappa": 1.0}
+    final = {"plop": 0.6, "attention": 0.5, "mlp": 0.7, "all": 0.8, "qv": 0.9, "cka": 1.0, "kappa": 0.6}
+    rows = {}
+    for seed in (0, 1):
+        for method in early:
+            rows[("c", "t", method, seed)] = {
+                "config_id": "c", "task": "t", "method": method, "seed": seed, "status": "ok",
+                "settings": {"steps": 100, "lr_warmup_steps": 10}, "sites": sites.get(method, [[0, method]]),
+                "val_curve": [[10, 2.0 - final[method]], [20, early[method]], [100, final[method]]], "val_loss": final[method],
+                "accuracy": 1 - final[method], "eval_items": 4, "item_scores": None, "started": f"{method}{seed}",
+            }  # fmt: skip
+    runs = {method: rows[("c", "t", method, 0)] for method in early}
+    assert candidates_of(runs) == ["plop", "attention", "mlp", "all", "qv", "cka"]  # kappa placed PLoP's sites
+    text = section(rows, {}, "cmd")
+    assert "| 10 | -1.00 ± 0.00 | 0/2 |" in text  # the reverse order
+    # at step 20 only plop and attention swap places against the final order: tau = (14 - 1) / 15
+    assert f"| 20 | +{13 / 15:.2f} ± 0.00 | 0/2 |" in text
+    assert "| 100 | +1.00 ± 0.00 | 2/2 |" in text
+    # halving from step 20 keeps plop, attention, mlp, then plop, attention at 40 (not recorded): no race there;
+    # one round at step 20 keeps plop, which ended second
+    assert "| 6 | 20 | 100 (100%) | plop, plop | 0/2 | 0/2 | 40.0 ± 0.0 |" in text
