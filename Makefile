@@ -8,6 +8,11 @@ LOCK := requirements-cpu.lock
 LOCKED = $(shell sed -n 's/^$(1)==//p' $(LOCK))
 # Without a CUDA device, install PyTorch's CPU build before anything else pulls a multi-GB CUDA build.
 TORCH_CPU ?= torch==$(call LOCKED,torch)
+# Locked distributions that only the PEFT export's tests import. They go into $(TEST_ONLY_DIR), off the interpreter's
+# path, because torchmetrics imports transformers whenever it is installed: 2-3 s more in every Python process that
+# imports Lightning or LitGPT, of which the suite starts dozens. tests/conftest.py puts the folder on pytest's path.
+TEST_ONLY := transformers|peft|accelerate
+TEST_ONLY_DIR := $(VENV)/test-only
 
 .PHONY: setup demo test clean lock upgrade
 
@@ -20,7 +25,12 @@ $(VENV)/.installed: pyproject.toml setup.py $(LOCK)
 	$(PY) -m pip install -q "pip==$(call LOCKED,pip)"
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch==$(call LOCKED,torch)"; \
 	else $(PY) -m pip install -q "$(TORCH_CPU)"; fi
-	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	grep -viE '^($(TEST_ONLY))==' $(LOCK) > $(VENV)/lock-main.txt
+	grep -iE '^($(TEST_ONLY))==' $(LOCK) > $(VENV)/lock-test-only.txt
+	$(PY) -m pip install -q --no-deps -r $(VENV)/lock-main.txt
+	$(PY) -m pip uninstall -q -y $(subst |, ,$(TEST_ONLY))  # after `make upgrade`, which installs them in .venv
+	rm -rf $(TEST_ONLY_DIR)
+	$(PY) -m pip install -q --no-deps --target $(TEST_ONLY_DIR) -r $(VENV)/lock-test-only.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -41,12 +51,14 @@ clean:
 upgrade: $(VENV)/.installed
 	$(PY) -m pip install -q --upgrade --upgrade-strategy eager pip setuptools -e ".[test,demo]"
 
-# .venv as it is, every distribution but this package, local version labels (torch's +cpu) dropped: the same
-# lock serves a CPU build and a CUDA build of one torch release. Staged, then renamed.
+# .venv as it is (its test-only folder included), every distribution but this package, local version labels (torch's
+# +cpu) dropped: the same lock serves a CPU build and a CUDA build of one torch release. Staged, then renamed.
+FREEZE := $(PY) -m pip freeze --all
 lock:
 	{ echo "# The versions the suite passed with on CPU, Python $$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')."; \
 	  echo "# Written by \`make lock\` from .venv; \`make setup\` installs exactly these (pip install --no-deps -r)."; \
-	  $(PY) -m pip freeze --all --exclude-editable | grep -viE '^(litgpt[-_]plop)(==| @)' | sed -E 's/^([^=]+==[^+]+)\+.*/\1/'; \
+	  { $(FREEZE) --exclude-editable; if [ -d $(TEST_ONLY_DIR) ]; then $(FREEZE) --path $(TEST_ONLY_DIR); fi; } \
+	    | grep -viE '^(litgpt[-_]plop)(==| @)' | sed -E 's/^([^=]+==[^+]+)\+.*/\1/' | LC_ALL=C sort -s -f -t= -k1,1 -u; \
 	} > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 

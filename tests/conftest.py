@@ -1,12 +1,21 @@
 import importlib.metadata
 import os
 import signal
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# transformers and peft, which only the PEFT export's tests import, are installed beside the environment (Makefile:
+# TEST_ONLY_DIR) so that the commands the suite starts in subprocesses do not pay for importing transformers (Lightning
+# imports torchmetrics, which imports it whenever it is installed). This process alone puts them on its path, before
+# anything imports Lightning.
+TEST_ONLY_DIR = Path(sys.prefix) / "test-only"
+if TEST_ONLY_DIR.is_dir():
+    sys.path.append(str(TEST_ONLY_DIR))
 
-from helpers import LAUNCH_VARIABLES, SMOLLM2_VOCAB, tiny_config, write_checkpoint
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import LAUNCH_VARIABLES, SMOLLM2_VOCAB, tiny_config, write_checkpoint  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

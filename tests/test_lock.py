@@ -7,7 +7,9 @@ own metadata, and with the commands ``make`` would run.
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import importlib.util
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -96,9 +98,25 @@ def test_make_setup_installs_the_lock_without_resolving(tmp_path):
     commands = result.stdout
     assert f'pip install -q "pip=={lock["pip"]}"' in commands
     assert f'"torch=={lock["torch"]}"' in commands  # CPU build first (or CUDA with its libraries), the lock's release
-    assert f"pip install -q --no-deps -r {LOCK_FILE.name}" in commands
+    # the lock in two parts: the test-only distributions into a folder off the interpreter's path, the rest into it
+    assert f"grep -viE '^(transformers|peft|accelerate)==' {LOCK_FILE.name} > {venv}/lock-main.txt" in commands
+    assert f"grep -iE '^(transformers|peft|accelerate)==' {LOCK_FILE.name} > {venv}/lock-test-only.txt" in commands
+    assert f"pip install -q --no-deps -r {venv}/lock-main.txt" in commands
+    assert f"pip install -q --no-deps --target {venv}/test-only -r {venv}/lock-test-only.txt" in commands
     assert "--no-deps --no-build-isolation -e ." in commands  # the package itself, built by the locked setuptools
     assert "pip install -q -e" not in commands and "--upgrade" not in commands
+
+
+def test_the_commands_the_suite_starts_do_not_see_the_test_only_distributions():
+    """transformers is installed for the PEFT export's tests only, beside the environment (Makefile: TEST_ONLY_DIR):
+    this process reaches it, a command started as a user starts one does not, and so does not import it with
+    Lightning."""
+    assert importlib.util.find_spec("transformers") is not None
+    probe = ("import sys, importlib.util, lightning;"
+             " print(importlib.util.find_spec('transformers'), 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["None", "False"]
 
 
 @pytest.mark.parametrize("line, expected", [("torch==2.13.0", "2.13.0"), ("idna==3.21  # why", "3.21")])
