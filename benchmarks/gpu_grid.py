@@ -11,7 +11,9 @@ benchmarks.gpu_weights calls`` prints every call, this one last)::
    the real SmolLM2-135M-Instruct checkpoint from it (``python -m litgpt_plop.prepare --gguf``);
 3. runs ``benchmarks.placement_quality``'s grid (the same plans, parameter matching, worker and rows) on it:
    every placement of ``METHODS`` on every task of ``TASKS`` for every seed, 400 optimizer steps, 500 held-out
-   items per task, the same items for every placement; seed-major, so a grid cut short still holds whole seeds;
+   items per task, the same items for every placement, each run also validated every 20 steps without changing
+   its training (its validation curve: ``benchmarks.race_replay`` replays the race at every round length from
+   them); seed-major, so a grid cut short still holds whole seeds;
 4. several runs at once, each in its own process on the one GPU: as many as the CPU cores allow (one core
    drives a run) and the device's memory holds, at first at a guessed size per run, then at the largest
    reserved memory measured so far; no run is started that the remaining budget cannot finish at the median
@@ -59,10 +61,11 @@ CONTEXT_MIB = 600
 DEVICE_SHARE = 0.85
 FIRST_RUN_GUESS_S = 90.0
 
+# val_interval: every run's validation curve, from which benchmarks.race_replay replays the race at every round length
 GPU = {"tasks": list(TASKS), "methods": list(METHODS), "seeds": [0, 1, 2, 3, 4], "steps": 400, "eval_items": 500,
-       "train_size": 2000, "calibration_samples": 64, "eval_batch": 100}  # fmt: skip
+       "train_size": 2000, "calibration_samples": 64, "eval_batch": 100, "val_interval": 20}  # fmt: skip
 DRY = {"tasks": ["basic_arithmetic", "chatterbot_qa"], "methods": ["qv", "plop"], "seeds": [0], "steps": 2, "eval_items": 8,
-       "train_size": 24, "calibration_samples": 8, "eval_batch": 8, "parallel": 2}  # fmt: skip
+       "train_size": 24, "calibration_samples": 8, "eval_batch": 8, "parallel": 2, "val_interval": 1}  # fmt: skip
 # The tiny model of the dry run: SmolLM2's layout (and tokenizer), two small blocks.
 DRY_CONFIG = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_query_groups": 2, "head_size": 16, "intermediate_size": 128}
 
@@ -99,7 +102,7 @@ class Pool:
 def grid_argv(options: dict[str, Any], checkpoint_dir: Path, out: Path, work_dir: Path, timeout: float) -> list[str]:
     """``benchmarks.placement_quality``'s command line for this grid."""
     argv = ["--tasks", *options["tasks"], "--methods", *options["methods"], "--seeds", *map(str, options["seeds"])]
-    for name in ("steps", "eval_items", "train_size", "calibration_samples"):
+    for name in ("steps", "eval_items", "train_size", "calibration_samples", "val_interval"):
         argv += [f"--{name}", str(options[name])]
     argv += ["--checkpoint_dir", str(checkpoint_dir), "--out", str(out), "--work_dir", str(work_dir)]
     return argv + ["--threads", "1", "--timeout", str(int(timeout))]

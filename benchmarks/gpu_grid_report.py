@@ -18,7 +18,7 @@ from benchmarks.stats import kendall_tau, sign_test
 FIXED = ("attention", "mlp", "all", "qv")  # the usual choices: the best of them is the bar
 INVERSE = "plop-inverse"  # PLoP's opposite choice: what a score that means something must beat
 RUN_FIELDS = ("task", "method", "seed", "eval_items", "accuracy", "nll", "item_scores", "trainable_params", "wall_s",
-              "val_loss", "rank", "median_step_s", "cuda_peak_mib", "finetune_s")  # fmt: skip
+              "val_loss", "val_curve", "rank", "median_step_s", "cuda_peak_mib", "finetune_s")  # fmt: skip
 
 
 def latest_ok(rows: list[dict[str, Any]], config_id: str | None) -> dict[tuple, dict[str, Any]]:

@@ -140,5 +140,6 @@ def test_dry_run_goes_through_every_step_on_cpu(tmp_path, smollm2_checkpoint):
     for run in runs.values():
         assert run["accuracy"] is None and len(run["item_scores"]) == run["eval_items"] == 8
         assert run["nll"] == pytest.approx(sum(run["item_scores"]) / 8) and run["trainable_params"] > 0
+        assert [step for step, _ in run["val_curve"]] == [1, 2]  # validated every step: what race_replay reads
     assert "### chatterbot_qa (answer NLL" in (out / "gpu_grid.md").read_text()
     assert not (tmp_path / "work").exists()
