@@ -20,6 +20,10 @@ which are clean file pages the kernel reclaims under pressure:
   ``benchmarks.command_worker``), the process's own peak (``VmHWM``: also loading, calibration
   and the final merge) and peak owned memory, step time.
 
+Every measurement starts with the checkpoint out of the page cache (``evict_page_cache``), as a first run after a
+download does: otherwise a command would find in memory the pages the one before it read, and which side of a
+comparison ran second would decide part of it.
+
 Resumable: each (model, measurement) is one line of ``results/scaling/results.jsonl`` and is skipped when there
 (``--rerun`` repeats it). ``scaling.md`` beside it is written from all lines at the end.
 
@@ -37,6 +41,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -270,6 +275,33 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cached_mib(files: list[Path]) -> float | None:
+    """How much of ``files`` is in the page cache (util-linux ``fincore``), or None where it cannot be read."""
+    if not files or shutil.which("fincore") is None:
+        return None
+    result = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *map(str, files)],
+                            capture_output=True, text=True)  # fmt: skip
+    if result.returncode != 0:
+        return None
+    return sum(int(line) for line in result.stdout.split()) / 2**20
+
+
+def evict_page_cache(checkpoint: Path) -> dict[str, float | None]:
+    """Drop the checkpoint's files from the page cache (``POSIX_FADV_DONTNEED`` releases clean pages that no
+    process maps; a file just written is written back first); how much of them was cached before and is after,
+    in MiB."""
+    files = [f for f in Path(checkpoint).iterdir() if f.is_file()]
+    before = cached_mib(files)
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return {"cached_before_mib": before, "cached_after_mib": cached_mib(files)}
+
+
 def measure(model: str, measurement: str, checkpoint: Path, args: argparse.Namespace) -> dict[str, Any]:
     kind, _, variant = measurement.partition("-")
     if kind == "plan":
@@ -354,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
         for measurement in todo:
             load = os.getloadavg()
             print(f"{model} {measurement} ({setting}; load {load[0]:.1f}) ...", flush=True)
-            result = measure(model, measurement, checkpoint, args)
+            page_cache = evict_page_cache(checkpoint)
+            result = {**measure(model, measurement, checkpoint, args), "page_cache": page_cache}
             print(f"  {json.dumps({k: v for k, v in result.items() if k != 'command'})}", flush=True)
             append_jsonl(results, {"model": model, "measurement": measurement, "env": setting, "result": result,
                                    "figures": figures, "load_before": list(load), "load_after": list(os.getloadavg()),

@@ -335,3 +335,24 @@ def test_the_replay_section_ranks_candidates_by_early_and_final_loss(tmp_path):
     # halving from step 20 keeps plop, attention, mlp, then plop, attention at 40 (not recorded): no race there;
     # one round at step 20 keeps plop, which ended second
     assert "| 6 | 20 | 100 (100%) | plop, plop | 0/2 | 0/2 | 40.0 ± 0.0 |" in text
+
+
+def test_scaling_starts_each_measurement_with_the_checkpoint_out_of_the_page_cache():
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.scaling import evict_page_cache
+
+    if shutil.which("fincore") is None:
+        pytest.skip("needs util-linux's fincore to see the page cache")
+    out = Path(__file__).resolve().parent.parent / "out"  # on the checkpoints' filesystem (tmpfs keeps its pages)
+    out.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as directory:
+        weights = Path(directory) / "lit_model.pth"
+        weights.write_bytes(os.urandom(8 << 20))
+        weights.read_bytes()
+        cached = evict_page_cache(Path(directory))
+        assert cached["cached_before_mib"] == pytest.approx(8, abs=0.1)
+        assert cached["cached_after_mib"] == 0
