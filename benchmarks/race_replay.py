@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import benchmark_parser
-from benchmarks.quality_grid import RESULTS_DIR
-from benchmarks.race_results import RESULTS_MD, latest_rows, rescored, scored
-from benchmarks.results_md import notes_between, write_section
+from benchmarks.race_results import rewrite_section, scored
 from benchmarks.stats import kendall_tau
 from litgpt_plop.race.args import DEFAULT_CANDIDATES, OPTIONAL_CANDIDATES
 from litgpt_plop.race.schedule import survivors
@@ -173,15 +169,7 @@ def section(rows: dict[tuple, dict[str, Any]], rescores: dict[tuple, dict[str, A
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = benchmark_parser("benchmarks.race_replay", __doc__)
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "results.jsonl")
-    parser.add_argument("--rescore", type=Path, default=RESULTS_DIR / "rescore.jsonl")
-    parser.add_argument("--md", type=Path, default=RESULTS_MD)
-    args = parser.parse_args(argv)
-    notes = notes_between(args.md.read_text(), NOTES_BEGIN, NOTES_END) if args.md.is_file() else None
-    block = section(latest_rows(args.results), rescored(args.rescore), "python -m benchmarks.race_replay", notes)
-    write_section(args.md, BEGIN, END, block, before=BEFORE)
-    print(block)
+    rewrite_section("benchmarks.race_replay", __doc__, argv, section, (BEGIN, END, NOTES_BEGIN, NOTES_END), before=BEFORE)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchmarks.common import benchmark_parser, read_jsonl
 from benchmarks.quality_grid import RESULTS_DIR
@@ -146,16 +146,24 @@ def section(rows: dict[tuple, dict[str, Any]], rescores: dict[tuple, dict[str, A
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = benchmark_parser("benchmarks.race_results", __doc__)
+def rewrite_section(module: str, doc: str, argv: list[str] | None, section_of: Callable[..., str],
+                    markers: tuple[str, str, str, str], before: str | None = None) -> None:  # fmt: skip
+    """A script that writes its section of RESULTS.md from the grid's rows: ``section_of(rows, rescores, command,
+    notes)`` between the ``markers`` (begin, end, notes begin, notes end), keeping the notes a person wrote there."""
+    begin, end, notes_begin, notes_end = markers
+    parser = benchmark_parser(module, doc)
     parser.add_argument("--results", type=Path, default=RESULTS_DIR / "results.jsonl")
     parser.add_argument("--rescore", type=Path, default=RESULTS_DIR / "rescore.jsonl")
     parser.add_argument("--md", type=Path, default=RESULTS_MD)
     args = parser.parse_args(argv)
-    notes = notes_between(args.md.read_text(), NOTES_BEGIN, NOTES_END) if args.md.is_file() else None
-    block = section(latest_rows(args.results), rescored(args.rescore), "python -m benchmarks.race_results", notes)
-    write_section(args.md, BEGIN, END, block)
+    notes = notes_between(args.md.read_text(), notes_begin, notes_end) if args.md.is_file() else None
+    block = section_of(latest_rows(args.results), rescored(args.rescore), f"python -m {module}", notes)
+    write_section(args.md, begin, end, block, before=before)
     print(block)
+
+
+def main(argv: list[str] | None = None) -> None:
+    rewrite_section("benchmarks.race_results", __doc__, argv, section, (BEGIN, END, NOTES_BEGIN, NOTES_END))
 
 
 if __name__ == "__main__":
