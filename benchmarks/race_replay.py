@@ -56,12 +56,18 @@ def replay(curves: dict[str, dict[int, float]], first: int, eta: int) -> dict[st
     return {"winner": alive[0], "rounds": rounds, "overhead_steps": overhead}
 
 
+def placement_of(row: dict[str, Any]) -> tuple:
+    """What a run adapted, as its row records it: the kinds and how many layers (the grid's rows keep no site
+    list; every method of the grid adapts its kinds on the same layers, all or CKA's)."""
+    return tuple(row["kinds"]), row["n_layers"]
+
+
 def candidates_of(runs: dict[str, dict[str, Any]]) -> list[str]:
-    """The race's default candidates among ``runs`` (method -> row), ``kappa`` and ``cka`` only where their sites
-    differ from PLoP's."""
+    """The race's default candidates among ``runs`` (method -> row), ``kappa`` and ``cka`` only where their
+    placement differs from PLoP's."""
     names = [n for n in DEFAULT_CANDIDATES if n in runs]
-    plop_sites = sorted(map(tuple, runs["plop"]["sites"])) if "plop" in runs else None
-    names += [n for n in OPTIONAL_CANDIDATES if n in runs and sorted(map(tuple, runs[n]["sites"])) != plop_sites]
+    plop = placement_of(runs["plop"]) if "plop" in runs else None
+    names += [n for n in OPTIONAL_CANDIDATES if n in runs and placement_of(runs[n]) != plop]
     return names
 
 
@@ -107,7 +113,10 @@ def pct(values: list[float]) -> str:
 def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]], etas: tuple[int, ...]) -> list[str]:
     facts = list(seeds.values())
     names = facts[0]["names"]
-    settings_steps = sorted({s for f in facts for s in f["taus"]})
+    run_steps = facts[0]["steps"]
+    # every recorded step in the first quarter of the run, where a race's rounds end, then every tenth of the run
+    settings_steps = sorted(s for s in {s for f in facts for s in f["taus"]}
+                            if s <= run_steps // 4 or s % max(1, run_steps // 10) == 0 or s == run_steps)  # fmt: skip
     out = [f"### {task} (settings `{config_id}`, seeds {', '.join(map(str, seeds))}; candidates {', '.join(names)})", ""]
     out += ["| placement | accuracy (%, mean ± standard error over seeds) | final val loss (mean) |", "|---|---|---|"]
     for n in sorted(names, key=lambda n: -statistics.fmean(f["accuracy"][n] for f in facts)):
@@ -124,7 +133,6 @@ def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]], etas
             "| eta | rounds end at | steps on losers (of the run) | winners by seed | winner has the lowest final val loss |"
             " winner is the most accurate | race accuracy (%) |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    run_steps = facts[0]["steps"]
     keys = sorted({k for f in facts for k in f["races"]})
     for eta, first in keys:
         played = [(f, f["races"][(eta, first)]) for f in facts if (eta, first) in f["races"]]

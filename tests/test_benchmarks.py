@@ -313,7 +313,7 @@ def test_a_replayed_race_halves_on_the_recorded_losses():
 def test_the_replay_section_ranks_candidates_by_early_and_final_loss(tmp_path):
     from benchmarks.race_replay import candidates_of, section
 
-    sites = {"plop": [[0, "query"]], "kappa": [[0, "query"]], "cka": [[1, "query"]]}
+    kinds = {"plop": (["value", "mlp_proj"], 30), "kappa": (["value", "mlp_proj"], 30), "cka": (["query"], 15)}
     early = {"plop": 1.0, "attention": 1.1, "mlp": 1.2, "all": 1.3, "qv": 1.4, "cka": 1.5, "kappa": 1.0}
     final = {"plop": 0.6, "attention": 0.5, "mlp": 0.7, "all": 0.8, "qv": 0.9, "cka": 1.0, "kappa": 0.6}
     rows = {}
@@ -321,7 +321,8 @@ def test_the_replay_section_ranks_candidates_by_early_and_final_loss(tmp_path):
         for method in early:
             rows[("c", "t", method, seed)] = {
                 "config_id": "c", "task": "t", "method": method, "seed": seed, "status": "ok",
-                "settings": {"steps": 100, "lr_warmup_steps": 10}, "sites": sites.get(method, [[0, method]]),
+                "settings": {"steps": 100, "lr_warmup_steps": 10}, "kinds": kinds.get(method, ([method], 30))[0],
+                "n_layers": kinds.get(method, ([method], 30))[1],
                 "val_curve": [[10, 2.0 - final[method]], [20, early[method]], [100, final[method]]], "val_loss": final[method],
                 "accuracy": 1 - final[method], "eval_items": 4, "item_scores": None, "started": f"{method}{seed}",
             }  # fmt: skip
