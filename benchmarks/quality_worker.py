@@ -141,8 +141,8 @@ def read_metrics(out_dir: Path) -> dict[str, Any]:
         return [float(row[name]) for row in rows if row.get(name) not in (None, "")]
 
     iter_times, losses, val_losses, trainable = column("iter_time"), column("loss"), column("val_loss"), column("trainable_params")
-    # LitGPT logs a validation at the iteration it ran after (one optimizer step per iteration in the grid)
-    # (the validation after the loop is logged at step 0)
+    # LitGPT logs a validation at the iteration it followed (one optimizer step per iteration in the grid); the
+    # validation after the loop is logged at step 0 and is the run's final ``val_loss``
     val_curve = [[int(row["step"]), float(row["val_loss"])] for row in rows
                  if row.get("val_loss") not in (None, "") and int(row["step"]) > 0]  # fmt: skip
     return {
