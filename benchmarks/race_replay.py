@@ -114,9 +114,7 @@ def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]], etas
     facts = list(seeds.values())
     names = facts[0]["names"]
     run_steps = facts[0]["steps"]
-    # every recorded step in the first quarter of the run, where a race's rounds end, then every tenth of the run
-    settings_steps = sorted(s for s in {s for f in facts for s in f["taus"]}
-                            if s <= run_steps // 4 or s % max(1, run_steps // 10) == 0 or s == run_steps)  # fmt: skip
+    settings_steps = sorted({s for f in facts for s in f["taus"]})
     out = [f"### {task} (settings `{config_id}`, seeds {', '.join(map(str, seeds))}; candidates {', '.join(names)})", ""]
     out += ["| placement | accuracy (%, mean ± standard error over seeds) | final val loss (mean) |", "|---|---|---|"]
     for n in sorted(names, key=lambda n: -statistics.fmean(f["accuracy"][n] for f in facts)):
