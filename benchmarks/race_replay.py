@@ -95,7 +95,7 @@ def seed_facts(runs: dict[str, dict[str, Any]], rescores: dict[tuple, dict[str, 
             # rounds that end before the run, on losers no more steps than the run has
             if race is not None and race["rounds"][-1]["step"] < settings["steps"] and race["overhead_steps"] <= settings["steps"]:
                 races[(eta, first)] = race
-    return {"names": names, "final": final, "accuracy": accuracy, "best_final": best_final,
+    return {"names": names, "steps": settings["steps"], "final": final, "accuracy": accuracy, "best_final": best_final,
             "most_accurate": max(accuracy, key=accuracy.get), "taus": taus, "best_at": best_at, "races": races}  # fmt: skip
 
 
@@ -110,7 +110,7 @@ def pct(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f}{spread}"
 
 
-def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]], etas: tuple[int, ...]) -> list[str]:
+def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]]) -> list[str]:
     facts = list(seeds.values())
     names = facts[0]["names"]
     run_steps = facts[0]["steps"]
@@ -165,11 +165,9 @@ def section(rows: dict[tuple, dict[str, Any]], rescores: dict[tuple, dict[str, A
             if "plop" not in runs or len(candidates_of(runs)) < 2:
                 continue
             one_round = len(candidates_of(runs))  # eta = the number of candidates: one round that keeps one
-            f = seed_facts(runs, rescores, tuple(dict.fromkeys((*etas, one_round))))
-            f["steps"] = runs["plop"]["settings"]["steps"]
-            facts[seed] = f
+            facts[seed] = seed_facts(runs, rescores, tuple(dict.fromkeys((*etas, one_round))))
         if facts and len({tuple(f["names"]) for f in facts.values()}) == 1:
-            out += task_block(task, config_id, facts, etas)
+            out += task_block(task, config_id, facts)
     out += ["### What the replays show", "", NOTES_BEGIN, notes or "(not written yet)", NOTES_END, "", END, ""]
     return "\n".join(out)
 
