@@ -16,13 +16,15 @@ On the GPU machine (issue #18; ``shared/offline-assets.md``), from the repositor
    placement through the plugin) and ``--plugin plop``, each under ``benchmarks.command_worker`` (CUDA peak
    allocated memory over the whole run and the training loop, device memory in use, step time, parameters);
 4. runs the GPU-only tests;
-5. writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out`` after every step, so that a timeout still
+5. last, builds a Llama-3.1-8B-shaped checkpoint (16 GB) and runs ``litgpt-plop plan`` on it under the same worker:
+   the device memory of a plan that brings one block at a time onto the GPU (issue #28);
+6. writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out`` after every step, so that a timeout still
    returns every figure measured so far. Every subprocess has a timeout inside ``--budget_s``.
 
 On CPU, ``--dry-run`` checks all of that which needs no GPU: the kit (complete, bitsandbytes slimmed, under the
 carry limit, and pip accepts every wheel for the GPU machine's Python), the same environment check and command
-parsing in the same subprocess, both checkpoints' shapes on the meta device and the SmolLM2-135M one built for
-real, and that pytest collects the GPU-only tests; it writes ``gpu_check_dry_run.json``.
+parsing in the same subprocess (the plan's command line too), the checkpoints' shapes on the meta device and
+the SmolLM2-135M one built for real, and that pytest collects the GPU-only tests; it writes ``gpu_check_dry_run.json``.
 
     python -m benchmarks.gpu_check --dry-run                          # CPU: kit, commands, checkpoints
     python -m benchmarks.gpu_check --dry-run --kit none               # without a kit: the rest only
@@ -49,7 +51,7 @@ from typing import Any, Iterator
 from benchmarks.command_worker import csv_column, run_command
 from benchmarks.common import REPO_ROOT, RESULTS_ROOT, command_line, git_commit, json_worker, log_tail, machine, run_worker, write_results
 from benchmarks.gpu_kit import DEFAULT_KIT, TOKENIZER, KitError, check_kit, install_kit, load_manifest, stage_package
-from benchmarks.gpu_prepare import CPU_SHAPE, KINDS, SHAPES, Settings, finetune_argv
+from benchmarks.gpu_prepare import CPU_SHAPE, KINDS, PLAN_PROMPTS, PLAN_SHAPE, SHAPES, Settings, finetune_argv, plan_argv
 
 MODULE = "benchmarks.gpu_check"
 RATIO_SHAPE = "Llama-3.2-1B"  # the shape the issue's ratio is taken on (the larger model)
@@ -69,11 +71,12 @@ TOKENIZER_ENV = "GPU_CHECK_TOKENIZER_DIR"  # tests/test_gpu_qlora.py reads the k
 class Budget:
     """Seconds: the whole check, and the longest any one step may take (each is cut to what is left)."""
 
-    total_s: float = 400.0
+    total_s: float = 540.0
     install_s: float = 90.0
     prepare_s: float = 120.0
     run_s: dict[str, float] = dataclasses.field(default_factory=lambda: {"Llama-3.2-1B": 120.0, "SmolLM2-135M": 75.0})
     tests_s: float = 150.0
+    plan_s: float = 200.0  # building the 8B shape (16 GB written) and planning it
     # a step is not started with less than this left: it could not finish and would only push the end out
     min_start_s: float = 20.0
 
@@ -227,6 +230,17 @@ def markdown(results: dict[str, Any]) -> str:
                       f" {qlora.get('peak_ratio_plugin_vs_litgpt')}, training loop {qlora.get('loop_peak_ratio_plugin_vs_litgpt')},"
                       f" device memory in use {qlora.get('device_used_peak_ratio_plugin_vs_litgpt')}, step time"
                       f" {qlora.get('step_time_ratio_plugin_vs_litgpt')} (limit for the peaks: {PEAK_RATIO_LIMIT})."]  # fmt: skip
+    plan = results.get("plan")
+    if plan:
+        if plan.get("ok"):
+            lines += ["", f"`litgpt-plop plan --method plop --precision bf16-true` on the {plan['shape']} shape, block by block,"
+                          f" {PLAN_PROMPTS} reasoning-gym prompts: CUDA peak allocated {cell(plan.get('peak_cuda_whole_run_mib'))} MiB, device memory"
+                          f" in use {cell(plan.get('device_used_peak_whole_run_mib'))} MiB at its peak"
+                          f" ({cell(plan.get('device_used_at_start_mib'))} at start), peak RSS {cell(plan.get('vmhwm_end_mib'))} MiB,"
+                          f" {cell(plan.get('wall_s'), '{:.0f}')} s."]  # fmt: skip
+        else:
+            why = "skipped for time" if plan.get("skipped_for_time") else "failed"
+            lines += ["", f"The plan on the {plan['shape']} shape: {why}."]
     return "\n".join(lines)
 
 
@@ -268,7 +282,9 @@ def prepare_spec(tokenizer_dir: Path, checkpoints: dict[str, Path], build: list[
     """What the prepare worker (``benchmarks.gpu_prepare``) gets: the tokenizer, where each shape's checkpoint goes,
     which to build for real, and every finetune command line to parse."""
     commands = {f"{label}-{kind}": finetune_argv(kind, path, work / "runs" / f"{label}-{kind}", settings)
-                for label, path in checkpoints.items() for kind in KINDS}  # fmt: skip
+                for label, path in checkpoints.items() if label in SHAPES for kind in KINDS}  # fmt: skip
+    if PLAN_SHAPE in checkpoints:
+        commands[f"plan-{PLAN_SHAPE}"] = plan_argv(checkpoints[PLAN_SHAPE], work / "runs" / f"plan-{PLAN_SHAPE}")
     return {"tokenizer_dir": str(tokenizer_dir), "checkpoints": {k: str(v) for k, v in checkpoints.items()},
             "build": build, "commands": commands}  # fmt: skip
 
@@ -321,6 +337,52 @@ def finetune_step(check: Check, site: Path, label: str, kind: str, checkpoint_di
     check.step(f"{label}-{kind}", time.perf_counter() - t)
 
 
+def plan_step(check: Check, site: Path, tokenizer_dir: Path, work: Path, shape: str = PLAN_SHAPE) -> None:
+    """Build the ``shape`` checkpoint (``benchmarks.gpu_prepare``'s worker) and run ``litgpt-plop plan`` on it under
+    ``benchmarks.command_worker``: the device memory of the block-by-block plan (CUDA peak allocated and device
+    memory in use over the whole command), its peak RSS and time. Recorded as skipped when too little time is
+    left; the checkpoint and the plan's output are removed afterwards."""
+    timeout = check.timeout(check.budget.plan_s)
+    if timeout is None:
+        check.results["plan"] = {"shape": shape, "ok": False, "skipped_for_time": True}
+        return
+    t = time.perf_counter()
+    checkpoint_dir, out_dir = work / "checkpoints" / shape, work / "runs" / f"plan-{shape}"
+    result: dict[str, Any] = {"shape": shape}
+    try:
+        spec = {"tokenizer_dir": str(tokenizer_dir), "checkpoints": {shape: str(checkpoint_dir)}, "build": [shape], "commands": {}}
+        with child_environment(site):
+            built = json_worker("benchmarks.gpu_prepare", spec, "build the plan's checkpoint", report=check.logs / "plan_build.json",
+                                log=check.logs / "plan_build.log", timeout=timeout)  # fmt: skip
+        result["checkpoint"] = built["checkpoints"][shape]
+        left = timeout - (time.perf_counter() - t)
+        if left < check.budget.min_start_s:
+            result.update(ok=False, skipped_for_time=True)
+            return
+        argv = plan_argv(checkpoint_dir, out_dir)
+        with child_environment(site):
+            measured, process = run_command(argv, report=check.logs / "plan.json", log=check.logs / "plan.log", timeout=left)
+        measured = measured or {}
+        placement_file = out_dir / "placement.json"
+        placement = json.loads(placement_file.read_text()) if placement_file.is_file() else None
+        result.update({
+            "command": shlex.join(["python", "-m", "litgpt_plop", *argv[1:]]),
+            "ok": process.ok and measured.get("completed", False), "returncode": process.returncode,
+            "timed_out": process.timed_out, "wall_s": round(process.wall_s, 1), "process_peak_rss_mib": process.peak_rss_mib,
+            **{k: v for k, v in measured.items() if k != "argv"},
+            "placement_kinds": None if placement is None else sorted({s["kind"] for s in placement["sites"]}),
+        })  # fmt: skip
+        if not result["ok"]:
+            result["log_tail"] = log_tail(check.logs / "plan.log")
+    except RuntimeError as error:  # the build failed or timed out: recorded, the check goes on
+        result.update(ok=False, error=str(error)[:2000])
+    finally:
+        check.results["plan"] = result
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        check.step(f"plan-{shape}", time.perf_counter() - t)
+
+
 def measure_in_order(check: Check, site: Path, tokenizer_dir: Path, checkpoints: dict[str, Path], settings: Settings, work: Path) -> None:
     """The issue's figure first (LitGPT and the plugin's qv on the 1B shape), then the tests, then the rest: what a
     run cut short by its budget misses matters least."""
@@ -332,6 +394,7 @@ def measure_in_order(check: Check, site: Path, tokenizer_dir: Path, checkpoints:
             tests_step(check, site, tokenizer_dir)
         else:
             finetune_step(check, site, label, kind, checkpoints[label], settings, work)
+    plan_step(check, site, tokenizer_dir, work)  # last: issue #28's figure, not this check's own
 
 
 def done_criteria(results: dict[str, Any]) -> dict[str, Any]:
@@ -341,6 +404,7 @@ def done_criteria(results: dict[str, Any]) -> dict[str, Any]:
         "gpu_name": results.get("gpu_name"),
         "gpu_tests_pass": bool(tests.get("passed")) and not tests.get("failed") and not tests.get("errors"),
         "plugin_peak_within_limit": qlora.get("within_limit"),
+        "plan_8b_device_used_peak_mib": (results.get("plan") or {}).get("device_used_peak_whole_run_mib"),
     }
 
 
@@ -354,7 +418,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
     site = work / "site"
     try:
         install_step(check, args.kit, site)
-        checkpoints = {label: work / "checkpoints" / SHAPES[label] for label in SHAPES}
+        checkpoints = {label: work / "checkpoints" / label for label in (*SHAPES, PLAN_SHAPE)}  # the plan's: meta until its step
         tokenizer_dir = Path(args.kit) / TOKENIZER
         t = time.perf_counter()
         spec = prepare_spec(tokenizer_dir, checkpoints, list(SHAPES), work, settings)
@@ -427,7 +491,7 @@ def dry_run(args: argparse.Namespace) -> dict[str, Any]:
     problems = []
     try:
         site, tokenizer_dir = dry_kit_step(check, args, work)
-        checkpoints = {label: work / "checkpoints" / SHAPES[label] for label in SHAPES}
+        checkpoints = {label: work / "checkpoints" / label for label in (*SHAPES, PLAN_SHAPE)}
         t = time.perf_counter()
         spec = prepare_spec(tokenizer_dir, checkpoints, [CPU_SHAPE], work, settings)
         results["prepare"] = prepare_in_worker(check, site, spec, check.timeout(Budget().prepare_s) or 60)

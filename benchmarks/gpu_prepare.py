@@ -33,6 +33,11 @@ from benchmarks.gpu_kit import TOKENIZER_FILES
 SHAPES: dict[str, str] = {"Llama-3.2-1B": "Llama-3.2-1B", "SmolLM2-135M": "SmolLM2-135M"}
 CPU_SHAPE = "SmolLM2-135M"  # small enough for a dry run to build for real on CPU (326 MB in bf16)
 KINDS = ("litgpt", "plugin-qv", "plugin-plop")
+# issue #28: the device memory of a plan that brings one block at a time onto the GPU, on an 8B shape (16 GB)
+PLAN_SHAPE = "Llama-3.1-8B"
+PLAN_PROMPTS = 16  # as benchmarks.scaling plans the same shape on CPU (prompts of reasoning-gym items)
+# every label a checkpoint is built for; any other label is itself a LitGPT config name (the tests' small ones)
+CONFIGS: dict[str, str] = {**SHAPES, PLAN_SHAPE: "Llama-3.1-8B"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +83,15 @@ def finetune_argv(
         calibration = ["--calibration.num_samples", str(s.calibration_samples)] if method.startswith("plop") else []
         return ["litgpt-plop", "finetune", *common, "--plugin", method, *calibration]
     raise ValueError(f"unknown run kind {kind!r}: 'litgpt' or 'plugin-<method>'")
+
+
+def plan_argv(checkpoint_dir: Path, out_dir: Path, prompts: int = PLAN_PROMPTS) -> list[str]:
+    """``litgpt-plop plan`` as ``benchmarks.scaling`` runs it on CPU: PLoP in bf16, block by block (the default)."""
+    return [
+        "litgpt-plop", "plan", str(checkpoint_dir), "--precision", "bf16-true", "--method", "plop",
+        "--data", "litgpt_plop.data.ReasoningGym", "--data.train_size", str(prompts), "--data.val_size", "2",
+        "--calibration.num_samples", str(prompts), "--calibration.progress", "false", "--out_dir", str(out_dir),
+    ]  # fmt: skip
 
 
 # ---- the prepare worker: environment, command parsing, checkpoints ----------------------------------------
@@ -208,7 +222,7 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     report["tokenizer_ids"] = Tokenizer(tokenizer_dir).encode("What is 12 + 30?").tolist()
     device = "cuda" if cuda else "cpu"
     report["checkpoints"] = {
-        label: build_random_checkpoint(SHAPES[label], Path(path), tokenizer_dir, device, real=label in spec["build"])
+        label: build_random_checkpoint(CONFIGS.get(label, label), Path(path), tokenizer_dir, device, real=label in spec["build"])
         for label, path in spec["checkpoints"].items()
     }
     report["commands"] = {name: parse_command(argv) for name, argv in spec["commands"].items()}

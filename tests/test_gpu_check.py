@@ -38,7 +38,7 @@ from benchmarks.gpu_kit import (
     check_record,
     slim_wheel,
 )
-from benchmarks.gpu_prepare import CPU_SHAPE, KINDS, SHAPES, Settings, finetune_argv, parse_command
+from benchmarks.gpu_prepare import CPU_SHAPE, KINDS, PLAN_SHAPE, SHAPES, Settings, finetune_argv, parse_command
 from benchmarks.lock import normalize, read_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -109,8 +109,9 @@ CLOSURE_SCRIPT = r"""
 import importlib.metadata as metadata, json, sys
 from pathlib import Path
 import benchmarks.gpu_check
-from benchmarks.gpu_prepare import KINDS, SHAPES, Settings, finetune_argv, parse_command
+from benchmarks.gpu_prepare import KINDS, SHAPES, Settings, finetune_argv, parse_command, plan_argv
 import benchmarks.command_worker, litgpt.__main__, litgpt_plop.commands.cli, litgpt_plop.commands.finetune, litgpt_plop.callbacks
+import litgpt_plop.commands.plan
 import litgpt.scripts.merge_lora, bitsandbytes, reasoning_gym, matplotlib.pyplot
 import gguf, benchmarks.gpu_grid, benchmarks.gpu_grid_report, benchmarks.quality_worker, benchmarks.qa_task, litgpt_plop.prepare
 benchmarks.qa_task.corpus_pairs()
@@ -118,6 +119,7 @@ from lightning.fabric.plugins import BitsandbytesPrecision
 for label in SHAPES:
     for kind in (*KINDS, "plugin-none"):
         parse_command(finetune_argv(kind, Path("/tmp/ckpt"), Path("/tmp/out"), Settings()))
+parse_command(plan_argv(Path("/tmp/ckpt"), Path("/tmp/out")))
 owners = metadata.packages_distributions()
 top = {name.split(".")[0] for name in sys.modules} - set(sys.stdlib_module_names) - {"__main__"}
 print(json.dumps(sorted({dist for name in top for dist in owners.get(name, [])})))
@@ -291,11 +293,13 @@ def test_dry_run(tmp_path, smollm2_checkpoint):
     report = json.loads((out / "gpu_check_dry_run.json").read_text())
     assert result.returncode == 0 and report["status"] == "ok", (report["status"], result.stderr[-3000:])
     prepare = report["prepare"]
-    assert set(prepare["commands"]) == {f"{label}-{kind}" for label in SHAPES for kind in KINDS}
+    assert set(prepare["commands"]) == {f"{label}-{kind}" for label in SHAPES for kind in KINDS} | {f"plan-{PLAN_SHAPE}"}
+    assert prepare["commands"][f"plan-{PLAN_SHAPE}"]["subcommand"] == "plan"
     assert prepare["litgpt_plop_path"].startswith(str(tmp_path / "work"))  # the staged copy, as on the GPU machine
     checkpoints = prepare["checkpoints"]
     assert checkpoints[CPU_SHAPE]["built"] and checkpoints[CPU_SHAPE]["file_bytes"] >= checkpoints[CPU_SHAPE]["bf16_bytes"]
     assert 1.4e9 < checkpoints["Llama-3.2-1B"]["params"] < 1.6e9 and not checkpoints["Llama-3.2-1B"]["built"]
+    assert 8.0e9 < checkpoints[PLAN_SHAPE]["params"] < 8.1e9 and not checkpoints[PLAN_SHAPE]["built"]
     collected = "\n".join(report["gpu_tests_collected"])
     for test in GPU_TESTS:
         assert Path(test.split("::")[0]).name in collected
@@ -363,3 +367,24 @@ def test_plugin_under_bitsandbytes_precision_updates_only_lora():
     optimizer = build_optimizer(fabric, model, "AdamW")
     assert type(optimizer).__name__ == "PagedAdamW"  # LitGPT's optimizer under bitsandbytes precision
     assert non_lora_updated(model, optimizer) == []
+
+
+def test_plan_step_builds_plans_and_removes_a_shaped_checkpoint_on_cpu(tmp_path, smollm2_checkpoint):
+    """The GPU check's last step (issue #28's device memory of the 8B plan) end to end on a small LitGPT config:
+    the checkpoint built by the prepare worker, ``litgpt-plop plan`` run under the command worker in the kit's
+    environment, its figures recorded and the 16 GB-to-be checkpoint removed afterwards."""
+    from benchmarks.gpu_check import Budget, Check, markdown, plan_step
+    from benchmarks.gpu_kit import stage_package
+
+    site, work = tmp_path / "site", tmp_path / "work"
+    stage_package(site)
+    check = Check(tmp_path / "out", "gpu_check", Budget(plan_s=300.0), "test")
+    plan_step(check, site, smollm2_checkpoint, work, shape="pythia-14m")
+    plan = check.results["plan"]
+    assert plan["ok"], plan.get("log_tail") or plan.get("error")
+    assert plan["checkpoint"]["built"] and plan["checkpoint"]["n_layer"] == 6
+    assert plan["placement_kinds"] and set(plan["placement_kinds"]) <= {"query", "key", "value", "projection", "mlp_fc", "mlp_proj"}
+    assert plan["vmhwm_end_mib"] > 0 and "peak_cuda_whole_run_mib" not in plan  # no CUDA figure made up on CPU
+    assert not (work / "checkpoints" / "pythia-14m").exists() and not (work / "runs" / "plan-pythia-14m").exists()
+    assert "plan-pythia-14m" in json.loads((tmp_path / "out" / "gpu_check.json").read_text())["steps"]
+    assert "on the pythia-14m shape, block by block" in markdown(check.results)
