@@ -110,12 +110,16 @@ def pct(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f}{spread}"
 
 
-def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]]) -> list[str]:
+def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]], waiting: dict[int, list[str]] | None = None) -> list[str]:
+    """One task's tables from the seeds where every candidate ran; ``waiting``: the other seeds and what they lack."""
     facts = list(seeds.values())
     names = facts[0]["names"]
     run_steps = facts[0]["steps"]
     settings_steps = sorted({s for f in facts for s in f["taus"]})
     out = [f"### {task} (settings `{config_id}`, seeds {', '.join(map(str, seeds))}; candidates {', '.join(names)})", ""]
+    if waiting:
+        lacking = "; ".join(f"seed {seed} lacks {', '.join(missing)}" for seed, missing in sorted(waiting.items()))
+        out += [f"Not counted until their candidates have all run: {lacking}.", ""]
     out += ["| placement | accuracy (%, mean ± standard error over seeds) | final val loss (mean) |", "|---|---|---|"]
     for n in sorted(names, key=lambda n: -statistics.fmean(f["accuracy"][n] for f in facts)):
         out.append(f"| {n} | {pct([f['accuracy'][n] for f in facts])} | {statistics.fmean(f['final'][n] for f in facts):.3f} |")
@@ -160,14 +164,16 @@ def section(rows: dict[tuple, dict[str, Any]], rescores: dict[tuple, dict[str, A
     if not grouped:
         out += ["No runs with validation curves yet.", ""]
     for (config_id, task), by_seed in sorted(grouped.items(), key=lambda kv: kv[0][1]):
-        facts = {}
-        for seed, runs in sorted(by_seed.items()):
-            if "plop" not in runs or len(candidates_of(runs)) < 2:
-                continue
-            one_round = len(candidates_of(runs))  # eta = the number of candidates: one round that keeps one
-            facts[seed] = seed_facts(runs, rescores, tuple(dict.fromkeys((*etas, one_round))))
-        if facts and len({tuple(f["names"]) for f in facts.values()}) == 1:
-            out += task_block(task, config_id, facts)
+        # the seeds with the most candidates count; a seed still missing some waits (its race would be another race)
+        names = {seed: candidates_of(runs) for seed, runs in by_seed.items() if "plop" in runs}
+        full = max(names.values(), key=len, default=[])
+        if len(full) < 2:
+            continue
+        one_round = len(full)  # eta = the number of candidates: one round that keeps one
+        facts = {seed: seed_facts(by_seed[seed], rescores, tuple(dict.fromkeys((*etas, one_round))))
+                 for seed in sorted(by_seed) if names.get(seed) == full}  # fmt: skip
+        waiting = {seed: [n for n in full if n not in by_seed[seed]] or ["a run of plop"] for seed in by_seed if seed not in facts}
+        out += task_block(task, config_id, facts, waiting)
     out += ["### What the replays show", "", NOTES_BEGIN, notes or "(not written yet)", NOTES_END, "", END, ""]
     return "\n".join(out)
 

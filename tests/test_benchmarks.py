@@ -336,6 +336,12 @@ def test_the_replay_section_ranks_candidates_by_early_and_final_loss(tmp_path):
     # halving from step 20 keeps plop, attention, mlp, then plop, attention at 40 (not recorded): no race there;
     # one round at step 20 keeps plop, which ended second
     assert "| 6 | 20 | 100 (100%) | plop, plop | 0/2 | 0/2 | 40.0 ± 0.0 |" in text
+    # a third seed still running its candidates waits, named, and the two complete seeds count as before
+    rows.update({("c", "t", method, 2): {**rows[("c", "t", method, 0)], "seed": 2} for method in ("plop", "mlp")})
+    waiting = section(rows, {}, "cmd")
+    assert "seeds 0, 1; candidates plop, attention, mlp, all, qv, cka" in waiting
+    assert "Not counted until their candidates have all run: seed 2 lacks attention, all, qv, cka." in waiting
+    assert "| 100 | +1.00 ± 0.00 | 2/2 |" in waiting
 
 
 def test_scaling_starts_each_measurement_with_the_checkpoint_out_of_the_page_cache():
