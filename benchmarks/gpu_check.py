@@ -4,6 +4,7 @@
 On the GPU machine (issue #18; ``shared/offline-assets.md``), from the repository root of the carried tree:
 
     python -m benchmarks.gpu_check --kit wheelkit --out $OUT        # carry: ["wheelkit"]
+    python -m benchmarks.gpu_check --kit wheelkit --out $OUT --plan_only   # steps 1, 2 and 5: gpu_check_plan.*
 
 1. installs the kit's wheels (``benchmarks.gpu_kit``) with ``pip install --no-index --no-deps --target`` and
    lays this project's packages beside them from the source tree;
@@ -411,7 +412,8 @@ def done_criteria(results: dict[str, Any]) -> dict[str, Any]:
 def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
     """The check on the GPU machine (see the module docstring)."""
     budget, settings = Budget(total_s=args.budget_s, prepare_s=args.prepare_s), Settings(steps=args.steps)
-    check = Check(args.out, "gpu_check", budget, command_line(MODULE, None))
+    # the plan alone writes gpu_check_plan.*, beside (not over) the last full check's files
+    check = Check(args.out, "gpu_check_plan" if args.plan_only else "gpu_check", budget, command_line(MODULE, None))
     results = check.results
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -421,13 +423,16 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any]:
         checkpoints = {label: work / "checkpoints" / label for label in (*SHAPES, PLAN_SHAPE)}  # the plan's: meta until its step
         tokenizer_dir = Path(args.kit) / TOKENIZER
         t = time.perf_counter()
-        spec = prepare_spec(tokenizer_dir, checkpoints, list(SHAPES), work, settings)
+        spec = prepare_spec(tokenizer_dir, checkpoints, [] if args.plan_only else list(SHAPES), work, settings)
         env = prepare_in_worker(check, site, spec, check.timeout(budget.prepare_s) or budget.min_start_s)
         results.update(device=env["device"], gpu_name=env.get("gpu_name"), environment=env, machine=machine())
         check.step("prepare", time.perf_counter() - t)
         if env["device"] != "cuda":
             raise RuntimeError("no CUDA device: this is the GPU check (on CPU, use --dry-run)")
-        measure_in_order(check, site, tokenizer_dir, checkpoints, settings, work)
+        if args.plan_only:
+            plan_step(check, site, tokenizer_dir, work)
+        else:
+            measure_in_order(check, site, tokenizer_dir, checkpoints, settings, work)
         results["status"] = "complete"
     except (KitError, RuntimeError, OSError) as error:
         results["status"] = f"failed: {error}"[:4000]
@@ -523,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare_s", type=float, default=Budget.prepare_s,
                         help="the longest the environment check and checkpoint building may take (default: %(default)s; building the 1B"
                         " checkpoint on a CPU to rehearse takes longer)")
+    parser.add_argument("--plan_only", action="store_true",
+                        help="only the environment check and the 8B-shaped plan's device memory (about 3 minutes, for a GPU session"
+                        " whose time goes mostly elsewhere)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="check on CPU what can be checked without a GPU")
     args = parser.parse_args(argv)
     args.kit = None if args.kit == "none" else Path(args.kit).resolve()
