@@ -529,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the longest the environment check and checkpoint building may take (default: %(default)s; building the 1B"
                         " checkpoint on a CPU to rehearse takes longer)")
     parser.add_argument("--plan_only", action="store_true",
-                        help="only the environment check and the 8B-shaped plan's device memory (about 3 minutes, for a GPU session"
-                        " whose time goes mostly elsewhere)")
+                        help="only the environment check and the 8B-shaped plan's device memory (a shorter call, for a GPU session"
+                        " whose time goes mostly to the quality grid); writes gpu_check_plan.*")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="check on CPU what can be checked without a GPU")
     args = parser.parse_args(argv)
     args.kit = None if args.kit == "none" else Path(args.kit).resolve()
