@@ -172,7 +172,9 @@ def section(rows: dict[tuple, dict[str, Any]], rescores: dict[tuple, dict[str, A
         one_round = len(full)  # eta = the number of candidates: one round that keeps one
         facts = {seed: seed_facts(by_seed[seed], rescores, tuple(dict.fromkeys((*etas, one_round))))
                  for seed in sorted(by_seed) if names.get(seed) == full}  # fmt: skip
-        waiting = {seed: [n for n in full if n not in by_seed[seed]] or ["a run of plop"] for seed in by_seed if seed not in facts}
+        # a seed with every run but another candidate list: its kappa or cka placed PLoP's sites, or differently
+        waiting = {seed: [n for n in full if n not in by_seed[seed]] or ["the other seeds' candidate list (kappa or cka placed differently)"]
+                   for seed in by_seed if seed not in facts}  # fmt: skip
         out += task_block(task, config_id, facts, waiting)
     out += ["### What the replays show", "", NOTES_BEGIN, notes or "(not written yet)", NOTES_END, "", END, ""]
     return "\n".join(out)
