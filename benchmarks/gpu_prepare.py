@@ -36,8 +36,6 @@ KINDS = ("litgpt", "plugin-qv", "plugin-plop")
 # issue #28: the device memory of a plan that brings one block at a time onto the GPU, on an 8B shape (16 GB)
 PLAN_SHAPE = "Llama-3.1-8B"
 PLAN_PROMPTS = 16  # as benchmarks.scaling plans the same shape on CPU (prompts of reasoning-gym items)
-# every label a checkpoint is built for; any other label is itself a LitGPT config name (the tests' small ones)
-CONFIGS: dict[str, str] = {**SHAPES, PLAN_SHAPE: "Llama-3.1-8B"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +219,9 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     tokenizer_dir = Path(spec["tokenizer_dir"])
     report["tokenizer_ids"] = Tokenizer(tokenizer_dir).encode("What is 12 + 30?").tolist()
     device = "cuda" if cuda else "cpu"
+    # a label outside SHAPES (the plan's, the tests' small ones) is itself a LitGPT config name
     report["checkpoints"] = {
-        label: build_random_checkpoint(CONFIGS.get(label, label), Path(path), tokenizer_dir, device, real=label in spec["build"])
+        label: build_random_checkpoint(SHAPES.get(label, label), Path(path), tokenizer_dir, device, real=label in spec["build"])
         for label, path in spec["checkpoints"].items()
     }
     report["commands"] = {name: parse_command(argv) for name, argv in spec["commands"].items()}
