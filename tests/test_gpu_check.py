@@ -26,7 +26,8 @@ import torch
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from benchmarks.gpu_check import DEVICE_COMMAND, DEVICE_COMMAND_LIMIT, GPU_TESTS, junit_counts, ratios, run_finetune
+from benchmarks.gpu_check import DEVICE_COMMAND, DEVICE_COMMAND_LIMIT, GPU_TESTS, run_finetune
+from benchmarks.gpu_check_report import junit_counts, ratios
 from benchmarks.gpu_kit import (
     BNB_KEEP,
     CARRY_LIMIT_BYTES,
@@ -373,7 +374,8 @@ def test_plan_step_builds_plans_and_removes_a_shaped_checkpoint_on_cpu(tmp_path,
     """The GPU check's last step (issue #28's device memory of the 8B plan) end to end on a small LitGPT config:
     the checkpoint built by the prepare worker, ``litgpt-plop plan`` run under the command worker in the kit's
     environment, its figures recorded and the 16 GB-to-be checkpoint removed afterwards."""
-    from benchmarks.gpu_check import Budget, Check, markdown, plan_step
+    from benchmarks.gpu_check import Budget, Check, plan_step
+    from benchmarks.gpu_check_report import markdown
     from benchmarks.gpu_kit import stage_package
 
     site, work = tmp_path / "site", tmp_path / "work"
