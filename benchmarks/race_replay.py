@@ -30,7 +30,7 @@ from collections import defaultdict
 from typing import Any
 
 from benchmarks.race_results import rewrite_section, scored
-from benchmarks.stats import kendall_tau
+from benchmarks.stats import kendall_tau, placement_permutation_p, placement_share
 from litgpt_plop.race.args import DEFAULT_CANDIDATES, OPTIONAL_CANDIDATES
 from litgpt_plop.race.schedule import survivors
 
@@ -95,7 +95,7 @@ def seed_facts(runs: dict[str, dict[str, Any]], rescores: dict[tuple, dict[str, 
             # rounds that end before the run, on losers no more steps than the run has
             if race is not None and race["rounds"][-1]["step"] < settings["steps"] and race["overhead_steps"] <= settings["steps"]:
                 races[(eta, first)] = race
-    return {"names": names, "steps": settings["steps"], "final": final, "accuracy": accuracy, "best_final": best_final,
+    return {"names": names, "steps": settings["steps"], "curves": curves, "final": final, "accuracy": accuracy, "best_final": best_final,
             "most_accurate": max(accuracy, key=accuracy.get), "taus": taus, "best_at": best_at, "races": races}  # fmt: skip
 
 
@@ -108,6 +108,28 @@ def pct(values: list[float]) -> str:
     values = [100 * v for v in values]
     spread = f" ± {statistics.stdev(values) / len(values) ** 0.5:.1f}" if len(values) > 1 else ""
     return f"{statistics.fmean(values):.1f}{spread}"
+
+
+def placement_effect(facts: list[dict[str, Any]]) -> list[str]:
+    """Whether the placement, rather than the seed's luck, sets validation loss at a step and accuracy at the end:
+    two-way analysis of variance over seeds (``benchmarks.stats.placement_share``). A race can only find at
+    step s what the placement already decides at s."""
+    if len(facts) < 2:
+        return []
+    names = facts[0]["names"]
+    steps = sorted(set.intersection(*(set(f["taus"]) for f in facts)))
+    out = ["", "How much of the spread the placement explains, seeds as blocks (partial omega squared: 0 = nothing beyond"
+               " chance, 1 = all; p: the share of relabellings of the placements within each seed, all or 10,000 drawn,"
+               " that explain as much):", "", "| at | placement's share (omega squared) | p | seed's share of the total |", "|---|---|---|---|"]  # fmt: skip
+    rows = [(f"val loss, step {s}", {n: [f["curves"][n][s] for f in facts] for n in names}) for s in steps if s <= 30 or s % 20 == 0]
+    rows.append(("final val loss", {n: [f["final"][n] for f in facts] for n in names}))
+    rows.append(("held-out accuracy", {n: [f["accuracy"][n] for f in facts] for n in names}))
+    for label, table in rows:
+        share = placement_share(table)
+        total = share["ss_placement"] + share["ss_seed"] + share["ss_residual"]
+        seed_share = f"{share['ss_seed'] / total:.2f}" if total else "-"
+        out.append(f"| {label} | {share['omega2']:+.2f} | {placement_permutation_p(table):.3f} | {seed_share} |")
+    return out
 
 
 def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]], waiting: dict[int, list[str]] | None = None) -> list[str]:
@@ -130,6 +152,7 @@ def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]], wait
         taus = [f["taus"][step] for f in facts if step in f["taus"]]
         agree = sum(f["best_at"][step] == f["best_final"] for f in facts if step in f["best_at"])
         out.append(f"| {step} | {mean_se(taus)} | {agree}/{len(taus)} |")
+    out += placement_effect(facts)
     best_fixed = max(names, key=lambda n: statistics.fmean(f["accuracy"][n] for f in facts))
     out += ["", f"Replayed races (best fixed placement by mean accuracy: `{best_fixed}`, {pct([f['accuracy'][best_fixed] for f in facts])}%):", "",
             "| eta | rounds end at | steps on losers (of the run) | winners by seed | winner has the lowest final val loss |"

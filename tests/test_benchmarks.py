@@ -20,7 +20,7 @@ from benchmarks.quality_grid import (
     params_at_rank_one,
 )
 from benchmarks.rescore import held_out_items
-from benchmarks.stats import kendall_tau, median_ratio, paired_counts, sign_test
+from benchmarks.stats import kendall_tau, median_ratio, paired_counts, placement_permutation_p, placement_share, sign_test
 from benchmarks.summarize import module_command, rescored_rows
 from benchmarks.summary_tables import AUTOMATIC, PAIRED_BASELINES, paired_table, rescored_section
 from litgpt_plop.args import CalibrationArgs, CkaArgs, PlopArgs
@@ -100,6 +100,33 @@ def test_kendall_tau_hand_computed():
     assert kendall_tau({"a": 1, "b": 2, "c": 3}, {"a": 0, "b": 5, "c": 5}) == pytest.approx(2 / math.sqrt(6))
     with pytest.raises(ValueError, match="same keys"):
         kendall_tau({"a": 1}, {"b": 1})
+
+
+def test_placement_share_hand_computed():
+    # placements a, b, c over two seeds; grand mean 4, placement means 2, 3, 7, seed means 3, 5
+    table = {"a": [1, 3], "b": [3, 3], "c": [5, 9]}
+    share = placement_share(table)
+    assert (share["ss_placement"], share["ss_seed"], share["ss_residual"]) == pytest.approx((28, 6, 4))
+    assert share["f"] == pytest.approx((28 / 2) / (4 / 2))
+    # partial omega squared: 2 * (14 - 2) / (2 * 14 + (6 - 2) * 2)
+    assert share["omega2"] == pytest.approx(2 / 3)
+    # with seed 0's labels fixed, 2 of seed 1's 6 orders pair 5 with 9 (the two 3s swap): only those reach 28;
+    # shuffling across seeds as well, or leaving the seed shift in, would give another count
+    assert placement_permutation_p(table) == pytest.approx(1 / 3)
+    # each seed ranks the two the other way round: no placement effect, the estimate falls below 0
+    none = {"a": [1, 2], "b": [2, 1]}
+    assert placement_share(none)["omega2"] == pytest.approx(-1 / 3)
+    assert placement_permutation_p(none) == 1.0
+    with pytest.raises(ValueError, match="same number"):
+        placement_share({"a": [1, 2], "b": [1]})
+
+
+def test_placement_permutation_p_draws_at_random_past_the_limit_and_repeats():
+    table = {"a": [1.0, 1.1, 0.9], "b": [2.0, 2.2, 1.8], "c": [1.5, 1.4, 1.6], "d": [0.5, 0.7, 0.6]}
+    exact = placement_permutation_p(table)  # 24 ** 2 = 576 relabellings: every one
+    assert exact == pytest.approx(1 / 576)  # the observed order is the only one this extreme
+    drawn = placement_permutation_p(table, permutations=200)
+    assert drawn == placement_permutation_p(table, permutations=200) and 0 <= drawn <= 0.02
 
 
 def test_median_ratio_pairs_side_by_side():
@@ -336,6 +363,8 @@ def test_the_replay_section_ranks_candidates_by_early_and_final_loss(tmp_path):
     # halving from step 20 keeps plop, attention, mlp, then plop, attention at 40 (not recorded): no race there;
     # one round at step 20 keeps plop, which ended second
     assert "| 6 | 20 | 100 (100%) | plop, plop | 0/2 | 0/2 | 40.0 ± 0.0 |" in text
+    # both seeds alike: the placement explains all of it, and only 1 of the 720 relabellings of seed 1 as much
+    assert "| final val loss | +1.00 | 0.001 | 0.00 |" in text
     # a third seed still running its candidates waits, named, and the two complete seeds count as before
     rows.update({("c", "t", method, 2): {**rows[("c", "t", method, 0)], "seed": 2} for method in ("plop", "mlp")})
     waiting = section(rows, {}, "cmd")
