@@ -128,19 +128,22 @@ def placement_effect(facts: list[dict[str, Any]]) -> list[str]:
         share = placement_share(table)
         total = share["ss_placement"] + share["ss_seed"] + share["ss_residual"]
         seed_share = f"{share['ss_seed'] / total:.2f}" if total else "-"
-        out.append(f"| {label} | {share['omega2']:+.2f} | {placement_permutation_p(table):.3f} | {seed_share} |")
+        p = placement_permutation_p(table)
+        out.append(f"| {label} | {share['omega2']:+.2f} | {f'{p:.3f}' if p >= 0.001 else '< 0.001'} | {seed_share} |")
     return out
 
 
 def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]], waiting: dict[int, list[str]] | None = None) -> list[str]:
     """One task's tables from the seeds where every candidate ran; ``waiting``: the other seeds and what they lack."""
     facts = list(seeds.values())
+    lacking = "; ".join(f"seed {seed} lacks {', '.join(missing)}" for seed, missing in sorted((waiting or {}).items()))
+    if not facts:
+        return [f"### {task} (settings `{config_id}`)", "", f"No seed has run every candidate yet: {lacking}.", ""]
     names = facts[0]["names"]
     run_steps = facts[0]["steps"]
     settings_steps = sorted({s for f in facts for s in f["taus"]})
     out = [f"### {task} (settings `{config_id}`, seeds {', '.join(map(str, seeds))}; candidates {', '.join(names)})", ""]
     if waiting:
-        lacking = "; ".join(f"seed {seed} lacks {', '.join(missing)}" for seed, missing in sorted(waiting.items()))
         out += [f"Not counted until their candidates have all run: {lacking}.", ""]
     out += ["| placement | accuracy (%, mean ± standard error over seeds) | final val loss (mean) |", "|---|---|---|"]
     for n in sorted(names, key=lambda n: -statistics.fmean(f["accuracy"][n] for f in facts)):
@@ -192,6 +195,7 @@ def section(rows: dict[tuple, dict[str, Any]], rescores: dict[tuple, dict[str, A
         full = max(names.values(), key=len, default=[])
         if len(full) < 2:
             continue
+        full = [*full, *(n for n in DEFAULT_CANDIDATES if n not in full)]  # no seed counts before every default candidate ran
         one_round = len(full)  # eta = the number of candidates: one round that keeps one
         facts = {seed: seed_facts(by_seed[seed], rescores, tuple(dict.fromkeys((*etas, one_round))))
                  for seed in sorted(by_seed) if names.get(seed) == full}  # fmt: skip

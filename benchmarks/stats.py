@@ -105,9 +105,10 @@ def placement_share(table: Mapping[str, Sequence[float]]) -> dict[str, float]:
 def placement_permutation_p(table: Mapping[str, Sequence[float]], permutations: int = 10000, seed: int = 0) -> float:
     """The chance that the placements' labels, shuffled within each seed, explain at least as much as they do:
     the share of within-seed relabellings whose placement sum of squares reaches the observed one. Exact
-    (every relabelling) when there are at most ``permutations`` of them, else that many drawn at random with a
-    fixed seed. Within a seed, the total and the seed's sum of squares do not change, so the placement sum of
-    squares orders relabellings as F does."""
+    (every relabelling, the observed one among them) when there are at most ``permutations`` of them, else that
+    many drawn at random with a fixed seed, plus the observed one, so that a drawn p is never 0. Within a seed,
+    the total and the seed's sum of squares do not change, so the placement sum of squares orders relabellings
+    as F does."""
     names = list(table)
     k, n = len(names), len(table[names[0]])
     columns = [[table[name][j] for name in names] for j in range(n)]
@@ -118,13 +119,14 @@ def placement_permutation_p(table: Mapping[str, Sequence[float]], permutations: 
         return sum((r - grand) ** 2 for r in rows)
 
     observed = ss(columns) * (1 - 1e-12)
+    exact = math.factorial(k) ** (n - 1) <= permutations
     # the first seed's order can stay fixed: relabelling every seed alike leaves the sum of squares unchanged
-    if math.factorial(k) ** (n - 1) <= permutations:
+    if exact:
         draws = itertools.product(itertools.permutations(range(k)), repeat=n - 1)
     else:
         rng = random.Random(seed)
         draws = ([rng.sample(range(k), k) for _ in range(n - 1)] for _ in range(permutations))
-    hits = total = 0
+    hits = total = 0 if exact else 1  # drawn: the observed labelling counts as one of them
     for orders in draws:
         arrangement = [columns[0]] + [[column[i] for i in order] for column, order in zip(columns[1:], orders)]
         hits += ss(arrangement) >= observed

@@ -126,7 +126,9 @@ def test_placement_permutation_p_draws_at_random_past_the_limit_and_repeats():
     exact = placement_permutation_p(table)  # 24 ** 2 = 576 relabellings: every one
     assert exact == pytest.approx(1 / 576)  # the observed order is the only one this extreme
     drawn = placement_permutation_p(table, permutations=200)
-    assert drawn == placement_permutation_p(table, permutations=200) and 0 <= drawn <= 0.02
+    # 200 draws plus the observed labelling, which always counts: never 0, and (1 + hits) / 201
+    assert drawn == placement_permutation_p(table, permutations=200) and 1 / 201 <= drawn <= 0.02
+    assert (drawn * 201) == pytest.approx(round(drawn * 201))
 
 
 def test_median_ratio_pairs_side_by_side():
@@ -371,6 +373,11 @@ def test_the_replay_section_ranks_candidates_by_early_and_final_loss(tmp_path):
     assert "seeds 0, 1; candidates plop, attention, mlp, all, qv, cka" in waiting
     assert "Not counted until their candidates have all run: seed 2 lacks attention, all, qv, cka." in waiting
     assert "| 100 | +1.00 ± 0.00 | 2/2 |" in waiting
+    # a task where no seed has every default candidate yet is named as waiting, not raced among the few it has
+    partial = {key: row for key, row in rows.items() if key[2] in ("plop", "attention", "mlp", "all")}
+    text = section({(c, "t2", m, s): {**row, "task": "t2"} for (c, t, m, s), row in partial.items()}, {}, "cmd")
+    assert "### t2 (settings `c`)" in text and "No seed has run every candidate yet: seed 0 lacks qv; seed 1 lacks qv" in text
+    assert "Replayed races" not in text
 
 
 def test_scaling_starts_each_measurement_with_the_checkpoint_out_of_the_page_cache():
