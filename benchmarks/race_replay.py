@@ -29,6 +29,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from benchmarks.gpu_grid_report import task_summary
 from benchmarks.race_results import rewrite_section, scored
 from benchmarks.stats import kendall_tau, placement_permutation_p, placement_share
 from litgpt_plop.race.args import DEFAULT_CANDIDATES, OPTIONAL_CANDIDATES
@@ -81,6 +82,7 @@ def seed_facts(runs: dict[str, dict[str, Any]], rescores: dict[tuple, dict[str, 
     curves = {n: curve(runs[n]) for n in names}
     final = {n: runs[n]["val_loss"] for n in names}
     accuracy = {n: scored(runs[n], rescores)[0] for n in names}
+    item_scores = {n: scored(runs[n], rescores)[2] for n in names}
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
     best_final = min(final, key=final.get)
     taus = {s: kendall_tau({n: curves[n][s] for n in names}, final) for s in steps}
@@ -95,7 +97,7 @@ def seed_facts(runs: dict[str, dict[str, Any]], rescores: dict[tuple, dict[str, 
             # rounds that end before the run, on losers no more steps than the run has
             if race is not None and race["rounds"][-1]["step"] < settings["steps"] and race["overhead_steps"] <= settings["steps"]:
                 races[(eta, first)] = race
-    return {"names": names, "steps": settings["steps"], "curves": curves, "final": final, "accuracy": accuracy, "best_final": best_final,
+    return {"names": names, "steps": settings["steps"], "curves": curves, "final": final, "accuracy": accuracy, "item_scores": item_scores, "best_final": best_final,
             "most_accurate": max(accuracy, key=accuracy.get), "taus": taus, "best_at": best_at, "races": races}  # fmt: skip
 
 
@@ -108,6 +110,18 @@ def pct(values: list[float]) -> str:
     values = [100 * v for v in values]
     spread = f" ± {statistics.stdev(values) / len(values) ** 0.5:.1f}" if len(values) > 1 else ""
     return f"{statistics.fmean(values):.1f}{spread}"
+
+
+def against_usual_choice(facts: list[dict[str, Any]]) -> tuple[str | None, dict[str, str]]:
+    """Each candidate against the most accurate of the usual choices (``attention``, ``mlp``, ``all``, ``qv``),
+    item by item: the GPU grid's paired test (``benchmarks.gpu_grid_report.task_summary``: an item's score averaged
+    over the seeds, an exact sign test, Holm's correction over the task's comparisons). Every seed answered the
+    same held-out items. The best usual choice, and per candidate "better / worse items, p"."""
+    by_method = {n: {i: {"accuracy": f["accuracy"][n], "item_scores": f["item_scores"][n], "trainable_params": 0}
+                     for i, f in enumerate(facts)} for n in facts[0]["names"]}  # fmt: skip
+    summary = task_summary(by_method)
+    cells = {t["method"]: f"{t['wins']} / {t['losses']}, p = {t['p_holm']:.3g}" for t in summary["tests"] if t["reference"] == summary["best_fixed"]}
+    return summary["best_fixed"], cells
 
 
 def placement_effect(facts: list[dict[str, Any]]) -> list[str]:
@@ -145,9 +159,11 @@ def task_block(task: str, config_id: str, seeds: dict[int, dict[str, Any]], wait
     out = [f"### {task} (settings `{config_id}`, seeds {', '.join(map(str, seeds))}; candidates {', '.join(names)})", ""]
     if waiting:
         out += [f"Not counted until their candidates have all run: {lacking}.", ""]
-    out += ["| placement | accuracy (%, mean ± standard error over seeds) | final val loss (mean) |", "|---|---|---|"]
+    usual, paired = against_usual_choice(facts)
+    out += ["| placement | accuracy (%, mean ± standard error over seeds) | final val loss (mean) |"
+            f" vs `{usual}`, the best usual choice: better / worse items, p (Holm) |", "|---|---|---|---|"]  # fmt: skip
     for n in sorted(names, key=lambda n: -statistics.fmean(f["accuracy"][n] for f in facts)):
-        out.append(f"| {n} | {pct([f['accuracy'][n] for f in facts])} | {statistics.fmean(f['final'][n] for f in facts):.3f} |")
+        out.append(f"| {n} | {pct([f['accuracy'][n] for f in facts])} | {statistics.fmean(f['final'][n] for f in facts):.3f} | {paired.get(n, '-')} |")
     out += ["", "How validation loss at a step ranks the candidates as their final validation loss does:", "",
             "| step | Kendall's tau with the final order (mean ± standard error over seeds) | best then is best at the end |",
             "|---|---|---|"]  # fmt: skip

@@ -353,7 +353,8 @@ def test_the_replay_section_ranks_candidates_by_early_and_final_loss(tmp_path):
                 "settings": {"steps": 100, "lr_warmup_steps": 10}, "kinds": kinds.get(method, ([method], 30))[0],
                 "n_layers": kinds.get(method, ([method], 30))[1],
                 "val_curve": [[10, 2.0 - final[method]], [20, early[method]], [100, final[method]]], "val_loss": final[method],
-                "accuracy": 1 - final[method], "eval_items": 4, "item_scores": None, "started": f"{method}{seed}",
+                "accuracy": 1 - final[method], "eval_items": 10, "started": f"{method}{seed}",
+                "item_scores": [float(i < round(10 * (1 - final[method]))) for i in range(10)],
             }  # fmt: skip
     runs = {method: rows[("c", "t", method, 0)] for method in early}
     assert candidates_of(runs) == ["plop", "attention", "mlp", "all", "qv", "cka"]  # kappa placed PLoP's sites
@@ -367,6 +368,11 @@ def test_the_replay_section_ranks_candidates_by_early_and_final_loss(tmp_path):
     assert "| 6 | 20 | 100 (100%) | plop, plop | 0/2 | 0/2 | 40.0 ± 0.0 |" in text
     # both seeds alike: the placement explains all of it, and only 1 of the 720 relabellings of seed 1 as much
     assert "| final val loss | +1.00 | 0.001 | 0.00 |" in text
+    # item by item against attention, the most accurate usual choice: cka loses 5 items (sign test p = 1/16),
+    # qv 4 (p = 1/8); Holm over the five comparisons multiplies them by 5 and 4
+    assert "vs `attention`, the best usual choice" in text
+    assert "| cka | 0.0 ± 0.0 | 1.000 | 0 / 5, p = 0.312 |" in text and "| qv | 10.0 ± 0.0 | 0.900 | 0 / 4, p = 0.5 |" in text
+    assert "| attention | 50.0 ± 0.0 | 0.500 | - |" in text
     # a third seed still running its candidates waits, named, and the two complete seeds count as before
     rows.update({("c", "t", method, 2): {**rows[("c", "t", method, 0)], "seed": 2} for method in ("plop", "mlp")})
     waiting = section(rows, {}, "cmd")
