@@ -81,8 +81,9 @@ def seed_facts(runs: dict[str, dict[str, Any]], rescores: dict[tuple, dict[str, 
     names = candidates_of(runs)
     curves = {n: curve(runs[n]) for n in names}
     final = {n: runs[n]["val_loss"] for n in names}
-    accuracy = {n: scored(runs[n], rescores)[0] for n in names}
-    item_scores = {n: scored(runs[n], rescores)[2] for n in names}
+    scores = {n: scored(runs[n], rescores) for n in names}
+    accuracy = {n: scores[n][0] for n in names}
+    item_scores = {n: scores[n][2] for n in names}
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
     best_final = min(final, key=final.get)
     taus = {s: kendall_tau({n: curves[n][s] for n in names}, final) for s in steps}
